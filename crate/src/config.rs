@@ -1,0 +1,463 @@
+//! The checkpoint's `config.json` in the original hub format, resolved into typed configs, and the
+//! inference modes (Tiny … Gundam).
+//!
+//! The hub file does not express every size: the official code hard-codes SAM's window, neck width
+//! and MLP ratio and CLIP's FFN width. Those are the constants below; test checkpoints of other sizes
+//! override them with a top-level `dsocr_test_overrides` object (spec, Appendix A).
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Everything the model needs to know about a checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub decoder: DecoderConfig,
+    pub sam: SamConfig,
+    pub clip: ClipConfig,
+    pub projector: ProjectorConfig,
+}
+
+/// DeepSeek-V2-style language model (MHA variant, `use_mla = false`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecoderConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    /// Width of the dense MLP in the first `first_k_dense_replace` layers.
+    pub intermediate_size: usize,
+    /// Width of one routed expert.
+    pub moe_intermediate_size: usize,
+    pub n_routed_experts: usize,
+    /// Shared experts are one MLP of width `n_shared_experts · moe_intermediate_size` (0 = none).
+    pub n_shared_experts: usize,
+    pub num_experts_per_tok: usize,
+    pub first_k_dense_replace: usize,
+    pub moe_layer_freq: usize,
+    pub norm_topk_prob: bool,
+    pub routed_scaling_factor: f64,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: u32,
+    pub eos_token_id: u32,
+}
+
+impl DecoderConfig {
+    /// Whether decoder layer `layer` uses the MoE block (else the dense MLP), as the reference decides it.
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        self.n_routed_experts > 0
+            && layer >= self.first_k_dense_replace
+            && layer % self.moe_layer_freq == 0
+    }
+
+    /// Width of the merged shared-expert MLP.
+    pub fn shared_intermediate_size(&self) -> usize {
+        self.n_shared_experts * self.moe_intermediate_size
+    }
+}
+
+/// SAM ViT image encoder plus the neck and the two stride-2 compressor convs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamConfig {
+    pub width: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub global_attn_indexes: Vec<usize>,
+    /// Output channels of `net_2` and `net_3`.
+    pub downsample_channels: [usize; 2],
+    pub patch_size: usize,
+    /// Side of the grid the absolute position table was trained on (1024 / 16).
+    pub pretrain_grid: usize,
+    pub window_size: usize,
+    pub out_chans: usize,
+    pub mlp_ratio: f64,
+    pub layer_norm_eps: f64,
+}
+
+impl SamConfig {
+    pub fn head_dim(&self) -> usize {
+        self.width / self.heads
+    }
+    pub fn mlp_dim(&self) -> usize {
+        // The reference computes `int(dim * mlp_ratio)`.
+        (self.width as f64 * self.mlp_ratio) as usize
+    }
+    pub fn is_global_block(&self, block: usize) -> bool {
+        self.global_attn_indexes.contains(&block)
+    }
+    /// Side length `L` of the stored relative-position tables (`2L − 1` rows) of a block.
+    pub fn rel_pos_side(&self, block: usize) -> usize {
+        if self.is_global_block(block) { self.pretrain_grid } else { self.window_size }
+    }
+}
+
+/// CLIP-L body fed with SAM features.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClipConfig {
+    pub width: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub ffn_hidden_size: usize,
+    pub patch_size: usize,
+    pub image_size: usize,
+    pub layer_norm_eps: f64,
+}
+
+impl ClipConfig {
+    pub fn head_dim(&self) -> usize {
+        self.width / self.heads
+    }
+    /// Side of the position grid the checkpoint stores (224 / 14 = 16).
+    pub fn pretrain_grid(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+    /// Rows of `position_embedding.weight`: the class position plus the grid.
+    pub fn num_positions(&self) -> usize {
+        self.pretrain_grid() * self.pretrain_grid() + 1
+    }
+}
+
+/// The linear projector from `[CLIP ; SAM]` features to the decoder width.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProjectorConfig {
+    pub input_dim: usize,
+    pub n_embed: usize,
+}
+
+// Constants of the official code that the hub config cannot express (spec §3, §4, Appendix A).
+const SAM_PATCH_SIZE: usize = 16;
+const SAM_PRETRAIN_IMAGE: usize = 1024;
+const SAM_WINDOW_SIZE: usize = 14;
+const SAM_OUT_CHANS: usize = 256;
+const SAM_MLP_RATIO: f64 = 4.0;
+const SAM_LAYER_NORM_EPS: f64 = 1e-6;
+const CLIP_FFN_HIDDEN_SIZE: usize = 4096;
+const CLIP_LAYER_NORM_EPS: f64 = 1e-5;
+const CLIP_KEY: &str = "clip-l-14-224";
+const SAM_KEY: &str = "sam_vit_b";
+
+// ---- raw JSON shapes -------------------------------------------------------------------------
+
+/// Top-level keys the remote `DeepseekV2Config` reads, with its defaults for absent keys.
+#[derive(Debug, Deserialize)]
+struct RawHub {
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    moe_intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    n_shared_experts: Option<usize>,
+    n_routed_experts: Option<usize>,
+    routed_scaling_factor: Option<f64>,
+    topk_method: Option<String>,
+    num_experts_per_tok: Option<usize>,
+    moe_layer_freq: Option<usize>,
+    first_k_dense_replace: Option<usize>,
+    norm_topk_prob: Option<bool>,
+    scoring_func: Option<String>,
+    hidden_act: Option<String>,
+    max_position_embeddings: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    bos_token_id: Option<u32>,
+    eos_token_id: Option<u32>,
+    tie_word_embeddings: Option<bool>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<serde_json::Value>,
+    attention_bias: Option<bool>,
+    use_mla: Option<bool>,
+    vision_config: RawVision,
+    projector_config: RawProjector,
+    #[serde(default)]
+    dsocr_test_overrides: RawOverrides,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawVision {
+    width: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawSam {
+    width: usize,
+    layers: usize,
+    heads: usize,
+    global_attn_indexes: Vec<usize>,
+    downsample_channels: Vec<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawClip {
+    width: usize,
+    layers: usize,
+    heads: usize,
+    patch_size: Option<usize>,
+    image_size: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawProjector {
+    projector_type: String,
+    input_dim: usize,
+    n_embed: usize,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOverrides {
+    sam_window_size: Option<usize>,
+    sam_out_chans: Option<usize>,
+    sam_mlp_ratio: Option<f64>,
+    clip_ffn_hidden_size: Option<usize>,
+}
+
+fn bad(msg: impl Into<String>) -> Error {
+    Error::Config(msg.into())
+}
+
+fn unsupported(msg: impl Into<String>) -> Error {
+    Error::Unsupported(msg.into())
+}
+
+impl Config {
+    /// Parses the checkpoint's `config.json` text (the hub file unchanged, or a test checkpoint's).
+    pub fn from_json(text: &str) -> Result<Self> {
+        let raw: RawHub = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        Self::from_raw(raw)
+    }
+
+    fn from_raw(raw: RawHub) -> Result<Self> {
+        // Defaults are those of the remote `DeepseekV2Config.__init__` (spec §6.1).
+        if raw.use_mla.unwrap_or(true) {
+            return Err(unsupported("multi-latent attention (use_mla = true); DeepSeek-OCR uses use_mla = false"));
+        }
+        if raw.attention_bias.unwrap_or(false) {
+            return Err(unsupported("attention_bias = true"));
+        }
+        if let Some(scaling) = &raw.rope_scaling
+            && !scaling.is_null()
+        {
+            return Err(unsupported(format!("rope_scaling = {scaling}")));
+        }
+        if let Some(act) = &raw.hidden_act
+            && act != "silu"
+        {
+            return Err(unsupported(format!("hidden_act = {act:?}")));
+        }
+        let scoring = raw.scoring_func.as_deref().unwrap_or("softmax");
+        if scoring != "softmax" {
+            return Err(unsupported(format!("scoring_func = {scoring:?}")));
+        }
+        let n_routed_experts = raw.n_routed_experts.unwrap_or(0);
+        let topk_method = raw.topk_method.as_deref().unwrap_or("gready");
+        if n_routed_experts > 0 && topk_method != "greedy" {
+            return Err(unsupported(format!("topk_method = {topk_method:?} (only \"greedy\")")));
+        }
+
+        let hidden_size = raw.hidden_size.unwrap_or(4096);
+        let num_attention_heads = raw.num_attention_heads.unwrap_or(32);
+        let num_key_value_heads = raw.num_key_value_heads.unwrap_or(num_attention_heads);
+        if num_attention_heads == 0 || hidden_size % num_attention_heads != 0 {
+            return Err(bad(format!(
+                "hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads}"
+            )));
+        }
+        if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+            return Err(bad(format!(
+                "num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"
+            )));
+        }
+        let head_dim = hidden_size / num_attention_heads;
+        if head_dim % 2 != 0 {
+            return Err(bad(format!("head dim {head_dim} is odd; rotary embedding needs an even one")));
+        }
+        let num_experts_per_tok = raw.num_experts_per_tok.unwrap_or(0);
+        if n_routed_experts > 0 && !(1..=n_routed_experts).contains(&num_experts_per_tok) {
+            return Err(bad(format!(
+                "num_experts_per_tok {num_experts_per_tok} must be in 1..={n_routed_experts}"
+            )));
+        }
+        let moe_layer_freq = raw.moe_layer_freq.unwrap_or(1);
+        if moe_layer_freq == 0 {
+            return Err(bad("moe_layer_freq must be at least 1"));
+        }
+        let decoder = DecoderConfig {
+            vocab_size: raw.vocab_size.unwrap_or(102400),
+            hidden_size,
+            num_hidden_layers: raw.num_hidden_layers.unwrap_or(30),
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            intermediate_size: raw.intermediate_size.unwrap_or(11008),
+            moe_intermediate_size: raw.moe_intermediate_size.unwrap_or(1407),
+            n_routed_experts,
+            n_shared_experts: raw.n_shared_experts.unwrap_or(0),
+            num_experts_per_tok,
+            first_k_dense_replace: raw.first_k_dense_replace.unwrap_or(0),
+            moe_layer_freq,
+            norm_topk_prob: raw.norm_topk_prob.unwrap_or(false),
+            routed_scaling_factor: raw.routed_scaling_factor.unwrap_or(1.0),
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta: raw.rope_theta.unwrap_or(10000.0),
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            bos_token_id: raw.bos_token_id.unwrap_or(100000),
+            eos_token_id: raw.eos_token_id.unwrap_or(100001),
+        };
+
+        let overrides = raw.dsocr_test_overrides;
+        let sam_raw: RawSam = vision_entry(&raw.vision_config, SAM_KEY)?;
+        let [d0, d1] = <[usize; 2]>::try_from(sam_raw.downsample_channels.as_slice())
+            .map_err(|_| bad("vision_config.width.sam_vit_b.downsample_channels must have two entries"))?;
+        let sam = SamConfig {
+            width: sam_raw.width,
+            layers: sam_raw.layers,
+            heads: sam_raw.heads,
+            global_attn_indexes: sam_raw.global_attn_indexes,
+            downsample_channels: [d0, d1],
+            patch_size: SAM_PATCH_SIZE,
+            pretrain_grid: SAM_PRETRAIN_IMAGE / SAM_PATCH_SIZE,
+            window_size: overrides.sam_window_size.unwrap_or(SAM_WINDOW_SIZE),
+            out_chans: overrides.sam_out_chans.unwrap_or(SAM_OUT_CHANS),
+            mlp_ratio: overrides.sam_mlp_ratio.unwrap_or(SAM_MLP_RATIO),
+            layer_norm_eps: SAM_LAYER_NORM_EPS,
+        };
+        if sam.heads == 0 || sam.width % sam.heads != 0 {
+            return Err(bad(format!("SAM width {} is not divisible by heads {}", sam.width, sam.heads)));
+        }
+        if let Some(&b) = sam.global_attn_indexes.iter().find(|&&b| b >= sam.layers) {
+            return Err(bad(format!("SAM global_attn_indexes names block {b} of {}", sam.layers)));
+        }
+        if sam.window_size == 0 {
+            return Err(bad("sam_window_size must be at least 1"));
+        }
+
+        let clip_raw: RawClip = vision_entry(&raw.vision_config, CLIP_KEY)?;
+        let clip = ClipConfig {
+            width: clip_raw.width,
+            layers: clip_raw.layers,
+            heads: clip_raw.heads,
+            ffn_hidden_size: overrides.clip_ffn_hidden_size.unwrap_or(CLIP_FFN_HIDDEN_SIZE),
+            patch_size: clip_raw.patch_size.unwrap_or(14),
+            image_size: clip_raw.image_size.unwrap_or(224),
+            layer_norm_eps: CLIP_LAYER_NORM_EPS,
+        };
+        if clip.heads == 0 || clip.width % clip.heads != 0 {
+            return Err(bad(format!("CLIP width {} is not divisible by heads {}", clip.width, clip.heads)));
+        }
+        if clip.patch_size == 0 || clip.image_size % clip.patch_size != 0 {
+            return Err(bad("CLIP image_size must be a multiple of patch_size"));
+        }
+        // CLIP takes the compressor's output as its patch embeddings.
+        if clip.width != sam.downsample_channels[1] {
+            return Err(bad(format!(
+                "CLIP width {} must equal SAM's last downsample channel count {}",
+                clip.width, sam.downsample_channels[1]
+            )));
+        }
+
+        if raw.projector_config.projector_type != "linear" {
+            return Err(unsupported(format!(
+                "projector_type {:?} (only \"linear\")",
+                raw.projector_config.projector_type
+            )));
+        }
+        let projector = ProjectorConfig {
+            input_dim: raw.projector_config.input_dim,
+            n_embed: raw.projector_config.n_embed,
+        };
+        if projector.input_dim != clip.width + sam.downsample_channels[1] {
+            return Err(bad(format!(
+                "projector input_dim {} must equal CLIP width + SAM channels ({})",
+                projector.input_dim,
+                clip.width + sam.downsample_channels[1]
+            )));
+        }
+        if projector.n_embed != decoder.hidden_size {
+            return Err(bad(format!(
+                "projector n_embed {} must equal the decoder hidden_size {}",
+                projector.n_embed, decoder.hidden_size
+            )));
+        }
+        Ok(Config { decoder, sam, clip, projector })
+    }
+}
+
+fn vision_entry<T: serde::de::DeserializeOwned>(vision: &RawVision, key: &str) -> Result<T> {
+    let value = vision
+        .width
+        .get(key)
+        .ok_or_else(|| bad(format!("vision_config.width has no {key:?} entry")))?;
+    serde_json::from_value(value.clone()).map_err(|e| bad(format!("vision_config.width.{key}: {e}")))
+}
+
+/// How an image is turned into views (spec §2.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// 512×512 squash-resize, 64 vision tokens.
+    Tiny,
+    /// 640×640 squash-resize, 100 vision tokens.
+    Small,
+    /// 1024×1024 fit + pad, 256 vision tokens.
+    Base,
+    /// 1280×1280 fit + pad, 400 vision tokens.
+    Large,
+    /// 1024 global view (fit + pad) plus 640×640 tiles for larger images.
+    Gundam,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 5] = [Mode::Tiny, Mode::Small, Mode::Base, Mode::Large, Mode::Gundam];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Tiny => "tiny",
+            Mode::Small => "small",
+            Mode::Base => "base",
+            Mode::Large => "large",
+            Mode::Gundam => "gundam",
+        }
+    }
+
+    /// `base_size` of the reference `infer` call: the global view's side in crop mode.
+    pub fn base_size(self) -> usize {
+        match self {
+            Mode::Tiny => 512,
+            Mode::Small => 640,
+            Mode::Base | Mode::Gundam => 1024,
+            Mode::Large => 1280,
+        }
+    }
+
+    /// `image_size` of the reference `infer` call: the view side (native modes) or tile side (Gundam).
+    pub fn image_size(self) -> usize {
+        match self {
+            Mode::Tiny => 512,
+            Mode::Small => 640,
+            Mode::Base => 1024,
+            Mode::Large => 1280,
+            Mode::Gundam => 640,
+        }
+    }
+
+    /// Whether the image is also cut into tiles (the reference's `crop_mode`).
+    pub fn crop_mode(self) -> bool {
+        matches!(self, Mode::Gundam)
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Mode::ALL
+            .into_iter()
+            .find(|m| m.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| Error::InvalidArgument(format!("unknown mode {s:?} (tiny, small, base, large, gundam)")))
+    }
+}

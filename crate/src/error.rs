@@ -1,0 +1,27 @@
+//! One typed error for everything a user can get wrong (bad files, bad inputs). No panics on user input.
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    /// `config.json` is not valid JSON or lacks/contradicts a required value.
+    #[error("invalid config.json: {0}")]
+    Config(String),
+    /// The checkpoint model uses a feature this port does not implement (e.g. MLA attention).
+    #[error("unsupported checkpoint: {0}")]
+    Unsupported(String),
+    /// A caller passed a value outside what the API accepts (unknown mode name, …).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The safetensors container itself is malformed (bad header, truncated data).
+    #[error("invalid safetensors data: {0}")]
+    Safetensors(String),
+    #[error("tensor `{name}` is missing from the checkpoint")]
+    MissingTensor { name: String },
+    #[error("tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch { name: String, expected: Vec<usize>, found: Vec<usize> },
+    #[error("tensor `{name}` has dtype {dtype}, expected a floating-point dtype (f32, f16 or bf16)")]
+    UnsupportedDtype { name: String, dtype: String },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,15 @@
+//! dsocr — DeepSeek-OCR on burn, one crate for the browser (WebGPU) and native (CPU / wgpu).
+//!
+//! The pipeline, in the order data flows through it:
+//! image → preprocess → tokens/prompt → encoder → decoder/generate → text → grounding blocks.
+//! Weights come from the original hub checkpoint (`config.json` + safetensors) unchanged.
+//!
+//! This crate compiles for `wasm32-unknown-unknown`: shared code does no file I/O, spawns no
+//! threads and never blocks on GPU readback; file access lives at the edges (tests, CLI).
+
+pub mod config;
+pub mod error;
+pub mod weights;
+
+pub use config::{Config, Mode};
+pub use error::{Error, Result};

@@ -1,0 +1,286 @@
+//! Fixture harness: loads what `tests/reference/generate.py` recorded with the official model code and
+//! compares our outputs with it, reporting the worst element by index when they disagree.
+
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors};
+use serde::Deserialize;
+
+/// `tests/fixtures/`.
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// The tiny random-weight checkpoints the generator writes, in the original hub layout.
+pub const TINY_CHECKPOINTS: [&str; 2] = ["tiny-a", "tiny-b"];
+
+pub fn checkpoint_dir(name: &str) -> PathBuf {
+    fixtures_dir().join(name)
+}
+
+/// Reads a file under the fixtures, with a message that says how to regenerate it if it is absent.
+pub fn read_fixture(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| {
+        panic!("cannot read fixture {}: {e} (regenerate with tests/reference/generate.py)", path.display())
+    })
+}
+
+/// A dense row-major array read from a fixture (or produced by the code under test).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Array {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl Array {
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "shape {shape:?} does not match {} values", data.len());
+        Self { shape, data }
+    }
+
+    pub fn max_abs(&self) -> f32 {
+        self.data.iter().fold(0.0f32, |m, v| m.max(v.abs()))
+    }
+
+    /// Multi-dimensional index of flat position `flat`.
+    pub fn unravel(&self, mut flat: usize) -> Vec<usize> {
+        let mut index = vec![0; self.shape.len()];
+        for (axis, &dim) in self.shape.iter().enumerate().rev() {
+            index[axis] = flat % dim.max(1);
+            flat /= dim.max(1);
+        }
+        index
+    }
+}
+
+/// One safetensors file of fixture tensors.
+pub struct Fixture {
+    path: PathBuf,
+    bytes: Vec<u8>,
+}
+
+impl Fixture {
+    pub fn open(path: impl AsRef<Path>) -> Self {
+        let path = path.as_ref().to_path_buf();
+        let bytes = read_fixture(&path);
+        SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{}: not a safetensors file: {e}", path.display()));
+        Self { path, bytes }
+    }
+
+    fn tensors(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.bytes).expect("validated in open")
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.tensors().names().into_iter().map(str::to_owned).collect();
+        names.sort();
+        names
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors().tensor(name).is_ok()
+    }
+
+    /// A floating-point tensor as f32 (bf16/f16 widened exactly).
+    pub fn f32(&self, name: &str) -> Array {
+        let tensors = self.tensors();
+        let view = tensors
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("{}: no tensor {name:?} (has {:?})", self.path.display(), self.names()));
+        let b = view.data();
+        let data: Vec<f32> = match view.dtype() {
+            Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::BF16 => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::F16 => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            other => panic!("{}: tensor {name:?} is {other:?}, not floating point", self.path.display()),
+        };
+        Array::new(view.shape().to_vec(), data)
+    }
+
+    /// An integer tensor (token ids, grids) as i64.
+    pub fn i64(&self, name: &str) -> Vec<i64> {
+        let tensors = self.tensors();
+        let view = tensors.tensor(name).unwrap_or_else(|_| panic!("{}: no tensor {name:?}", self.path.display()));
+        let b = view.data();
+        match view.dtype() {
+            Dtype::I64 => b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect(),
+            Dtype::I32 => b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect(),
+            other => panic!("{}: tensor {name:?} is {other:?}, not an integer type", self.path.display()),
+        }
+    }
+}
+
+/// How close `actual` must be to the reference.
+#[derive(Debug, Clone, Copy)]
+pub enum Tolerance {
+    /// `max |a − r| ≤ factor · max |r|` over the whole tensor: the parity criterion for stage outputs.
+    RelativeToMax(f32),
+    /// Per element: `|a − r| ≤ abs + rel · |r|`.
+    Elementwise { abs: f32, rel: f32 },
+}
+
+/// The outcome of comparing two arrays of the same shape.
+#[derive(Debug, Clone)]
+pub struct Comparison {
+    pub max_abs_err: f32,
+    /// Largest `|a − r| / |r|` over elements with `|r| > 0`.
+    pub max_rel_err: f32,
+    pub reference_max_abs: f32,
+    /// The element that most exceeds the tolerance (or has the largest error when all pass).
+    pub worst_index: Vec<usize>,
+    pub worst_actual: f32,
+    pub worst_expected: f32,
+    pub passed: bool,
+}
+
+impl std::fmt::Display for Comparison {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "max abs err {:.3e}, max rel err {:.3e}, max |ref| {:.3e}; worst at {:?}: got {} expected {}",
+            self.max_abs_err, self.max_rel_err, self.reference_max_abs, self.worst_index, self.worst_actual,
+            self.worst_expected
+        )
+    }
+}
+
+/// Compares `actual` with `expected`. Shapes must match exactly; a NaN anywhere fails.
+pub fn compare(actual: &Array, expected: &Array, tolerance: Tolerance) -> Result<Comparison, String> {
+    if actual.shape != expected.shape {
+        return Err(format!("shape {:?} differs from the reference's {:?}", actual.shape, expected.shape));
+    }
+    let reference_max_abs = expected.max_abs();
+    let mut max_abs_err = 0.0f32;
+    let mut max_rel_err = 0.0f32;
+    // The worst element is the one with the largest excess over its allowed error.
+    let (mut worst, mut worst_excess) = (0usize, f32::NEG_INFINITY);
+    for (i, (&a, &r)) in actual.data.iter().zip(&expected.data).enumerate() {
+        let err = (a - r).abs();
+        let err = if err.is_nan() { f32::INFINITY } else { err };
+        max_abs_err = max_abs_err.max(err);
+        if r != 0.0 {
+            max_rel_err = max_rel_err.max(err / r.abs());
+        }
+        let allowed = match tolerance {
+            Tolerance::RelativeToMax(factor) => factor * reference_max_abs,
+            Tolerance::Elementwise { abs, rel } => abs + rel * r.abs(),
+        };
+        if err - allowed > worst_excess {
+            worst_excess = err - allowed;
+            worst = i;
+        }
+    }
+    let worst_index = expected.unravel(worst);
+    Ok(Comparison {
+        max_abs_err,
+        max_rel_err,
+        reference_max_abs,
+        worst_index,
+        worst_actual: actual.data.get(worst).copied().unwrap_or(f32::NAN),
+        worst_expected: expected.data.get(worst).copied().unwrap_or(f32::NAN),
+        passed: worst_excess <= 0.0 || expected.data.is_empty(),
+    })
+}
+
+/// Panics with the worst element's index and values unless `actual` matches `expected`.
+#[track_caller]
+pub fn assert_close(label: &str, actual: &Array, expected: &Array, tolerance: Tolerance) -> Comparison {
+    match compare(actual, expected, tolerance) {
+        Err(msg) => panic!("{label}: {msg}"),
+        Ok(c) if !c.passed => panic!("{label}: outside {tolerance:?}: {c}"),
+        Ok(c) => c,
+    }
+}
+
+/// One recorded run of the official model: an image, a mode, a prompt (`<config>/cases/index.json`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Case {
+    pub image: String,
+    pub mode: String,
+    pub prompt: String,
+    /// Tiles across and down (the reference's `images_spatial_crop`); `[1, 1]` when not tiled.
+    pub grid: [usize; 2],
+    pub prompt_tokens: usize,
+    pub image_tokens: usize,
+    pub greedy_tokens: Vec<u32>,
+    pub min_greedy_gap: f32,
+    pub has_logits_columns: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CaseIndex {
+    pub config: String,
+    pub greedy_tokens: usize,
+    pub logit_columns: Vec<u32>,
+    pub cases: Vec<Case>,
+}
+
+impl CaseIndex {
+    pub fn load(checkpoint: &str) -> Self {
+        let path = checkpoint_dir(checkpoint).join("cases").join("index.json");
+        serde_json::from_slice(&read_fixture(&path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+}
+
+impl Case {
+    /// The tensors recorded for this case in `checkpoint`.
+    pub fn fixture(&self, checkpoint: &str) -> Fixture {
+        Fixture::open(checkpoint_dir(checkpoint).join("cases").join(format!("{}-{}.safetensors", self.image, self.mode)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arr(shape: &[usize], data: &[f32]) -> Array {
+        Array::new(shape.to_vec(), data.to_vec())
+    }
+
+    #[test]
+    fn equal_arrays_pass_with_zero_error() {
+        let a = arr(&[2, 2], &[1.0, -2.0, 3.0, 4.0]);
+        let c = compare(&a, &a, Tolerance::RelativeToMax(0.0)).unwrap();
+        assert!(c.passed);
+        assert_eq!(c.max_abs_err, 0.0);
+    }
+
+    #[test]
+    fn reports_the_worst_element_by_index() {
+        let expected = arr(&[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let actual = arr(&[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.5, 6.01]);
+        let c = compare(&actual, &expected, Tolerance::RelativeToMax(1e-3)).unwrap();
+        assert!(!c.passed);
+        assert_eq!(c.worst_index, vec![1, 1]);
+        assert_eq!((c.worst_actual, c.worst_expected), (5.5, 5.0));
+        assert!((c.max_abs_err - 0.5).abs() < 1e-6);
+        assert!((c.max_rel_err - 0.1).abs() < 1e-6);
+    }
+
+    #[test]
+    fn elementwise_tolerance_scales_with_each_value() {
+        let expected = arr(&[3], &[1000.0, 1.0, 0.0]);
+        let actual = arr(&[3], &[1000.5, 1.0, 0.0]);
+        assert!(compare(&actual, &expected, Tolerance::Elementwise { abs: 0.0, rel: 1e-3 }).unwrap().passed);
+        let actual = arr(&[3], &[1000.0, 1.5, 0.0]);
+        let c = compare(&actual, &expected, Tolerance::Elementwise { abs: 0.0, rel: 1e-3 }).unwrap();
+        assert!(!c.passed);
+        assert_eq!(c.worst_index, vec![1]);
+    }
+
+    #[test]
+    fn nan_fails_and_shape_mismatch_is_an_error() {
+        let expected = arr(&[2], &[1.0, 2.0]);
+        let c = compare(&arr(&[2], &[1.0, f32::NAN]), &expected, Tolerance::RelativeToMax(1.0)).unwrap();
+        assert!(!c.passed);
+        assert_eq!(c.worst_index, vec![1]);
+        assert!(compare(&arr(&[1, 2], &[1.0, 2.0]), &expected, Tolerance::RelativeToMax(1.0)).is_err());
+    }
+
+    #[test]
+    #[should_panic(expected = "worst at [0, 1]")]
+    fn assert_close_panics_with_the_index() {
+        let expected = arr(&[1, 2], &[1.0, 2.0]);
+        assert_close("stage", &arr(&[1, 2], &[1.0, 3.0]), &expected, Tolerance::RelativeToMax(1e-4));
+    }
+}

@@ -1,0 +1,92 @@
+//! The committed fixtures themselves: intact (hashes of the generator's manifest), self-consistent, and
+//! recording what the spec says the reference does (token counts, grids, normalisation).
+
+use std::collections::BTreeMap;
+
+use dsocr_tests::{Array, CaseIndex, Fixture, TINY_CHECKPOINTS, Tolerance, assert_close, fixtures_dir, read_fixture};
+use sha2::{Digest, Sha256};
+
+const IMAGE_TOKEN_ID: i64 = 128815;
+
+#[test]
+fn every_generated_file_matches_the_manifest() {
+    let root = fixtures_dir();
+    let manifest = String::from_utf8(read_fixture(&root.join("MANIFEST.sha256"))).unwrap();
+    let mut count = 0;
+    for line in manifest.lines() {
+        let (hash, rel) = line.split_once("  ").expect("`<sha256>  <path>` lines");
+        let digest = Sha256::digest(read_fixture(&root.join(rel)));
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, hash, "{rel} differs from what the generator wrote; regenerate the fixtures");
+        count += 1;
+    }
+    assert!(count >= 70, "manifest lists only {count} files");
+}
+
+/// `g(g+1) + 1` for the global view plus, when tiled, `(g_t·nw + 1)(g_t·nh)` (spec §5.2).
+fn placeholder_count(mode: &str, [nw, nh]: [usize; 2]) -> usize {
+    let (base, tile) = match mode {
+        "tiny" => (512, 0),
+        "small" => (640, 0),
+        "base" => (1024, 0),
+        "large" => (1280, 0),
+        "gundam" => (1024, 640),
+        other => panic!("unknown mode {other}"),
+    };
+    let g = base / 16 / 4;
+    let mut n = g * (g + 1) + 1;
+    if tile > 0 && nw * nh > 1 {
+        let gt = tile / 16 / 4;
+        n += (gt * nw + 1) * (gt * nh);
+    }
+    n
+}
+
+#[test]
+fn recorded_prompts_have_the_reference_layout() {
+    let mut grids = BTreeMap::new();
+    for name in TINY_CHECKPOINTS {
+        let index = CaseIndex::load(name);
+        assert_eq!(index.cases.len(), 15, "{name}: 3 images × 5 modes");
+        for case in &index.cases {
+            let fixture = case.fixture(name);
+            let ids = fixture.i64("input_ids");
+            assert_eq!(ids.len(), case.prompt_tokens);
+            assert_eq!(ids[0], 0, "one BOS first");
+            assert_eq!(ids.iter().filter(|&&t| t == 0).count(), 1, "exactly one BOS");
+            let image_tokens = ids.iter().filter(|&&t| t == IMAGE_TOKEN_ID).count();
+            assert_eq!(image_tokens, case.image_tokens);
+            assert_eq!(image_tokens, placeholder_count(&case.mode, case.grid), "{name} {} {}", case.image, case.mode);
+            // Placeholders are contiguous right after BOS for a prompt starting with `<image>`.
+            assert!(ids[1..=image_tokens].iter().all(|&t| t == IMAGE_TOKEN_ID));
+            let hidden = if name == "tiny-a" { 48 } else { 32 };
+            assert_eq!(fixture.f32("image_embeds").shape, vec![image_tokens, hidden]);
+            assert_eq!(fixture.i64("greedy_tokens").len(), index.greedy_tokens);
+            assert_eq!(fixture.i64("greedy_tokens").iter().map(|&t| t as u32).collect::<Vec<_>>(), case.greedy_tokens);
+            grids.insert((case.image.clone(), case.mode.clone()), case.grid);
+        }
+    }
+    // Spec §2.7 worked examples: A4 page 1190×1684 → (2,3); 800×600 → (3,2); ≤ 640 → no tiles.
+    assert_eq!(grids[&("page".into(), "gundam".into())], [2, 3]);
+    assert_eq!(grids[&("photo".into(), "gundam".into())], [3, 2]);
+    assert_eq!(grids[&("note".into(), "gundam".into())], [1, 1]);
+}
+
+#[test]
+fn stored_pixels_are_the_views_normalised_and_rounded_to_bf16() {
+    let dir = fixtures_dir().join("preprocess/page/tiny");
+    let png = image::load_from_memory(&read_fixture(&dir.join("global.png"))).unwrap().to_rgb8();
+    let (w, h) = png.dimensions();
+    assert_eq!((w, h), (512, 512));
+    // ToTensor (x / 255) then Normalize((x − 0.5) / 0.5) in f32, CHW, then the bf16 cast of `infer`.
+    let mut data = vec![0.0f32; 3 * 512 * 512];
+    for (x, y, p) in png.enumerate_pixels() {
+        for c in 0..3 {
+            let v = (p.0[c] as f32 / 255.0 - 0.5) / 0.5;
+            data[(c * 512 + y as usize) * 512 + x as usize] = half::bf16::from_f32(v).to_f32();
+        }
+    }
+    let ours = Array::new(vec![3, 512, 512], data);
+    let reference = Fixture::open(dir.join("global.pixels.safetensors")).f32("pixels");
+    assert_close("page/tiny pixels", &ours, &reference, Tolerance::Elementwise { abs: 0.0, rel: 0.0 });
+}
