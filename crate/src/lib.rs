@@ -9,6 +9,8 @@
 
 pub mod config;
 pub mod error;
+pub mod image;
+pub mod model;
 pub mod weights;
 
 pub use config::{Config, Mode};

@@ -229,6 +229,74 @@ impl Case {
     }
 }
 
+/// Reads a burn tensor back to the host as an [`Array`].
+pub fn to_array<const D: usize>(tensor: burn::tensor::Tensor<D>) -> Array {
+    let shape = tensor.dims().to_vec();
+    let data = tensor.into_data();
+    let values = data.convert::<f32>();
+    Array::new(shape, values.as_slice::<f32>().expect("f32 data").to_vec())
+}
+
+/// Uploads an [`Array`] to `device`.
+pub fn to_tensor<const D: usize>(array: &Array, device: &burn::tensor::Device) -> burn::tensor::Tensor<D> {
+    let shape: [usize; D] = array.shape.clone().try_into().expect("rank mismatch");
+    burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(array.data.clone(), shape), device)
+}
+
+/// The views `infer` made of one image in one mode, as the model's pixel input.
+pub struct Views {
+    /// `(1, 3, S, S)`.
+    pub global: Array,
+    /// `(across·down, 3, T, T)` in row-major tile order, with the grid `[across, down]`.
+    pub tiles: Option<(Array, [usize; 2])>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PreprocessCase {
+    pub image: String,
+    pub mode: String,
+    pub original_size: [usize; 2],
+    pub grid: [usize; 2],
+    pub views: Vec<String>,
+}
+
+pub fn preprocess_index() -> std::collections::BTreeMap<String, PreprocessCase> {
+    let path = fixtures_dir().join("preprocess/index.json");
+    serde_json::from_slice(&read_fixture(&path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// `(x / 255 − 0.5) / 0.5` per channel in f32, CHW, then rounded to bf16 as `infer` does.
+fn normalise_png(path: &Path) -> Array {
+    let img = image::load_from_memory(&read_fixture(path)).unwrap_or_else(|e| panic!("{}: {e}", path.display())).to_rgb8();
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let mut data = vec![0.0f32; 3 * h * w];
+    for (x, y, p) in img.enumerate_pixels() {
+        for c in 0..3 {
+            let v = (p.0[c] as f32 / 255.0 - 0.5) / 0.5;
+            data[(c * h + y as usize) * w + x as usize] = half::bf16::from_f32(v).to_f32();
+        }
+    }
+    Array::new(vec![1, 3, h, w], data)
+}
+
+/// Loads the recorded views of `image` in `mode` (from the PNG fixtures), normalised like the reference.
+pub fn load_views(image: &str, mode: &str) -> Views {
+    let index = preprocess_index();
+    let case = index.get(&format!("{image}/{mode}")).unwrap_or_else(|| panic!("no preprocess fixture {image}/{mode}"));
+    let dir = fixtures_dir().join("preprocess").join(image).join(mode);
+    let global = normalise_png(&dir.join("global.png"));
+    let tiles = if case.views.len() > 1 {
+        let parts: Vec<Array> = case.views[1..].iter().map(|v| normalise_png(&dir.join(format!("{v}.png")))).collect();
+        let mut shape = parts[0].shape.clone();
+        shape[0] = parts.len();
+        let data = parts.into_iter().flat_map(|a| a.data).collect();
+        Some((Array::new(shape, data), case.grid))
+    } else {
+        None
+    };
+    Views { global, tiles }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

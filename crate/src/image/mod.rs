@@ -1,0 +1,3 @@
+//! Images: resampling shared by preprocessing and the encoder's position tables.
+
+pub mod resample;

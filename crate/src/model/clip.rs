@@ -1,0 +1,128 @@
+//! CLIP-L body fed with SAM's compressed features as patch embeddings
+//! (reference: `deepencoder.VitModel`, checkpoint `model.vision_model.*`; spec §4).
+
+use burn::module::{Module, Param};
+use burn::nn::{LayerNorm, Linear};
+use burn::tensor::activation::sigmoid;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Device, Tensor, TensorData};
+
+use super::grid_cache::GridCache;
+use crate::config::ClipConfig;
+use crate::error::Result;
+use crate::image::resample::resize_bicubic_f32;
+use crate::weights::Loader;
+
+#[derive(Module, Debug)]
+pub struct Clip {
+    class_embedding: Param<Tensor<1>>,
+    pre_layrnorm: LayerNorm,
+    layers: Vec<ClipLayer>,
+    #[module(skip)]
+    positions: ClipPositions,
+}
+
+/// `position_embedding.weight` on the host: row 0 for the class token, then a square grid.
+#[derive(Debug, Clone)]
+struct ClipPositions {
+    values: Vec<f32>,
+    grid: usize,
+    width: usize,
+    resized: GridCache<Tensor<2>>,
+}
+
+#[derive(Module, Debug)]
+struct ClipLayer {
+    layer_norm1: LayerNorm,
+    qkv_proj: Linear,
+    out_proj: Linear,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    heads: usize,
+}
+
+impl Clip {
+    pub fn load(c: &ClipConfig, l: &Loader) -> Result<Self> {
+        let p = "model.vision_model";
+        let w = c.width;
+        let eps = c.layer_norm_eps;
+        let mut layers = Vec::with_capacity(c.layers);
+        for i in 0..c.layers {
+            let q = format!("{p}.transformer.layers.{i}");
+            layers.push(ClipLayer {
+                layer_norm1: l.layer_norm(&format!("{q}.layer_norm1"), w, eps)?,
+                qkv_proj: l.linear(&format!("{q}.self_attn.qkv_proj"), w, 3 * w, true)?,
+                out_proj: l.linear(&format!("{q}.self_attn.out_proj"), w, w, true)?,
+                layer_norm2: l.layer_norm(&format!("{q}.layer_norm2"), w, eps)?,
+                fc1: l.linear(&format!("{q}.mlp.fc1"), w, c.ffn_hidden_size, true)?,
+                fc2: l.linear(&format!("{q}.mlp.fc2"), c.ffn_hidden_size, w, true)?,
+                heads: c.heads,
+            });
+        }
+        // `embeddings.patch_embedding.weight` exists in the checkpoint but is unused: SAM supplies patches.
+        Ok(Self {
+            class_embedding: l.param(&format!("{p}.embeddings.class_embedding"), [w])?,
+            pre_layrnorm: l.layer_norm(&format!("{p}.pre_layrnorm"), w, eps)?,
+            layers,
+            positions: ClipPositions {
+                values: l.host(&format!("{p}.embeddings.position_embedding.weight"), &[c.num_positions(), w])?,
+                grid: c.pretrain_grid(),
+                width: w,
+                resized: GridCache::default(),
+            },
+        })
+    }
+
+    /// `(B, C, g, g)` compressed SAM features → `(B, g²+1, C)` hidden states (class token first).
+    pub fn forward(&self, patches: Tensor<4>) -> Tensor<3> {
+        let [b, c, gh, gw] = patches.dims();
+        debug_assert_eq!(gh, gw, "views are square");
+        let tokens = patches.reshape([b, c, gh * gw]).swap_dims(1, 2);
+        let class = self.class_embedding.val().reshape([1, 1, c]).expand([b, 1, c]);
+        let x = Tensor::cat(vec![class, tokens], 1);
+        let x = x + self.positions.for_grid(gh, &self.class_embedding.val().device()).unsqueeze_dim::<3>(0);
+        let mut x = self.pre_layrnorm.forward(x);
+        for layer in &self.layers {
+            x = layer.forward(x);
+        }
+        x // no post-layernorm (spec §4.6)
+    }
+}
+
+impl ClipPositions {
+    /// `(g²+1, C)`: the class row unchanged, the grid rows resized to `g × g` (anti-aliased bicubic).
+    fn for_grid(&self, g: usize, device: &Device) -> Tensor<2> {
+        self.resized.get_or_insert(g, || {
+            let (class_row, grid_rows) = self.values.split_at(self.width);
+            let grid = resize_bicubic_f32(grid_rows, [self.grid, self.grid, self.width], [g, g]);
+            let mut values = class_row.to_vec();
+            values.extend_from_slice(&grid);
+            Tensor::from_data(TensorData::new(values, [g * g + 1, self.width]), device)
+        })
+    }
+}
+
+impl ClipLayer {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let h = x.clone() + self.attention(self.layer_norm1.forward(x));
+        let y = self.fc1.forward(self.layer_norm2.forward(h.clone()));
+        h + self.fc2.forward(quick_gelu(y))
+    }
+
+    /// Full bidirectional attention; `qkv_proj` output is `[q | k | v]`, each head-major.
+    fn attention(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, n, c] = x.dims();
+        let hd = c / self.heads;
+        let qkv = self.qkv_proj.forward(x).reshape([b, n, 3, self.heads, hd]).permute([2, 0, 3, 1, 4]);
+        let take = |i: usize| qkv.clone().slice([i..i + 1]).reshape([b, self.heads, n, hd]);
+        let out = attention(take(0), take(1), take(2), None, None, AttentionModuleOptions::default());
+        self.out_proj.forward(out.swap_dims(1, 2).reshape([b, n, c]))
+    }
+}
+
+/// CLIP's `x · σ(1.702 x)`.
+fn quick_gelu(x: Tensor<3>) -> Tensor<3> {
+    x.clone() * sigmoid(x * 1.702)
+}
