@@ -22,6 +22,18 @@ pub enum Error {
     ShapeMismatch { name: String, expected: Vec<usize>, found: Vec<usize> },
     #[error("tensor `{name}` has dtype {dtype}, expected a floating-point dtype (f32, f16 or bf16)")]
     UnsupportedDtype { name: String, dtype: String },
+    /// The compute backend failed (device lost, readback error) or returned something impossible.
+    #[error("backend error: {0}")]
+    Backend(String),
+    /// The number of `<image>` placeholders in the prompt differs from the image vectors supplied.
+    #[error("the prompt has {placeholders} <image> placeholders but the images give {vectors} vectors")]
+    ImageTokenMismatch { placeholders: usize, vectors: usize },
+    /// A token id outside the model's vocabulary.
+    #[error("token id {id} is outside the vocabulary (size {vocab_size})")]
+    TokenOutOfRange { id: u32, vocab_size: usize },
+    /// The sequence would exceed the context the model or the caller allows.
+    #[error("sequence of {length} tokens exceeds the context limit of {limit}")]
+    ContextOverflow { length: usize, limit: usize },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod image;
 pub mod model;
 pub mod weights;

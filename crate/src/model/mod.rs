@@ -1,9 +1,12 @@
 //! The model, one module per part of the reference: the DeepEncoder (`sam` → compressor → `clip`,
-//! `projector`, `layout`) and, later, the decoder.
+//! `projector`, `layout`) and the MoE language model (`decoder`, `moe`).
 
 mod grid_cache;
+mod readback;
 pub mod clip;
+pub mod decoder;
 pub mod layout;
+pub mod moe;
 pub mod projector;
 pub mod sam;
 
@@ -15,6 +18,8 @@ use crate::error::Result;
 use crate::weights::Loader;
 
 pub use clip::Clip;
+pub use decoder::{Decoder, KvCache};
+pub use readback::{read_f32, read_i64};
 pub use projector::Projector;
 pub use sam::{Sam, SamOutput};
 

@@ -1,0 +1,301 @@
+//! DeepSeek-V2-style language model, MHA variant (reference: `DeepseekV2Model` / `DeepseekV2ForCausalLM`
+//! with `use_mla = false`, i.e. transformers' `LlamaAttention`; checkpoint `model.embed_tokens`,
+//! `model.layers.*`, `model.norm`, `lm_head`; spec §6).
+
+use burn::module::Module;
+use burn::nn::{Embedding, EmbeddingConfig, Linear, RmsNorm, RmsNormConfig};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+
+use super::moe::{Mlp, Moe};
+use crate::config::DecoderConfig;
+use crate::error::{Error, Result};
+use crate::weights::Loader;
+
+/// Keys (after RoPE) and values of every layer for the tokens seen so far.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Number of cached positions (the position of the next token).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Decoder {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    #[module(skip)]
+    rope: Rope,
+    vocab_size: usize,
+    max_positions: usize,
+}
+
+#[derive(Module, Debug)]
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: SelfAttention,
+    post_attention_layernorm: RmsNorm,
+    /// Layers before `first_k_dense_replace` (and off `moe_layer_freq`) use a dense MLP …
+    mlp: Option<Mlp>,
+    /// … the others the mixture of experts.
+    moe: Option<Moe>,
+}
+
+#[derive(Module, Debug)]
+struct SelfAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+/// Rotate-half ("NeoX") rotary embedding: `inv_freq[i] = θ^(−2i/d)` (spec §6.3).
+#[derive(Debug, Clone)]
+struct Rope {
+    inv_freq: Vec<f32>,
+}
+
+impl Decoder {
+    pub fn load(c: &DecoderConfig, l: &Loader) -> Result<Self> {
+        let h = c.hidden_size;
+        let device = l.device();
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for n in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{n}");
+            let (q_out, kv_out) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+            let (mlp, moe) = if c.is_moe_layer(n) {
+                (None, Some(Moe::load(c, l, &format!("{p}.mlp"))?))
+            } else {
+                (Some(Mlp::load(l, &format!("{p}.mlp"), h, c.intermediate_size)?), None)
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: rms_norm(l, &format!("{p}.input_layernorm.weight"), h, c.rms_norm_eps)?,
+                self_attn: SelfAttention {
+                    q_proj: l.linear(&format!("{p}.self_attn.q_proj"), h, q_out, false)?,
+                    k_proj: l.linear(&format!("{p}.self_attn.k_proj"), h, kv_out, false)?,
+                    v_proj: l.linear(&format!("{p}.self_attn.v_proj"), h, kv_out, false)?,
+                    o_proj: l.linear(&format!("{p}.self_attn.o_proj"), q_out, h, false)?,
+                    heads: c.num_attention_heads,
+                    kv_heads: c.num_key_value_heads,
+                    head_dim: c.head_dim,
+                },
+                post_attention_layernorm: rms_norm(l, &format!("{p}.post_attention_layernorm.weight"), h, c.rms_norm_eps)?,
+                mlp,
+                moe,
+            });
+        }
+        let mut embed_tokens = EmbeddingConfig::new(c.vocab_size, h).init(device);
+        embed_tokens.weight = l.param("model.embed_tokens.weight", [c.vocab_size, h])?;
+        let lm_head_name = if c.tie_word_embeddings { "model.embed_tokens" } else { "lm_head" };
+        let inv_freq = (0..c.head_dim / 2)
+            .map(|i| (1.0 / c.rope_theta.powf((2 * i) as f64 / c.head_dim as f64)) as f32)
+            .collect();
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm: rms_norm(l, "model.norm.weight", h, c.rms_norm_eps)?,
+            lm_head: l.linear(lm_head_name, h, c.vocab_size, false)?,
+            rope: Rope { inv_freq },
+            vocab_size: c.vocab_size,
+            max_positions: c.max_position_embeddings,
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// Token embeddings `(S, hidden)`; ids outside the vocabulary are an error.
+    pub fn embed(&self, ids: &[u32], device: &Device) -> Result<Tensor<2>> {
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {
+            return Err(Error::TokenOutOfRange { id, vocab_size: self.vocab_size });
+        }
+        let n = ids.len();
+        let index = Tensor::<2, Int>::from_data(TensorData::new(ids.iter().map(|&i| i as i64).collect(), [1, n]), device);
+        let d = self.embed_tokens.weight.dims()[1];
+        Ok(self.embed_tokens.forward(index).reshape([n, d]))
+    }
+
+    /// Embeddings of a prompt with the image vectors `(N, hidden)` written, in order, over the
+    /// positions holding `image_token` (the reference's masked scatter). The counts must agree.
+    pub fn embed_prompt(&self, ids: &[u32], image_token: u32, images: Option<Tensor<2>>, device: &Device) -> Result<Tensor<2>> {
+        let embeds = self.embed(ids, device)?;
+        let placeholders = ids.iter().filter(|&&t| t == image_token).count();
+        let vectors = images.as_ref().map_or(0, |t| t.dims()[0]);
+        if placeholders != vectors {
+            return Err(Error::ImageTokenMismatch { placeholders, vectors });
+        }
+        let Some(images) = images else { return Ok(embeds) };
+        let d = embeds.dims()[1];
+        let mut embeds = embeds;
+        let mut next = 0;
+        let mut i = 0;
+        while i < ids.len() {
+            if ids[i] != image_token {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < ids.len() && ids[i] == image_token {
+                i += 1;
+            }
+            let run = i - start;
+            embeds = embeds.slice_assign([start..i, 0..d], images.clone().slice([next..next + run, 0..d]));
+            next += run;
+        }
+        Ok(embeds)
+    }
+
+    /// Runs `x` `(S, hidden)` at positions `cache.len() ..` through every layer, appending to the
+    /// cache; returns the final-normed hidden states `(S, hidden)`.
+    pub async fn forward(&self, x: Tensor<2>, cache: &mut KvCache) -> Result<Tensor<2>> {
+        let [s, d] = x.dims();
+        let start = cache.len;
+        if start + s > self.max_positions {
+            return Err(Error::ContextOverflow { length: start + s, limit: self.max_positions });
+        }
+        if cache.layers.len() != self.layers.len() {
+            cache.layers = vec![None; self.layers.len()];
+        }
+        let device = x.device();
+        let (cos, sin) = self.rope.cos_sin(start, s, &device);
+        let mut x = x.reshape([1, s, d]);
+        for (layer, entry) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(x, &cos, &sin, start, entry).await?;
+        }
+        cache.len = start + s;
+        Ok(self.norm.forward(x).reshape([s, d]))
+    }
+
+    /// Logits `(S, vocab)` of final hidden states (f32).
+    pub fn logits(&self, hidden: Tensor<2>) -> Tensor<2> {
+        self.lm_head.forward(hidden)
+    }
+}
+
+fn rms_norm(l: &Loader, name: &str, d: usize, eps: f64) -> Result<RmsNorm> {
+    let mut norm = RmsNormConfig::new(d).with_epsilon(eps).init(l.device());
+    norm.gamma = l.param(name, [d])?;
+    Ok(norm)
+}
+
+impl DecoderLayer {
+    async fn forward(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<2>,
+        sin: &Tensor<2>,
+        start: usize,
+        cache: &mut Option<(Tensor<4>, Tensor<4>)>,
+    ) -> Result<Tensor<3>> {
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, start, cache);
+        let u = self.post_attention_layernorm.forward(h.clone());
+        let y = match (&self.mlp, &self.moe) {
+            (Some(mlp), _) => mlp.forward(u),
+            (None, Some(moe)) => {
+                let [b, s, d] = u.dims();
+                moe.forward(u.reshape([b * s, d])).await?.reshape([b, s, d])
+            }
+            (None, None) => unreachable!("every layer is built with a dense MLP or a MoE"),
+        };
+        Ok(h + y)
+    }
+}
+
+impl SelfAttention {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<2>,
+        sin: &Tensor<2>,
+        start: usize,
+        cache: &mut Option<(Tensor<4>, Tensor<4>)>,
+    ) -> Tensor<3> {
+        let [b, s, _] = x.dims();
+        let hd = self.head_dim;
+        let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, hd]).swap_dims(1, 2);
+        let q = rotate(split(self.q_proj.forward(x.clone()), self.heads), cos, sin);
+        let k = rotate(split(self.k_proj.forward(x.clone()), self.kv_heads), cos, sin);
+        let v = split(self.v_proj.forward(x), self.kv_heads);
+        let (k, v) = match cache.take() {
+            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+            None => (k, v),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        let total = start + s;
+        let (k, v) = (repeat_kv(k, self.heads), repeat_kv(v, self.heads));
+        let (mask, is_causal) = match (s, start) {
+            (1, _) => (None, false),
+            (_, 0) => (None, true),
+            // A chunk after cached tokens: query i (position start + i) sees keys 0 ..= start + i.
+            _ => (Some(causal_mask(s, start, total, b, self.heads, &q.device())), false),
+        };
+        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal };
+        let out = attention(q, k, v, mask, None, options);
+        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, self.heads * hd]))
+    }
+}
+
+/// `x · cos + rotate_half(x) · sin` with `rotate_half([x₁, x₂]) = [−x₂, x₁]`; `x` is `(B, H, S, d)`.
+fn rotate(x: Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<4> {
+    let [b, h, s, d] = x.dims();
+    let half = d / 2;
+    let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);
+    let x2 = x.clone().slice([0..b, 0..h, 0..s, half..d]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos.clone().reshape([1, 1, s, d]) + rotated * sin.clone().reshape([1, 1, s, d])
+}
+
+/// Repeats each of the KV heads `heads / kv_heads` times (transformers' `repeat_kv`).
+fn repeat_kv(x: Tensor<4>, heads: usize) -> Tensor<4> {
+    let [b, kv, t, d] = x.dims();
+    if kv == heads {
+        return x;
+    }
+    let rep = heads / kv;
+    x.reshape([b, kv, 1, t, d]).expand([b, kv, rep, t, d]).reshape([b, heads, t, d])
+}
+
+fn causal_mask(s: usize, start: usize, total: usize, b: usize, heads: usize, device: &Device) -> Tensor<4, Bool> {
+    let values: Vec<bool> = (0..s).flat_map(|i| (0..total).map(move |j| j > start + i)).collect();
+    Tensor::<2, Bool>::from_data(TensorData::new(values, [s, total]), device)
+        .reshape([1, 1, s, total])
+        .expand([b, heads, s, total])
+}
+
+impl Rope {
+    /// `cos`, `sin` of `(S, d)` for positions `start .. start + S` (angles in f32 like the reference).
+    fn cos_sin(&self, start: usize, len: usize, device: &Device) -> (Tensor<2>, Tensor<2>) {
+        let half = self.inv_freq.len();
+        let d = 2 * half;
+        let mut cos = Vec::with_capacity(len * d);
+        let mut sin = Vec::with_capacity(len * d);
+        for pos in start..start + len {
+            let angles: Vec<f32> = self.inv_freq.iter().map(|&f| pos as f32 * f).collect();
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|&a| (a as f64).cos() as f32));
+                sin.extend(angles.iter().map(|&a| (a as f64).sin() as f32));
+            }
+        }
+        (
+            Tensor::from_data(TensorData::new(cos, [len, d]), device),
+            Tensor::from_data(TensorData::new(sin, [len, d]), device),
+        )
+    }
+}

@@ -1,0 +1,24 @@
+//! Device → host reads. Always asynchronous: WebGPU cannot block on a readback, and natively the
+//! future resolves at once.
+
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::error::{Error, Result};
+
+fn backend(e: impl std::fmt::Debug) -> Error {
+    Error::Backend(format!("{e:?}"))
+}
+
+async fn read<E: std::fmt::Debug>(data: impl std::future::Future<Output = std::result::Result<TensorData, E>>) -> Result<TensorData> {
+    data.await.map_err(backend)
+}
+
+pub async fn read_f32<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
+    let data = read(t.into_data_async()).await?.convert::<f32>();
+    data.as_slice::<f32>().map(<[f32]>::to_vec).map_err(backend)
+}
+
+pub async fn read_i64<const D: usize>(t: Tensor<D, Int>) -> Result<Vec<i64>> {
+    let data = read(t.into_data_async()).await?.convert::<i64>();
+    data.as_slice::<i64>().map(<[i64]>::to_vec).map_err(backend)
+}
