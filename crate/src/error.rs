@@ -22,6 +22,18 @@ pub enum Error {
     ShapeMismatch { name: String, expected: Vec<usize>, found: Vec<usize> },
     #[error("tensor `{name}` has dtype {dtype}, expected a floating-point dtype (f32, f16 or bf16)")]
     UnsupportedDtype { name: String, dtype: String },
+    /// The input is not an image in a supported format (PNG, JPEG, WebP, GIF, BMP, TIFF).
+    #[error("unsupported image: {0}")]
+    ImageFormat(String),
+    /// The image is malformed or truncated.
+    #[error("cannot decode image: {0}")]
+    ImageDecode(String),
+    /// The image has more pixels than allowed (decompression-bomb guard).
+    #[error("image is {width}×{height}, more than the limit of {max_pixels} pixels")]
+    ImageTooLarge { width: u32, height: u32, max_pixels: u64 },
+    /// `tokenizer.json` is invalid, or encoding/decoding failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
     /// The compute backend failed (device lost, readback error) or returned something impossible.
     #[error("backend error: {0}")]
     Backend(String),

@@ -348,6 +348,68 @@ def make_images() -> dict[str, Image.Image]:
     return {"page": page, "photo": photo, "note": note}
 
 
+# Texts whose token ids (and decoded text) the Rust tokenizer must reproduce.
+TOKENIZER_TEXTS = [
+    "Hello, world! The quick brown fox jumps over the lazy dog.",
+    "深度求索发布了光学字符识别模型。今天天气很好，我们去公园吧！",
+    "Mixed 中英文 text: 价格 12.50 元 (about $1.75), 2026年11月27日.",
+    "def greet(name: str) -> str:\n    return f\"Hello, {name}!\"  # 注释\n\tprint(greet('x'))",
+    "\\[ \\int_0^1 x^2 \\, dx = \\frac{1}{3} \\] and \\( e^{i\\pi} + 1 = 0 \\)",
+    "<table><tr><td>Item</td><td>Qty</td></tr><tr><td>Milk</td><td>2</td></tr></table>",
+    "<|ref|>title<|/ref|><|det|>[[90, 47, 512, 80]]<|/det|>\n# Quarterly Report 2026\n\n",
+    "<image>\n<|grounding|>Convert the document to markdown.",
+    "<image>\nLocate <|ref|>the red circle<|/ref|> in the image.",
+    "  leading spaces, trailing spaces  \n\n\nthree newlines\r\nwindows line 1234567 numbers 3.14159",
+    "Emoji 😀👍🏽 and accents: café, naïve, Ærøskøbing; Кириллица; العربية; 日本語のテキスト",
+    "<｜begin▁of▁sentence｜>text<｜end▁of▁sentence｜><|User|>hi<|Assistant|><td></td><tr></tr>",
+]
+
+
+def tokenizer_fixture(tokenizer) -> dict:
+    cases = []
+    for text in TOKENIZER_TEXTS:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        cases.append({"text": text, "ids": ids, "decoded": tokenizer.decode(ids, skip_special_tokens=False)})
+    return {"tokenizer_class": type(tokenizer).__name__, "cases": cases}
+
+
+def make_extra_images() -> dict[str, tuple[Image.Image, str]]:
+    """More shapes and kinds for preprocessing parity only (views recorded as sha256 of the uint8 pixels):
+    (image, file format). Sizes hit the tie rules, the no-tile threshold, extreme aspects and upscaling."""
+    def scene(w: int, h: int, seed: int) -> Image.Image:
+        yy, xx = np.mgrid[0:h, 0:w]
+        px = np.stack([(xx * 7 + seed) % 256, (yy * 5 + 3 * seed) % 256, ((xx ^ yy) + seed) % 256], -1)
+        img = Image.fromarray(px.astype(np.uint8), "RGB")
+        d = ImageDraw.Draw(img)
+        d.ellipse((w // 5, h // 5, w * 3 // 5, h * 3 // 5), fill=(255, 255, 255), outline=(0, 0, 0))
+        d.text((w // 10, h // 10), f"{w}x{h}", fill=(0, 0, 0), font=font(max(10, min(w, h) // 8)))
+        return img
+
+    out = {
+        "screenshot": (scene(1920, 1080, 1), "PNG"),
+        "wide": (scene(3000, 400, 2), "PNG"),
+        "tall": (scene(500, 3000, 3), "PNG"),
+        "thumb": (scene(64, 48, 4), "PNG"),
+        "square": (scene(1024, 1024, 5), "PNG"),
+        "tie641": (scene(641, 640, 6), "PNG"),
+        "tie1250": (scene(1250, 1000, 7), "PNG"),
+        "big1400": (scene(1400, 1400, 8), "PNG"),
+        "strip": (scene(4000, 90, 9), "PNG"),
+        "grey": (scene(900, 700, 10).convert("L"), "PNG"),
+        "rgba": (scene(700, 500, 11).convert("RGBA"), "PNG"),
+        "palette": (scene(660, 660, 12).convert("P", palette=Image.Palette.ADAPTIVE, colors=64), "PNG"),
+    }
+    rgba = np.asarray(out["rgba"][0]).copy()
+    rgba[::3, :, 3] = 0  # transparent rows keep their colour: convert("RGB") drops alpha
+    rgba[:, ::5, 3] = 128
+    out["rgba"] = (Image.fromarray(rgba, "RGBA"), "PNG")
+    rotated = scene(800, 500, 13)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise on display
+    out["exif6"] = (rotated, ("PNG", exif))
+    return out
+
+
 class Captured(Exception):
     pass
 
@@ -613,7 +675,35 @@ def generate_fixtures(modeling, deepencoder, out: pathlib.Path, log) -> None:
                     f"tokens={tokens[:6]}... min gap {min(gaps):.4f}")
         write_json(index, ckpt_dir / "cases" / "index.json")
     write_json(preprocess_meta, out / "preprocess" / "index.json")
+    write_extra_preprocess(modeling, model, tokenizer, out)
+    write_json(tokenizer_fixture(tokenizer), out / "tokenizer_cases.json")
     write_manifest(out)
+
+
+def write_extra_preprocess(modeling, model, tokenizer, out: pathlib.Path) -> None:
+    """Views of the extra images in every mode through the official `infer`, recorded as hashes."""
+    cases = {}
+    for name, (image, fmt) in make_extra_images().items():
+        path = out / "images" / "extra" / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(fmt, tuple):
+            image.save(path, format=fmt[0], exif=fmt[1], compress_level=9)
+        else:
+            image.save(path, format=fmt, compress_level=9)
+        for mode in MODES:
+            inputs = official_inputs(modeling, model, tokenizer, path, "<image>\nFree OCR.", mode)
+            views = inputs["views"]
+            cases[f"{name}/{mode[0]}"] = {
+                "image": name,
+                "mode": mode[0],
+                "grid": [int(v) for v in inputs["images_spatial_crop"][0].tolist()],
+                "image_tokens": int((inputs["input_ids"][0] == IMAGE_TOKEN_ID).sum()),
+                "views": [
+                    {"size": [int(v.shape[1]), int(v.shape[0])], "sha256": hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()}
+                    for v in views
+                ],
+            }
+    write_json(cases, out / "preprocess" / "extra.json")
 
 
 def write_manifest(out: pathlib.Path) -> None:

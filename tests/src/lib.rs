@@ -265,18 +265,11 @@ pub fn preprocess_index() -> std::collections::BTreeMap<String, PreprocessCase> 
     serde_json::from_slice(&read_fixture(&path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// `(x / 255 − 0.5) / 0.5` per channel in f32, CHW, then rounded to bf16 as `infer` does.
+/// A PNG view normalised with bf16 rounding, as `infer` feeds it: `(1, 3, H, W)`.
 fn normalise_png(path: &Path) -> Array {
     let img = image::load_from_memory(&read_fixture(path)).unwrap_or_else(|e| panic!("{}: {e}", path.display())).to_rgb8();
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    let mut data = vec![0.0f32; 3 * h * w];
-    for (x, y, p) in img.enumerate_pixels() {
-        for c in 0..3 {
-            let v = (p.0[c] as f32 / 255.0 - 0.5) / 0.5;
-            data[(c * h + y as usize) * w + x as usize] = half::bf16::from_f32(v).to_f32();
-        }
-    }
-    Array::new(vec![1, 3, h, w], data)
+    let (values, shape) = dsocr::image::normalize(&[&img], true);
+    Array::new(shape.to_vec(), values)
 }
 
 /// Loads the recorded views of `image` in `mode` (from the PNG fixtures), normalised like the reference.

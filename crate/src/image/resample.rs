@@ -37,13 +37,15 @@ impl AxisWeights {
         let support = SUPPORT * filter_scale;
         let mut start = Vec::with_capacity(out_size);
         let mut weights = Vec::with_capacity(out_size);
+        // Pillow multiplies by the reciprocal; the last bit matters for the 8-bit rounding below.
+        let inv_filter_scale = 1.0 / filter_scale;
         for i in 0..out_size {
             let center = (i as f64 + 0.5) * scale;
             // C casts truncate toward zero; the window is clipped to the image.
             let lo = ((center - support + 0.5) as i64).max(0) as usize;
             let hi = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
             let mut w: Vec<f64> =
-                (lo..hi).map(|x| bicubic((x as f64 - center + 0.5) / filter_scale)).collect();
+                (lo..hi).map(|x| bicubic((x as f64 - center + 0.5) * inv_filter_scale)).collect();
             let total: f64 = w.iter().sum();
             if total != 0.0 {
                 w.iter_mut().for_each(|v| *v /= total);
@@ -53,6 +55,75 @@ impl AxisWeights {
         }
         Self { start, weights }
     }
+}
+
+/// Fixed-point fraction bits of Pillow's 8-bit resampling (`PRECISION_BITS = 32 − 8 − 2`).
+const PRECISION_BITS: u32 = 22;
+
+impl AxisWeights {
+    /// The weights as Pillow's 8-bit path uses them: rounded half away from zero to 22 fraction bits.
+    fn fixed_point(&self) -> Vec<Vec<i32>> {
+        let one = (1u32 << PRECISION_BITS) as f64;
+        self.weights
+            .iter()
+            .map(|ws| ws.iter().map(|&w| if w < 0.0 { (-0.5 + w * one) as i32 } else { (0.5 + w * one) as i32 }).collect())
+            .collect()
+    }
+}
+
+/// Pillow's `clip8`: round (the accumulator starts at one half) and clamp to 0..=255.
+fn clip8(acc: i32) -> u8 {
+    if acc >= (1 << PRECISION_BITS << 8) {
+        255
+    } else if acc <= 0 {
+        0
+    } else {
+        (acc >> PRECISION_BITS) as u8
+    }
+}
+
+/// `Image.resize((out_w, out_h), BICUBIC)` of an 8-bit RGB image (`data` row-major, 3 bytes per pixel),
+/// bit-exact with Pillow: horizontal pass, 8-bit intermediate, vertical pass; a same-size resize is a copy.
+pub fn resize_rgb8(data: &[u8], [w, h]: [usize; 2], [out_w, out_h]: [usize; 2]) -> Vec<u8> {
+    assert_eq!(data.len(), w * h * 3, "image size mismatch");
+    let mut current = std::borrow::Cow::Borrowed(data);
+    let mut width = w;
+    if out_w != w {
+        let axis = AxisWeights::bicubic(w, out_w);
+        let kk = axis.fixed_point();
+        let mut out = vec![0u8; out_w * h * 3];
+        for y in 0..h {
+            let row = &current[y * width * 3..][..width * 3];
+            for (x, (&x0, k)) in axis.start.iter().zip(&kk).enumerate() {
+                for c in 0..3 {
+                    let mut acc: i32 = 1 << (PRECISION_BITS - 1);
+                    for (i, &wt) in k.iter().enumerate() {
+                        acc += row[(x0 + i) * 3 + c] as i32 * wt;
+                    }
+                    out[(y * out_w + x) * 3 + c] = clip8(acc);
+                }
+            }
+        }
+        current = std::borrow::Cow::Owned(out);
+        width = out_w;
+    }
+    if out_h != h {
+        let axis = AxisWeights::bicubic(h, out_h);
+        let kk = axis.fixed_point();
+        let stride = width * 3;
+        let mut out = vec![0u8; out_h * stride];
+        for (y, (&y0, k)) in axis.start.iter().zip(&kk).enumerate() {
+            for i in 0..stride {
+                let mut acc: i32 = 1 << (PRECISION_BITS - 1);
+                for (j, &wt) in k.iter().enumerate() {
+                    acc += current[(y0 + j) * stride + i] as i32 * wt;
+                }
+                out[y * stride + i] = clip8(acc);
+            }
+        }
+        current = std::borrow::Cow::Owned(out);
+    }
+    current.into_owned()
 }
 
 /// Resizes a channels-last float grid `[h, w, c]` to `[out_h, out_w, c]` (anti-aliased bicubic, no
