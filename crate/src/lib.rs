@@ -12,6 +12,7 @@ pub mod error;
 pub mod generate;
 pub mod image;
 pub mod model;
+pub mod output;
 pub mod text;
 pub mod weights;
 
