@@ -4,6 +4,9 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum Error {
+    /// A file could not be read (native loading).
+    #[error("{0}")]
+    Io(String),
     /// `config.json` is not valid JSON or lacks/contradicts a required value.
     #[error("invalid config.json: {0}")]
     Config(String),

@@ -8,6 +8,7 @@
 //! threads and never blocks on GPU readback; file access lives at the edges (tests, CLI).
 
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod image;
@@ -17,4 +18,8 @@ pub mod text;
 pub mod weights;
 
 pub use config::{Config, Mode};
+pub use engine::{Engine, EngineOptions, TokenEvent};
+pub use generate::{GenerationOptions, RepeatGuard, Sampling};
+pub use output::OcrResult;
+pub use text::Task;
 pub use error::{Error, Result};

@@ -1,0 +1,265 @@
+//! `dsocr`: DeepSeek-OCR from the command line.
+//!
+//! Exit codes: 0 every input recognised; 1 some inputs failed (each reported, the batch went on);
+//! 2 bad arguments or the model could not be loaded.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use burn::tensor::Device;
+use clap::{Parser, Subcommand, ValueEnum};
+use dsocr::{Engine, EngineOptions, GenerationOptions, Mode, OcrResult, RepeatGuard, Task};
+
+#[derive(Parser)]
+#[command(name = "dsocr", version, about = "DeepSeek-OCR on burn: OCR of images, natively")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Recognise images (files or directories, searched recursively in name order).
+    Ocr(OcrArgs),
+}
+
+#[derive(clap::Args)]
+struct OcrArgs {
+    /// Image files (PNG, JPEG, WebP, GIF, BMP, TIFF) or directories.
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    /// Checkpoint directory in the hub layout (config.json, model-00001-of-000001.safetensors, tokenizer.json).
+    #[arg(long, default_value = "deepseek-ai/DeepSeek-OCR")]
+    model: String,
+    #[arg(long, value_enum, default_value_t = ModeArg::Gundam)]
+    mode: ModeArg,
+    /// markdown | free | ocr | figure | describe | locate=TEXT | prompt=RAW
+    #[arg(long, default_value = "markdown")]
+    task: String,
+    #[arg(long, default_value_t = 8192)]
+    max_new_tokens: usize,
+    /// vllm: the official windowed rule (n 30, window 90); hf: the hub code's no_repeat_ngram_size=20.
+    #[arg(long, value_enum, default_value_t = GuardArg::Vllm)]
+    repeat_guard: GuardArg,
+    #[arg(long, value_enum, default_value_t = FormatArg::Markdown)]
+    format: FormatArg,
+    /// Also write <name>.md and <name>.json for each input into this directory.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    /// Weight dtype on the device. Only f32 is implemented so far.
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    dtype: DtypeArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Tiny,
+    Small,
+    Base,
+    Large,
+    Gundam,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GuardArg {
+    Vllm,
+    Hf,
+    Off,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum FormatArg {
+    Text,
+    Markdown,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Wgpu,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+fn main() -> ExitCode {
+    let Command::Ocr(args) = Cli::parse().command;
+    match run(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(message) => {
+            eprintln!("dsocr: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn parse_task(task: &str) -> Result<Task, String> {
+    Ok(match task {
+        "markdown" => Task::Markdown,
+        "free" => Task::FreeOcr,
+        "ocr" => Task::Ocr,
+        "figure" => Task::ParseFigure,
+        "describe" => Task::Describe,
+        _ => match task.split_once('=') {
+            Some(("locate", text)) if !text.is_empty() => Task::Locate(text.into()),
+            Some(("prompt", raw)) if !raw.is_empty() => Task::Raw(raw.replace("\\n", "\n")),
+            _ => return Err(format!("unknown task {task:?} (markdown, free, ocr, figure, describe, locate=TEXT, prompt=RAW)")),
+        },
+    })
+}
+
+fn device(arg: DeviceArg) -> Result<Device, String> {
+    match arg {
+        DeviceArg::Cpu => Ok(Device::flex()),
+        #[cfg(feature = "wgpu")]
+        DeviceArg::Wgpu => Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
+        #[cfg(not(feature = "wgpu"))]
+        DeviceArg::Wgpu => Err("this dsocr was built without the `wgpu` feature".into()),
+    }
+}
+
+/// Files of the inputs: files as given, directories walked recursively in name order.
+fn collect_inputs(inputs: &[PathBuf]) -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            out.push(dir.to_path_buf()); // reported as unreadable later
+            return;
+        };
+        let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        for path in paths {
+            if path.is_dir() {
+                walk(&path, out);
+            } else if is_image(&path) {
+                out.push(path);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for input in inputs {
+        if input.is_dir() { walk(input, &mut out) } else { out.push(input.clone()) }
+    }
+    out
+}
+
+fn is_image(path: &Path) -> bool {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    matches!(ext.as_str(), "png" | "jpg" | "jpeg" | "webp" | "gif" | "bmp" | "tif" | "tiff")
+}
+
+fn run(args: &OcrArgs) -> Result<bool, String> {
+    let task = parse_task(&args.task)?;
+    if !matches!(args.dtype, DtypeArg::F32) {
+        return Err("only --dtype f32 is implemented so far".into());
+    }
+    let model_dir = Path::new(&args.model);
+    if !model_dir.is_dir() {
+        return Err(format!(
+            "{}: not a checkpoint directory. Downloading from the hub is not implemented yet: download \
+             deepseek-ai/DeepSeek-OCR (config.json, model-00001-of-000001.safetensors, tokenizer.json) and pass its folder",
+            args.model
+        ));
+    }
+    let mode = match args.mode {
+        ModeArg::Tiny => Mode::Tiny,
+        ModeArg::Small => Mode::Small,
+        ModeArg::Base => Mode::Base,
+        ModeArg::Large => Mode::Large,
+        ModeArg::Gundam => Mode::Gundam,
+    };
+    let generation = GenerationOptions {
+        max_new_tokens: args.max_new_tokens,
+        repeat_guard: match args.repeat_guard {
+            GuardArg::Vllm => RepeatGuard::vllm(),
+            GuardArg::Hf => RepeatGuard::hf(),
+            GuardArg::Off => RepeatGuard::Off,
+        },
+        ..GenerationOptions::default()
+    };
+    let device = device(args.device)?;
+    eprintln!("dsocr: loading {}", model_dir.display());
+    let engine = Engine::load_dir(model_dir, &device, EngineOptions::default()).map_err(|e| e.to_string())?;
+    if let Some(out) = &args.out {
+        std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    }
+
+    let files = collect_inputs(&args.inputs);
+    if files.is_empty() {
+        return Err("no image inputs found".into());
+    }
+    let stream = files.len() == 1 && args.format != FormatArg::Json;
+    let mut all_ok = true;
+    let mut json_results = Vec::new();
+    for (n, file) in files.iter().enumerate() {
+        if files.len() > 1 {
+            eprintln!("dsocr: [{}/{}] {}", n + 1, files.len(), file.display());
+        }
+        let outcome = std::fs::read(file)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                pollster::block_on(engine.recognize(&bytes, &task, mode, &generation, |event| {
+                    if stream {
+                        print!("{}", event.text);
+                        let _ = std::io::stdout().flush();
+                    }
+                    ControlFlow::Continue(())
+                }))
+                .map_err(|e| e.to_string())
+            });
+        match outcome {
+            Ok(result) => {
+                if stream {
+                    println!();
+                } else if args.format != FormatArg::Json {
+                    println!("{}", if args.format == FormatArg::Text { &result.text } else { &result.markdown });
+                }
+                if result.ended_without_eos {
+                    eprintln!("dsocr: {}: generation ended without EOS ({})", file.display(), result.finish_reason);
+                }
+                if let Some(out) = &args.out {
+                    write_outputs(out, file, &result)?;
+                }
+                json_results.push(json_entry(file, Some(&result), None));
+            }
+            Err(message) => {
+                all_ok = false;
+                eprintln!("dsocr: {}: {message}", file.display());
+                json_results.push(json_entry(file, None, Some(&message)));
+            }
+        }
+    }
+    if args.format == FormatArg::Json {
+        println!("{}", serde_json::json!({ "results": json_results }));
+    }
+    Ok(all_ok)
+}
+
+fn json_entry(file: &Path, result: Option<&OcrResult>, error: Option<&str>) -> serde_json::Value {
+    let mut entry = match result {
+        Some(r) => serde_json::to_value(r).unwrap_or_default(),
+        None => serde_json::json!({}),
+    };
+    entry["input"] = file.display().to_string().into();
+    entry["page"] = serde_json::Value::Null;
+    if let Some(error) = error {
+        entry["error"] = error.into();
+    }
+    entry
+}
+
+fn write_outputs(out: &Path, file: &Path, result: &OcrResult) -> Result<(), String> {
+    let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or("output");
+    let write = |name: String, body: String| std::fs::write(out.join(&name), body).map_err(|e| format!("{}: {e}", out.join(name).display()));
+    write(format!("{stem}.md"), result.markdown.clone())?;
+    write(format!("{stem}.json"), serde_json::to_string_pretty(result).unwrap_or_default())
+}

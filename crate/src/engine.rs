@@ -1,0 +1,196 @@
+//! The one place that orchestrates: checkpoint → model; image + task + mode → [`OcrResult`].
+//!
+//! image bytes → decode → preprocess (views) → prompt ids → encoder → decoder/generate → text → blocks.
+
+use std::ops::ControlFlow;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use image::RgbImage;
+use web_time::Instant;
+
+use crate::config::{Config, Mode};
+use crate::error::{Error, Result};
+use crate::generate::{FinishReason, GenerationOptions, generate};
+use crate::image::{DecodeLimits, PreprocessOptions, decode, make_views, normalize};
+use crate::model::layout::image_token_count;
+use crate::model::{Decoder, VisionEncoder};
+use crate::output::{OcrResult, Timings, clean_markdown, parse_grounding, strip_eos};
+use crate::text::prompt::IMAGE_TOKEN_ID;
+use crate::text::{Task, Tokenizer, prompt_ids};
+use crate::weights::{Checkpoint, Loader, expected_tensors};
+
+/// Settings that do not change per request.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct EngineOptions {
+    pub preprocess: PreprocessOptions,
+    pub decode_limits: DecodeLimits,
+}
+
+/// A loaded model, tokenizer and device.
+#[derive(Debug)]
+pub struct Engine {
+    config: Config,
+    encoder: VisionEncoder,
+    decoder: Decoder,
+    tokenizer: Tokenizer,
+    device: Device,
+    options: EngineOptions,
+}
+
+/// What `recognize` streams per generated token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenEvent {
+    pub id: u32,
+    /// Decoded text of this token (may be empty for a partial UTF-8 sequence).
+    pub text: String,
+    /// Tokens generated so far, this one included.
+    pub index: usize,
+}
+
+impl Engine {
+    /// Builds the engine from the checkpoint's files held in memory: `config.json`, the safetensors
+    /// file and `tokenizer.json` (works in the browser; natively see [`Engine::load_dir`]).
+    pub fn from_parts(config_json: &str, weights: &[u8], tokenizer_json: &[u8], device: &Device, options: EngineOptions) -> Result<Self> {
+        let config = Config::from_json(config_json)?;
+        let checkpoint = Checkpoint::parse(weights)?;
+        // Check every name and shape up front: a wrong file fails fast, naming the tensor.
+        checkpoint.check(&expected_tensors(&config))?;
+        let loader = Loader::new(&checkpoint, device);
+        let encoder = VisionEncoder::load(&config, &loader)?;
+        let decoder = Decoder::load(&config.decoder, &loader)?;
+        let tokenizer = Tokenizer::from_json(tokenizer_json)?;
+        Ok(Self { config, encoder, decoder, tokenizer, device: device.clone(), options })
+    }
+
+    /// Loads a checkpoint directory in the hub layout (`config.json`, `*.safetensors`, `tokenizer.json`).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn load_dir(dir: &std::path::Path, device: &Device, options: EngineOptions) -> Result<Self> {
+        let read = |name: &str| std::fs::read(dir.join(name)).map_err(|e| Error::Io(format!("{}: {e}", dir.join(name).display())));
+        let config = String::from_utf8(read("config.json")?).map_err(|e| Error::Config(e.to_string()))?;
+        let weights_path = find_weights(dir)?;
+        let file = std::fs::File::open(&weights_path).map_err(|e| Error::Io(format!("{}: {e}", weights_path.display())))?;
+        // SAFETY: the file is opened read-only and only read during loading; a concurrent truncation
+        // by another process is the one hazard, as with any memory map.
+        let weights = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::Io(format!("{}: {e}", weights_path.display())))?;
+        Self::from_parts(&config, &weights, &read("tokenizer.json")?, device, options)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Decodes image bytes and recognises them; see [`Engine::recognize_image`].
+    pub async fn recognize(
+        &self,
+        image_bytes: &[u8],
+        task: &Task,
+        mode: Mode,
+        generation: &GenerationOptions,
+        on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
+    ) -> Result<OcrResult> {
+        let started = Instant::now();
+        let image = decode(image_bytes, &self.options.decode_limits)?;
+        let decode_ms = ms(started);
+        let mut result = self.recognize_image(&image, task, mode, generation, on_token).await?;
+        result.timings_ms.preprocess += decode_ms;
+        result.timings_ms.total += decode_ms;
+        Ok(result)
+    }
+
+    /// Runs the whole pipeline on an RGB image (already EXIF-oriented).
+    pub async fn recognize_image(
+        &self,
+        image: &RgbImage,
+        task: &Task,
+        mode: Mode,
+        generation: &GenerationOptions,
+        mut on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
+    ) -> Result<OcrResult> {
+        let started = Instant::now();
+        let mut timings = Timings::default();
+
+        let views = make_views(image, mode, &self.options.preprocess)?;
+        let tile = if mode.crop_mode() { crate::image::preprocess::TILE_SIZE } else { 0 };
+        let global_side = views.global.width() as usize;
+        let placeholders = image_token_count(global_side, tile, views.grid);
+        let ids = prompt_ids(&self.tokenizer, &task.prompt(), &[placeholders])?;
+        let global = self.pixels(&[&views.global]);
+        let tiles = (!views.tiles.is_empty()).then(|| (self.pixels(&views.tiles.iter().collect::<Vec<_>>()), views.grid));
+        timings.preprocess = ms(started);
+
+        let t = Instant::now();
+        let image_embeds = self.encoder.embed_image(global, tiles);
+        let embeds = self.decoder.embed_prompt(&ids, IMAGE_TOKEN_ID, Some(image_embeds), &self.device)?;
+        timings.encode = ms(t);
+
+        let t = Instant::now();
+        let mut first_token_at = None;
+        let mut index = 0;
+        let tokenizer = &self.tokenizer;
+        let generated = generate(&self.decoder, embeds, &ids, generation, |id| {
+            first_token_at.get_or_insert_with(|| ms(t));
+            index += 1;
+            let text = tokenizer.decode(&[id]).unwrap_or_default();
+            on_token(&TokenEvent { id, text, index })
+        })
+        .await?;
+        let generation_ms = ms(t);
+        // Prefill ends when the first token is chosen (encoder work is queued lazily on GPU backends).
+        timings.prefill = first_token_at.unwrap_or(generation_ms);
+        timings.decode = generation_ms - timings.prefill;
+
+        let decoded = self.tokenizer.decode(&generated.tokens)?;
+        let text = strip_eos(&decoded).to_string();
+        let blocks = if task.grounded() { parse_grounding(&text, views.original_size) } else { Vec::new() };
+        let markdown = clean_markdown(&text);
+        timings.total = ms(started);
+        Ok(OcrResult {
+            text,
+            markdown,
+            blocks,
+            token_ids: generated.tokens.clone(),
+            image_token_count: placeholders,
+            prompt_token_count: ids.len(),
+            finish_reason: finish_name(generated.finish).into(),
+            ended_without_eos: generated.truncated(),
+            image_size: views.original_size,
+            tile_grid: views.grid,
+            timings_ms: timings,
+        })
+    }
+
+    fn pixels(&self, views: &[&RgbImage]) -> Tensor<4> {
+        let (values, shape) = normalize(views, self.options.preprocess.round_to_bf16);
+        Tensor::from_data(TensorData::new(values, shape), &self.device)
+    }
+}
+
+fn finish_name(finish: FinishReason) -> &'static str {
+    match finish {
+        FinishReason::Stop(_) => "stop",
+        FinishReason::MaxNewTokens => "max_new_tokens",
+        FinishReason::ContextLimit => "context_limit",
+        FinishReason::Cancelled => "cancelled",
+    }
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
+}
+
+/// The checkpoint's single safetensors file (`model-00001-of-000001.safetensors` on the hub,
+/// `model.safetensors` in re-saved copies).
+#[cfg(not(target_arch = "wasm32"))]
+fn find_weights(dir: &std::path::Path) -> Result<std::path::PathBuf> {
+    for name in ["model-00001-of-000001.safetensors", "model.safetensors"] {
+        let path = dir.join(name);
+        if path.is_file() {
+            return Ok(path);
+        }
+    }
+    Err(Error::Io(format!("{}: no model-00001-of-000001.safetensors or model.safetensors", dir.display())))
+}
