@@ -206,7 +206,7 @@ def vision_sizes(cfg: dict) -> dict:
 # Model construction with the official classes
 
 
-def build_model(modeling, deepencoder, cfg: dict, seed: int, dtype=torch.float32):
+def build_model(modeling, deepencoder, cfg: dict, seed: int | None, dtype=torch.float32):
     sizes = vision_sizes(cfg)
     nn = torch.nn
 
@@ -259,7 +259,8 @@ def build_model(modeling, deepencoder, cfg: dict, seed: int, dtype=torch.float32
         model.model.view_seperator = nn.Parameter(torch.empty(n))
     finally:
         torch.set_default_dtype(previous)
-    randomize(model, seed)
+    if seed is not None:
+        randomize(model, seed)
     return model.eval()
 
 
@@ -741,10 +742,78 @@ def write_full(modeling, deepencoder, out: pathlib.Path, seed: int) -> None:
     cfg = hub_config()
     model = build_model(modeling, deepencoder, cfg, seed, dtype=torch.bfloat16)
     write_checkpoint_files(cfg, out, link_tokenizer=False)
+    shutil.copy(HUB_DIR / "config.json", out / "config.json")  # the hub file byte for byte
     state = original_state_dict(model)
     save_file(state, str(out / "model-00001-of-000001.safetensors"), metadata={"format": "pt"})
     total = sum(t.numel() for t in state.values())
     print(f"wrote {out}: {len(state)} tensors, {total} parameters")
+
+
+@torch.no_grad()
+def full_reference(modeling, deepencoder, ckpt: pathlib.Path, tokens: int, bench: bool) -> None:
+    """Official-code outputs (f32) of the full-size checkpoint written by --full, for the ignored full-size
+    Rust tests, plus timings of the same forward passes for the benchmark (--bench)."""
+    import time
+
+    from safetensors import safe_open
+
+    cfg = hub_config()
+    # Built in bf16 and filled tensor by tensor, then widened: peak memory stays near the f32 model's.
+    model = build_model(modeling, deepencoder, cfg, seed=None, dtype=torch.bfloat16)
+    params = dict(model.named_parameters())
+    with safe_open(str(ckpt / "model-00001-of-000001.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+        assert names == set(params), (names ^ set(params))
+        for name in names:
+            params[name].data.copy_(f.get_tensor(name))
+    model = model.float()
+    tokenizer = load_tokenizer(ckpt)
+    images = make_images()
+    image_path = pathlib.Path(tempfile.mkdtemp()) / "page.png"
+    images["page"].save(image_path)
+    tensors, timings = {}, {"threads": torch.get_num_threads(), "dtype": "float32"}
+    for mode in [m for m in MODES if m[0] in ("tiny", "small", "base")]:
+        name = mode[0]
+        inputs = official_inputs(modeling, model, tokenizer, image_path, IMAGES[0][1], mode)
+        if name in ("tiny", "small"):
+            stages = run_stages(model, inputs)
+            for key in ("global.sam", "global.compressor", "global.clip", "global.projector", "image_embeds"):
+                tensors[f"{name}.{key}"] = stages[key].float().contiguous()
+            tensors[f"{name}.input_ids"] = inputs["input_ids"][0].to(torch.int64)
+            tensors[f"{name}.last_logits"] = stages["logits"][-1].float().contiguous()
+            greedy, _ = run_greedy_n(model, inputs, tokens)
+            tensors[f"{name}.greedy_tokens"] = torch.tensor(greedy, dtype=torch.int64)
+        if bench:
+            pixels = inputs["images_ori"].float()
+            m = model.model
+            def encode():
+                sam = m.sam_model(pixels)
+                clip = m.vision_model(pixels, sam)
+                return m.projector(torch.cat((clip[:, 1:], sam.flatten(2).permute(0, 2, 1)), dim=-1))
+            encode()  # warm-up
+            t = time.perf_counter(); encode(); timings[f"{name}.encode_s"] = time.perf_counter() - t
+            if name in ("tiny", "small"):
+                t = time.perf_counter()
+                greedy, _ = run_greedy_n(model, inputs, tokens)
+                total = time.perf_counter() - t
+                t = time.perf_counter(); run_greedy_n(model, inputs, 1); first = time.perf_counter() - t
+                timings[f"{name}.prefill_s"] = first  # encoder + prefill + first token
+                timings[f"{name}.decode_tokens_per_s"] = (len(greedy) - 1) / max(total - first, 1e-9)
+                timings[f"{name}.generated"] = len(greedy)
+        print(f"{name}: done {timings}", flush=True)
+    save_file(tensors, str(ckpt / "reference.safetensors"))
+    if bench:
+        (ckpt / "reference_timings.json").write_text(json.dumps(timings, indent=1) + "\n")
+
+
+@torch.no_grad()
+def run_greedy_n(model, inputs: dict, n: int):
+    global GREEDY_TOKENS
+    saved, GREEDY_TOKENS = GREEDY_TOKENS, n
+    try:
+        return run_greedy(model, inputs)
+    finally:
+        GREEDY_TOKENS = saved
 
 
 def main() -> int:
@@ -754,13 +823,19 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="regenerate and compare with the committed fixtures")
     parser.add_argument("--full", type=pathlib.Path, help="write a full-size random checkpoint to this folder")
     parser.add_argument("--seed", type=int, default=42, help="seed of the --full checkpoint")
+    parser.add_argument("--full-reference", type=pathlib.Path, help="record official outputs of a --full checkpoint")
+    parser.add_argument("--bench", action="store_true", help="with --full-reference: also time the official code")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (fixtures: 1, for reproducibility)")
     args = parser.parse_args()
 
-    torch.set_num_threads(1)  # bit-reproducible reductions
+    torch.set_num_threads(args.threads)  # 1 for the fixtures: bit-reproducible reductions
     torch.use_deterministic_algorithms(True)
     modeling, deepencoder = load_reference(args.ref_code)
     if args.full:
         write_full(modeling, deepencoder, args.full, args.seed)
+        return 0
+    if args.full_reference:
+        full_reference(modeling, deepencoder, args.full_reference, tokens=16, bench=args.bench)
         return 0
     if args.check:
         return check(modeling, deepencoder)
