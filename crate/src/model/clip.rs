@@ -12,6 +12,7 @@ use super::grid_cache::GridCache;
 use crate::config::ClipConfig;
 use crate::error::Result;
 use crate::image::resample::resize_bicubic_f32;
+use super::ops;
 use crate::weights::Loader;
 
 #[derive(Module, Debug)]
@@ -107,18 +108,18 @@ impl ClipPositions {
 impl ClipLayer {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let h = x.clone() + self.attention(self.layer_norm1.forward(x));
-        let y = self.fc1.forward(self.layer_norm2.forward(h.clone()));
-        h + self.fc2.forward(quick_gelu(y))
+        let y = ops::linear(&self.fc1, self.layer_norm2.forward(h.clone()));
+        h + ops::linear(&self.fc2, quick_gelu(y))
     }
 
     /// Full bidirectional attention; `qkv_proj` output is `[q | k | v]`, each head-major.
     fn attention(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, n, c] = x.dims();
         let hd = c / self.heads;
-        let qkv = self.qkv_proj.forward(x).reshape([b, n, 3, self.heads, hd]).permute([2, 0, 3, 1, 4]);
+        let qkv = ops::linear(&self.qkv_proj, x).reshape([b, n, 3, self.heads, hd]).permute([2, 0, 3, 1, 4]);
         let take = |i: usize| qkv.clone().slice([i..i + 1]).reshape([b, self.heads, n, hd]);
         let out = attention(take(0), take(1), take(2), None, None, AttentionModuleOptions::default());
-        self.out_proj.forward(out.swap_dims(1, 2).reshape([b, n, c]))
+        ops::linear(&self.out_proj, out.swap_dims(1, 2).reshape([b, n, c]))
     }
 }
 

@@ -11,6 +11,7 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use super::moe::{Mlp, Moe};
 use crate::config::DecoderConfig;
 use crate::error::{Error, Result};
+use super::ops;
 use crate::weights::Loader;
 
 /// Keys (after RoPE) and values of every layer for the tokens seen so far.
@@ -185,7 +186,7 @@ impl Decoder {
 
     /// Logits `(S, vocab)` of final hidden states (f32).
     pub fn logits(&self, hidden: Tensor<2>) -> Tensor<2> {
-        self.lm_head.forward(hidden)
+        ops::linear(&self.lm_head, hidden)
     }
 }
 
@@ -230,9 +231,9 @@ impl SelfAttention {
         let [b, s, _] = x.dims();
         let hd = self.head_dim;
         let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, hd]).swap_dims(1, 2);
-        let q = rotate(split(self.q_proj.forward(x.clone()), self.heads), cos, sin);
-        let k = rotate(split(self.k_proj.forward(x.clone()), self.kv_heads), cos, sin);
-        let v = split(self.v_proj.forward(x), self.kv_heads);
+        let q = rotate(split(ops::linear(&self.q_proj, x.clone()), self.heads), cos, sin);
+        let k = rotate(split(ops::linear(&self.k_proj, x.clone()), self.kv_heads), cos, sin);
+        let v = split(ops::linear(&self.v_proj, x), self.kv_heads);
         let (k, v) = match cache.take() {
             Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
             None => (k, v),
@@ -248,7 +249,7 @@ impl SelfAttention {
         };
         let options = AttentionModuleOptions { scale: None, softcap: None, is_causal };
         let out = attention(q, k, v, mask, None, options);
-        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, self.heads * hd]))
+        ops::linear(&self.o_proj, out.swap_dims(1, 2).reshape([b, s, self.heads * hd]))
     }
 }
 

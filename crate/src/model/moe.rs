@@ -9,6 +9,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use super::readback::{read_f32, read_i64};
 use crate::config::DecoderConfig;
 use crate::error::{Error, Result};
+use super::ops;
 use crate::weights::Loader;
 
 /// `down(silu(gate(x)) ⊙ up(x))`, no biases (`DeepseekV2MLP`).
@@ -29,7 +30,7 @@ impl Mlp {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        self.down_proj.forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+        ops::linear(&self.down_proj, silu(ops::linear(&self.gate_proj, x.clone())) * ops::linear(&self.up_proj, x))
     }
 }
 
@@ -72,7 +73,7 @@ impl Moe {
     /// scatter-added back.
     pub async fn forward(&self, x: Tensor<2>) -> Result<Tensor<2>> {
         let [tokens, _] = x.dims();
-        let scores = softmax(self.gate.forward(x.clone()), 1);
+        let scores = softmax(ops::linear(&self.gate, x.clone()), 1);
         let (weights, experts) = scores.topk_with_indices(self.top_k, 1);
         let weights = routing_weights(weights, self.top_k, self.norm_topk_prob, self.routed_scaling_factor);
         let weights = read_f32(weights).await?;

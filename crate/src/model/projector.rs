@@ -7,6 +7,7 @@ use burn::tensor::Tensor;
 
 use crate::config::ProjectorConfig;
 use crate::error::Result;
+use super::ops;
 use crate::weights::Loader;
 
 #[derive(Module, Debug)]
@@ -20,6 +21,6 @@ impl Projector {
     }
 
     pub fn forward(&self, fused: Tensor<3>) -> Tensor<3> {
-        self.layers.forward(fused)
+        ops::linear(&self.layers, fused)
     }
 }

@@ -13,6 +13,7 @@ use super::grid_cache::GridCache;
 use crate::config::SamConfig;
 use crate::error::Result;
 use crate::image::resample::{resize_bicubic_f32, resize_linear_rows_f32};
+use super::ops;
 use crate::weights::Loader;
 
 /// Largest attention score block (elements) materialised at once: global attention at 1280 px is
@@ -178,7 +179,7 @@ impl SamBlock {
             self.attn.forward(x)
         };
         let x = shortcut + x;
-        let y = self.lin2.forward(gelu(self.lin1.forward(self.norm2.forward(x.clone()))));
+        let y = ops::linear(&self.lin2, gelu(ops::linear(&self.lin1, self.norm2.forward(x.clone()))));
         x + y
     }
 }
@@ -216,7 +217,7 @@ impl SamAttention {
         let hd = c / heads;
         let n = h * w;
         // qkv channels are [q | k | v], each head-major.
-        let qkv = self.qkv.forward(x).reshape([b, n, 3, heads, hd]).permute([2, 0, 3, 1, 4]);
+        let qkv = ops::linear(&self.qkv, x).reshape([b, n, 3, heads, hd]).permute([2, 0, 3, 1, 4]);
         let take = |i: usize| qkv.clone().slice([i..i + 1]).reshape([b, heads, n, hd]);
         let (q, k, v) = (take(0), take(1), take(2));
 
@@ -256,7 +257,7 @@ impl SamAttention {
         }
         let out = if outputs.len() == 1 { outputs.pop().unwrap() } else { Tensor::cat(outputs, 2) };
         let out = out.reshape([b, heads, h, w, hd]).permute([0, 2, 3, 1, 4]).reshape([b, h, w, c]);
-        self.proj.forward(out)
+        ops::linear(&self.proj, out)
     }
 }
 
