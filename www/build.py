@@ -5,7 +5,8 @@ Steps: `cargo rustc --lib --crate-type cdylib` for wasm32-unknown-unknown with t
 profile; then wasm-bindgen (ES module + .d.ts into the configured out-dir) and binaryen's wasm-opt.
 
   python3 www/build.py              # all steps (needs wasm-bindgen-cli of the crate's wasm-bindgen version)
-  python3 www/build.py --cargo-only # only the wasm32 compile (what CI checks on every change)
+  python3 www/build.py --cargo-only # only the wasm32 compile
+  python3 www/build.py --skip-opt   # without wasm-opt (what CI uses for the browser tests)
 """
 
 import argparse
@@ -26,6 +27,7 @@ def run(cmd: list[str]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cargo-only", action="store_true", help="stop after the wasm32 compile")
+    parser.add_argument("--skip-opt", action="store_true", help="skip wasm-opt (faster; CI)")
     args = parser.parse_args()
     settings = tomllib.loads((ROOT / "wasm-pack.toml").read_text())
     build, bindgen, opt = settings["build"], settings["bindgen"], settings.get("wasm-opt", {})
@@ -50,7 +52,7 @@ def main() -> int:
     if not bindgen.get("typescript", True):
         cmd.append("--no-typescript")
     run(cmd + [str(wasm)])
-    level = opt.get("level", "")
+    level = "" if args.skip_opt else opt.get("level", "")
     if level:
         if shutil.which("wasm-opt") is None:
             sys.exit("wasm-opt not found: apt-get install binaryen (or set [wasm-opt] level = \"\")")

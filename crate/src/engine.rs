@@ -9,7 +9,9 @@ use image::RgbImage;
 use web_time::Instant;
 
 use crate::config::{Config, Mode};
-use crate::error::{Error, Result};
+#[cfg(not(target_arch = "wasm32"))]
+use crate::error::Error;
+use crate::error::Result;
 use crate::generate::{FinishReason, GenerationOptions, generate};
 use crate::image::{DecodeLimits, PreprocessOptions, decode, make_views, normalize};
 use crate::model::layout::image_token_count;

@@ -15,6 +15,8 @@ pub mod image;
 pub mod model;
 pub mod output;
 pub mod text;
+#[cfg(target_arch = "wasm32")]
+pub mod wasm;
 pub mod weights;
 
 pub use config::{Config, Mode};

@@ -1,0 +1,133 @@
+// dsocr compiled to wasm32, in headless Debian Chromium on WebGPU (SwiftShader), against the reference.
+// Needs: www/pkg (python3 www/build.py), /usr/bin/chromium, `npm ci` here. Run: npm test.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import http from 'node:http';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+const fixtures = path.join(root, 'tests', 'fixtures');
+const routes = {
+  '/pkg/': path.join(root, 'www', 'pkg'),
+  '/ckpt/': fixtures,
+  '/images/': path.join(fixtures, 'images'),
+};
+const types = { '.js': 'text/javascript', '.wasm': 'application/wasm', '.json': 'application/json', '.png': 'image/png', '.html': 'text/html' };
+const PAGE = `<!doctype html><meta charset="utf-8"><title>dsocr test</title>
+<script type="module">
+  import init, { Dsocr } from '/pkg/dsocr.js';
+  window.dsocr = init().then(() => ({ Dsocr }));
+</script>`;
+
+let server;
+let base;
+
+before(async () => {
+  server = http.createServer((req, res) => {
+    const url = new URL(req.url, 'http://127.0.0.1');
+    if (url.pathname === '/' || url.pathname === '/index.html') {
+      res.writeHead(200, { 'content-type': 'text/html' });
+      return res.end(PAGE);
+    }
+    const prefix = Object.keys(routes).find((p) => url.pathname.startsWith(p));
+    const file = prefix && path.join(routes[prefix], decodeURIComponent(url.pathname.slice(prefix.length)));
+    if (!file || !file.startsWith(routes[prefix]) || !fs.existsSync(file) || !fs.statSync(file).isFile()) {
+      res.writeHead(404);
+      return res.end();
+    }
+    const body = fs.readFileSync(file);
+    res.writeHead(200, { 'content-type': types[path.extname(file)] ?? 'application/octet-stream', 'content-length': body.length });
+    res.end(body);
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  base = `http://127.0.0.1:${server.address().port}`;
+});
+
+after(() => server?.close());
+
+async function browser(webgpu = true) {
+  const args = ['--headless', '--no-sandbox', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-quic'];
+  if (webgpu) args.push('--enable-unsafe-webgpu');
+  const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'dsocr-chromium-'));
+  const context = await chromium.launchPersistentContext(userDataDir, { executablePath: '/usr/bin/chromium', headless: true, args });
+  const page = await context.newPage();
+  page.on('console', (m) => process.env.DSOCR_BROWSER_LOG && console.log('[page]', m.text()));
+  await page.goto(`${base}/`);
+  return { context, page };
+}
+
+function reference(checkpoint, image, mode) {
+  const index = JSON.parse(fs.readFileSync(path.join(fixtures, checkpoint, 'cases', 'index.json')));
+  return index.cases.find((c) => c.image === image && c.mode === mode);
+}
+
+// Loads a tiny checkpoint, recognises an image, returns the result plus streamed tokens and progress.
+async function recognize(page, { checkpoint, image, mode, maxNewTokens, abortAfter }) {
+  return page.evaluate(async ({ checkpoint, image, mode, maxNewTokens, abortAfter }) => {
+    const { Dsocr } = await window.dsocr;
+    const progress = [];
+    const started = performance.now();
+    const engine = await Dsocr.load(`/ckpt/${checkpoint}`, { onProgress: (p) => progress.push(p) });
+    const loadMs = performance.now() - started;
+    const bytes = new Uint8Array(await (await fetch(`/images/${image}.png`)).arrayBuffer());
+    const streamed = [];
+    const controller = new AbortController();
+    const t = performance.now();
+    try {
+      const result = await engine.recognize(new Blob([bytes], { type: 'image/png' }), {
+        task: 'markdown', mode, maxNewTokens, repeatGuard: 'hf', signal: controller.signal,
+        onToken: (e) => { streamed.push(e.id); if (abortAfter && streamed.length >= abortAfter) controller.abort(); },
+      });
+      return { result, streamed, progress, loadMs, runMs: performance.now() - t };
+    } catch (e) {
+      return { error: { code: e.code, message: String(e.message) }, streamed, progress };
+    }
+  }, { checkpoint, image, mode, maxNewTokens, abortAfter });
+}
+
+for (const [mode, tokens] of [['tiny', 8], ['small', 4]]) {
+  test(`tiny-a ${mode}: the reference's greedy tokens on WebGPU, streamed, with progress to 100%`, { timeout: 15 * 60_000 }, async () => {
+    const { context, page } = await browser();
+    try {
+      const out = await recognize(page, { checkpoint: 'tiny-a', image: 'page', mode, maxNewTokens: tokens });
+      assert.equal(out.error, undefined, JSON.stringify(out.error));
+      const expected = reference('tiny-a', 'page', mode).greedy_tokens.slice(0, tokens);
+      assert.deepEqual(out.result.token_ids, expected);
+      assert.deepEqual(out.streamed, expected, 'onToken sees every token in order');
+      assert.equal(out.result.image_token_count, reference('tiny-a', 'page', mode).image_tokens);
+      for (const file of ['config.json', 'tokenizer.json', 'model.safetensors']) {
+        const last = out.progress.filter((p) => p.file === file).at(-1);
+        assert.ok(last, `progress for ${file}`);
+        assert.equal(last.loaded, last.total, `${file} reaches 100%`);
+      }
+      console.log(`# ${mode}: load ${out.loadMs.toFixed(0)} ms, recognize ${tokens} tokens ${out.runMs.toFixed(0)} ms`);
+    } finally {
+      await context.close();
+    }
+  });
+}
+
+test('abort through an AbortSignal rejects with code ABORTED', { timeout: 15 * 60_000 }, async () => {
+  const { context, page } = await browser();
+  try {
+    const out = await recognize(page, { checkpoint: 'tiny-a', image: 'note', mode: 'tiny', maxNewTokens: 16, abortAfter: 2 });
+    assert.equal(out.error?.code, 'ABORTED', JSON.stringify(out));
+    assert.equal(out.streamed.length, 2);
+  } finally {
+    await context.close();
+  }
+});
+
+test('without WebGPU, load fails with code NO_WEBGPU', { timeout: 5 * 60_000 }, async () => {
+  const { context, page } = await browser(false);
+  try {
+    const out = await recognize(page, { checkpoint: 'tiny-a', image: 'note', mode: 'tiny', maxNewTokens: 1 });
+    assert.equal(out.error?.code, 'NO_WEBGPU', JSON.stringify(out));
+  } finally {
+    await context.close();
+  }
+});
