@@ -6,7 +6,7 @@ use burn::nn::Linear;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Int, Tensor, TensorData};
 
-use super::readback::{read_f32, read_i64};
+use super::readback::read_i64;
 use crate::config::DecoderConfig;
 use crate::error::{Error, Result};
 use super::ops;
@@ -69,38 +69,48 @@ impl Moe {
     /// `x`: `(T, hidden)` normalised hidden states of T tokens.
     ///
     /// The routing decision is read back (asynchronously: this runs in the browser too) to group the
-    /// tokens per expert; each selected expert runs once on its tokens, and the weighted outputs are
-    /// scatter-added back.
+    /// tokens per expert; each selected expert runs once on its tokens only, and every token's k
+    /// outputs are gathered back and summed with their weights.
     pub async fn forward(&self, x: Tensor<2>) -> Result<Tensor<2>> {
         let [tokens, _] = x.dims();
         let scores = softmax(ops::linear(&self.gate, x.clone()), 1);
         let (weights, experts) = scores.topk_with_indices(self.top_k, 1);
         let weights = routing_weights(weights, self.top_k, self.norm_topk_prob, self.routed_scaling_factor);
-        let weights = read_f32(weights).await?;
+        // Only the expert choice comes back to the host; the weights stay on the device.
         let experts = read_i64(experts).await?;
 
-        // Group (token, weight) pairs by expert, in token order.
-        let mut routed: Vec<(Vec<i64>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); self.experts.len()];
-        for t in 0..tokens {
-            for slot in 0..self.top_k {
-                let e = experts[t * self.top_k + slot] as usize;
-                let group = routed.get_mut(e).ok_or_else(|| Error::Backend(format!("router chose expert {e}")))?;
-                group.0.push(t as i64);
-                group.1.push(weights[t * self.top_k + slot]);
-            }
+        // Group the (token, slot) pairs by expert, in token order; remember where each pair's output lands.
+        let k = self.top_k;
+        let mut routed: Vec<Vec<usize>> = vec![Vec::new(); self.experts.len()];
+        for (pair, &e) in experts.iter().enumerate() {
+            routed
+                .get_mut(e as usize)
+                .ok_or_else(|| Error::Backend(format!("router chose expert {e}")))?
+                .push(pair);
         }
         let device = x.device();
-        let mut out = Tensor::<2>::zeros(x.dims(), &device);
-        for (expert, (rows, w)) in self.experts.iter().zip(routed) {
-            if rows.is_empty() {
+        let mut outputs = Vec::new();
+        let mut row_of_pair = vec![0i64; tokens * k];
+        let mut next_row = 0;
+        for (expert, pairs) in self.experts.iter().zip(&routed) {
+            if pairs.is_empty() {
                 continue;
             }
-            let n = rows.len();
-            let index = Tensor::<1, Int>::from_data(TensorData::new(rows, [n]), &device);
-            let y = expert.forward(x.clone().select(0, index.clone()));
-            let y = y * Tensor::<2>::from_data(TensorData::new(w, [n, 1]), &device);
-            out = out.select_assign(0, index, y, burn::tensor::IndexingUpdateOp::Add);
+            let rows: Vec<i64> = pairs.iter().map(|&pair| (pair / k) as i64).collect();
+            let index = Tensor::<1, Int>::from_data(TensorData::new(rows, [pairs.len()]), &device);
+            outputs.push(expert.forward(x.clone().select(0, index)));
+            for &pair in pairs {
+                row_of_pair[pair] = next_row;
+                next_row += 1;
+            }
         }
+        // Gather each token's k outputs back (no scatter: no float atomics on WebGPU) and sum them
+        // weighted, in slot order like the reference.
+        let d = x.dims()[1];
+        let all = Tensor::cat(outputs, 0);
+        let gathered = all.select(0, Tensor::<1, Int>::from_data(TensorData::new(row_of_pair, [tokens * k]), &device));
+        let w = weights.reshape([tokens, k, 1]);
+        let mut out = (gathered.reshape([tokens, k, d]) * w).sum_dim(1).reshape([tokens, d]);
         if let Some(shared) = &self.shared_experts {
             out = out + shared.forward(x);
         }
