@@ -70,14 +70,14 @@ async function recognize(page, { checkpoint, image, mode, maxNewTokens, abortAft
   return page.evaluate(async ({ checkpoint, image, mode, maxNewTokens, abortAfter }) => {
     const { Dsocr } = await window.dsocr;
     const progress = [];
-    const started = performance.now();
-    const engine = await Dsocr.load(`/ckpt/${checkpoint}`, { onProgress: (p) => progress.push(p) });
-    const loadMs = performance.now() - started;
-    const bytes = new Uint8Array(await (await fetch(`/images/${image}.png`)).arrayBuffer());
     const streamed = [];
-    const controller = new AbortController();
-    const t = performance.now();
     try {
+      const started = performance.now();
+      const engine = await Dsocr.load(`/ckpt/${checkpoint}`, { onProgress: (p) => progress.push(p) });
+      const loadMs = performance.now() - started;
+      const bytes = new Uint8Array(await (await fetch(`/images/${image}.png`)).arrayBuffer());
+      const controller = new AbortController();
+      const t = performance.now();
       const result = await engine.recognize(new Blob([bytes], { type: 'image/png' }), {
         task: 'markdown', mode, maxNewTokens, repeatGuard: 'hf', signal: controller.signal,
         onToken: (e) => { streamed.push(e.id); if (abortAfter && streamed.length >= abortAfter) controller.abort(); },
