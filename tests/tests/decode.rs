@@ -62,6 +62,13 @@ fn a_decompression_bomb_is_refused_before_decoding() {
     png.extend_from_slice(&13u32.to_be_bytes());
     png.extend_from_slice(&ihdr);
     png.extend_from_slice(&crc32(&ihdr).to_be_bytes());
+    for (kind, data) in [(&b"IDAT"[..], &b"\x78\x9c\x03\x00\x00\x00\x00\x01"[..]), (b"IEND", b"")] {
+        let mut chunk = kind.to_vec();
+        chunk.extend_from_slice(data);
+        png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        png.extend_from_slice(&chunk);
+        png.extend_from_slice(&crc32(&chunk).to_be_bytes());
+    }
     match decode(&png, &DecodeLimits::default()) {
         Err(Error::ImageTooLarge { width: 100_000, height: 100_000, .. }) => {}
         other => panic!("expected ImageTooLarge, got {other:?}"),
