@@ -176,9 +176,10 @@ impl Decoder {
         }
         let device = x.device();
         let (cos, sin) = self.rope.cos_sin(start, s, &device);
+        let positions = Positions { cos, sin, start };
         let mut x = x.reshape([1, s, d]);
         for (layer, entry) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(x, &cos, &sin, start, entry).await?;
+            x = layer.forward(x, &positions, entry).await?;
         }
         cache.len = start + s;
         Ok(self.norm.forward(x).reshape([s, d]))
@@ -196,16 +197,16 @@ fn rms_norm(l: &Loader, name: &str, d: usize, eps: f64) -> Result<RmsNorm> {
     Ok(norm)
 }
 
+/// Where a forward chunk sits: its first position and the RoPE tables of its positions.
+struct Positions {
+    cos: Tensor<2>,
+    sin: Tensor<2>,
+    start: usize,
+}
+
 impl DecoderLayer {
-    async fn forward(
-        &self,
-        x: Tensor<3>,
-        cos: &Tensor<2>,
-        sin: &Tensor<2>,
-        start: usize,
-        cache: &mut Option<(Tensor<4>, Tensor<4>)>,
-    ) -> Result<Tensor<3>> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, start, cache);
+    async fn forward(&self, x: Tensor<3>, positions: &Positions, cache: &mut Option<(Tensor<4>, Tensor<4>)>) -> Result<Tensor<3>> {
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), positions, cache);
         let u = self.post_attention_layernorm.forward(h.clone());
         let y = match (&self.mlp, &self.moe) {
             (Some(mlp), _) => mlp.forward(u),
@@ -220,14 +221,9 @@ impl DecoderLayer {
 }
 
 impl SelfAttention {
-    fn forward(
-        &self,
-        x: Tensor<3>,
-        cos: &Tensor<2>,
-        sin: &Tensor<2>,
-        start: usize,
-        cache: &mut Option<(Tensor<4>, Tensor<4>)>,
-    ) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, positions: &Positions, cache: &mut Option<(Tensor<4>, Tensor<4>)>) -> Tensor<3> {
+        let Positions { cos, sin, start } = positions;
+        let start = *start;
         let [b, s, _] = x.dims();
         let hd = self.head_dim;
         let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, hd]).swap_dims(1, 2);
