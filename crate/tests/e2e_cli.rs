@@ -126,3 +126,21 @@ fn e2e_cli_usage_errors_exit_2() {
     let out = run(&["ocr", &image("note"), "--model", &model, "--task", "sing"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn e2e_cli_pdf_pages_are_rendered_and_numbered() {
+    let model = checkpoint_dir("tiny-a").display().to_string();
+    let pdf = fixtures_dir().join("images/doc.pdf").display().to_string();
+    let out = run(&["ocr", &pdf, "--model", &model, "--mode", "tiny", "--task", "free", "--max-new-tokens", "2", "--format", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc = json(&out);
+    let results = doc["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2, "one result per page");
+    for (i, (r, size)) in results.iter().zip([[1190, 1684], [300, 200]]).enumerate() {
+        assert_eq!(r["page"], i + 1);
+        assert!(r["input"].as_str().unwrap().ends_with("doc.pdf"));
+        // The pages were placed at 144 dpi, so rendering at 144 dpi gives the original pixel size.
+        assert_eq!(r["image_size"], serde_json::json!(size), "page {}", i + 1);
+        assert_eq!(r["token_ids"].as_array().unwrap().len(), 2);
+    }
+}

@@ -38,6 +38,7 @@ import pathlib
 import shutil
 import sys
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -609,6 +610,10 @@ def generate_fixtures(modeling, deepencoder, out: pathlib.Path, log) -> None:
     inputs_dir = out / "images"
     for name, image in images.items():
         save_png(np.asarray(image), inputs_dir / f"{name}.png")
+    # A two-page PDF (page, note) at 144 dpi for the CLI's PDF input; fixed dates keep it byte-stable.
+    stamp = time.gmtime(1767225600)
+    images["page"].save(inputs_dir / "doc.pdf", save_all=True, append_images=[images["note"]], resolution=144.0,
+                        creationDate=stamp, modDate=stamp, title="dsocr test document")
 
     preprocess_meta = {}
     for config_name, spec in CONFIGS.items():
@@ -753,7 +758,6 @@ def write_full(modeling, deepencoder, out: pathlib.Path, seed: int) -> None:
 def full_reference(modeling, deepencoder, ckpt: pathlib.Path, tokens: int, bench: bool) -> None:
     """Official-code outputs (f32) of the full-size checkpoint written by --full, for the ignored full-size
     Rust tests, plus timings of the same forward passes for the benchmark (--bench)."""
-    import time
 
     from safetensors import safe_open
 

@@ -27,7 +27,8 @@ enum Command {
 
 #[derive(clap::Args)]
 struct OcrArgs {
-    /// Image files (PNG, JPEG, WebP, GIF, BMP, TIFF) or directories.
+    /// Image files (PNG, JPEG, WebP, GIF, BMP, TIFF), PDFs (pages rendered at 144 dpi with poppler's
+    /// pdftoppm) or directories.
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
     /// Checkpoint directory in the hub layout (config.json, model-00001-of-000001.safetensors, tokenizer.json).
@@ -152,9 +153,64 @@ fn collect_inputs(inputs: &[PathBuf]) -> Vec<PathBuf> {
     out
 }
 
+fn extension(path: &Path) -> String {
+    path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase()
+}
+
 fn is_image(path: &Path) -> bool {
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-    matches!(ext.as_str(), "png" | "jpg" | "jpeg" | "webp" | "gif" | "bmp" | "tif" | "tiff")
+    matches!(extension(path).as_str(), "png" | "jpg" | "jpeg" | "webp" | "gif" | "bmp" | "tif" | "tiff" | "pdf")
+}
+
+/// One image to recognise: a file, or one page of a PDF.
+struct Page {
+    /// 1-based page number for PDFs.
+    number: Option<usize>,
+    bytes: Vec<u8>,
+}
+
+/// The pages of an input: an image file is one page; a PDF is rendered at 144 dpi (the official PDF
+/// runner's zoom 2.0) by poppler's `pdftoppm`.
+fn pages(file: &Path) -> Result<Vec<Page>, String> {
+    if extension(file) != "pdf" {
+        return Ok(vec![Page { number: None, bytes: std::fs::read(file).map_err(|e| e.to_string())? }]);
+    }
+    let dir = std::env::temp_dir().join(format!("dsocr-pdf-{}-{}", std::process::id(), unique()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let status = std::process::Command::new("pdftoppm")
+        .args(["-r", "144", "-png"])
+        .arg(file)
+        .arg(dir.join("page"))
+        .status()
+        .map_err(|e| format!("PDF input needs poppler's pdftoppm (Debian/Ubuntu: apt-get install poppler-utils): {e}"))?;
+    let result = if status.success() {
+        // pdftoppm names pages page-1.png … or page-01.png …: order by the number.
+        let mut rendered: Vec<(usize, PathBuf)> = std::fs::read_dir(&dir)
+            .map_err(|e| e.to_string())?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter_map(|p| {
+                let n = p.file_stem()?.to_str()?.strip_prefix("page-")?.parse().ok()?;
+                Some((n, p))
+            })
+            .collect();
+        rendered.sort();
+        rendered
+            .into_iter()
+            .map(|(n, p)| Ok(Page { number: Some(n), bytes: std::fs::read(&p).map_err(|e| e.to_string())? }))
+            .collect::<Result<Vec<_>, String>>()
+    } else {
+        Err(format!("pdftoppm could not render the PDF ({status})"))
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    match result {
+        Ok(pages) if pages.is_empty() => Err("the PDF has no pages".into()),
+        other => other,
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 fn run(args: &OcrArgs) -> Result<bool, String> {
@@ -197,44 +253,55 @@ fn run(args: &OcrArgs) -> Result<bool, String> {
     if files.is_empty() {
         return Err("no image inputs found".into());
     }
-    let stream = files.len() == 1 && args.format != FormatArg::Json;
+    let stream = files.len() == 1 && extension(&files[0]) != "pdf" && args.format != FormatArg::Json;
     let mut all_ok = true;
     let mut json_results = Vec::new();
     for (n, file) in files.iter().enumerate() {
         if files.len() > 1 {
             eprintln!("dsocr: [{}/{}] {}", n + 1, files.len(), file.display());
         }
-        let outcome = std::fs::read(file)
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| {
-                pollster::block_on(engine.recognize(&bytes, &task, mode, &generation, |event| {
-                    if stream {
-                        print!("{}", event.text);
-                        let _ = std::io::stdout().flush();
-                    }
-                    ControlFlow::Continue(())
-                }))
-                .map_err(|e| e.to_string())
-            });
-        match outcome {
-            Ok(result) => {
-                if stream {
-                    println!();
-                } else if args.format != FormatArg::Json {
-                    println!("{}", if args.format == FormatArg::Text { &result.text } else { &result.markdown });
-                }
-                if result.ended_without_eos {
-                    eprintln!("dsocr: {}: generation ended without EOS ({})", file.display(), result.finish_reason);
-                }
-                if let Some(out) = &args.out {
-                    write_outputs(out, file, &result)?;
-                }
-                json_results.push(json_entry(file, Some(&result), None));
-            }
+        let pages = match pages(file) {
+            Ok(pages) => pages,
             Err(message) => {
                 all_ok = false;
                 eprintln!("dsocr: {}: {message}", file.display());
-                json_results.push(json_entry(file, None, Some(&message)));
+                json_results.push(json_entry(file, None, None, Some(&message)));
+                continue;
+            }
+        };
+        for page in pages {
+            let label = match page.number {
+                Some(p) => format!("{} page {p}", file.display()),
+                None => file.display().to_string(),
+            };
+            let outcome = pollster::block_on(engine.recognize(&page.bytes, &task, mode, &generation, |event| {
+                if stream {
+                    print!("{}", event.text);
+                    let _ = std::io::stdout().flush();
+                }
+                ControlFlow::Continue(())
+            }))
+            .map_err(|e| e.to_string());
+            match outcome {
+                Ok(result) => {
+                    if stream {
+                        println!();
+                    } else if args.format != FormatArg::Json {
+                        println!("{}", if args.format == FormatArg::Text { &result.text } else { &result.markdown });
+                    }
+                    if result.ended_without_eos {
+                        eprintln!("dsocr: {label}: generation ended without EOS ({})", result.finish_reason);
+                    }
+                    if let Some(out) = &args.out {
+                        write_outputs(out, file, page.number, &result)?;
+                    }
+                    json_results.push(json_entry(file, page.number, Some(&result), None));
+                }
+                Err(message) => {
+                    all_ok = false;
+                    eprintln!("dsocr: {label}: {message}");
+                    json_results.push(json_entry(file, page.number, None, Some(&message)));
+                }
             }
         }
     }
@@ -244,21 +311,25 @@ fn run(args: &OcrArgs) -> Result<bool, String> {
     Ok(all_ok)
 }
 
-fn json_entry(file: &Path, result: Option<&OcrResult>, error: Option<&str>) -> serde_json::Value {
+fn json_entry(file: &Path, page: Option<usize>, result: Option<&OcrResult>, error: Option<&str>) -> serde_json::Value {
     let mut entry = match result {
         Some(r) => serde_json::to_value(r).unwrap_or_default(),
         None => serde_json::json!({}),
     };
     entry["input"] = file.display().to_string().into();
-    entry["page"] = serde_json::Value::Null;
+    entry["page"] = page.map_or(serde_json::Value::Null, serde_json::Value::from);
     if let Some(error) = error {
         entry["error"] = error.into();
     }
     entry
 }
 
-fn write_outputs(out: &Path, file: &Path, result: &OcrResult) -> Result<(), String> {
-    let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or("output");
+fn write_outputs(out: &Path, file: &Path, page: Option<usize>, result: &OcrResult) -> Result<(), String> {
+    let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or("output");
+    let stem = match page {
+        Some(p) => format!("{name}-page{p}"),
+        None => name.to_string(),
+    };
     let write = |name: String, body: String| std::fs::write(out.join(&name), body).map_err(|e| format!("{}: {e}", out.join(name).display()));
     write(format!("{stem}.md"), result.markdown.clone())?;
     write(format!("{stem}.json"), serde_json::to_string_pretty(result).unwrap_or_default())
