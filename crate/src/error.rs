@@ -4,6 +4,9 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum Error {
+    /// Downloading the checkpoint failed (network, HTTP status, corrupted data).
+    #[error("download failed: {0}")]
+    Download(String),
     /// A file could not be read (native loading).
     #[error("{0}")]
     Io(String),

@@ -32,7 +32,7 @@ fn code_of(e: &Error) -> &'static str {
         Error::InvalidArgument(_) => "BAD_ARGUMENT",
         Error::Tokenizer(_) => "BAD_TOKENIZER",
         Error::ContextOverflow { .. } | Error::ImageTokenMismatch { .. } | Error::TokenOutOfRange { .. } => "BAD_INPUT",
-        Error::Io(_) => "NETWORK",
+        Error::Io(_) | Error::Download(_) => "NETWORK",
         Error::Backend(_) => "BACKEND",
     }
 }

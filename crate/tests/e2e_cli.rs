@@ -144,3 +144,120 @@ fn e2e_cli_pdf_pages_are_rendered_and_numbered() {
         assert_eq!(r["token_ids"].as_array().unwrap().len(), 2);
     }
 }
+
+/// A hub mirror on 127.0.0.1: `/{org}/{name}/resolve/main/{file}` serves tiny-a's files (its
+/// `model.safetensors` under the original upload's name), honours `Range`, and announces the
+/// safetensors sha256 in `X-Linked-ETag` like the hub. Repo `test/drop` cuts the first transfer of the
+/// weights short; `test/corrupt` serves one flipped byte.
+struct HubMirror {
+    port: u16,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl HubMirror {
+    fn start() -> Self {
+        use std::io::{BufRead, BufReader, Write};
+        use sha2::Digest;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let shared = log.clone();
+        std::thread::spawn(move || {
+            let mut dropped = false;
+            for stream in listener.incoming().take(64) {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request = String::new();
+                reader.read_line(&mut request).unwrap();
+                let mut range_start = 0usize;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                        range_start = v.trim().trim_end_matches('-').parse().unwrap();
+                    }
+                }
+                let path = request.split_whitespace().nth(1).unwrap_or("/").to_string();
+                shared.lock().unwrap().push(format!("{path} from {range_start}"));
+                let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+                let (repo, file) = (format!("{}/{}", parts[0], parts.get(1).unwrap_or(&"")), parts.last().unwrap().to_string());
+                let local = match file.as_str() {
+                    "model-00001-of-000001.safetensors" => "model.safetensors",
+                    "config.json" | "tokenizer.json" => file.as_str(),
+                    _ => "",
+                };
+                let Ok(mut body) = std::fs::read(checkpoint_dir("tiny-a").join(local)).map_err(|_| ()).and_then(|b| if local.is_empty() { Err(()) } else { Ok(b) }) else {
+                    let _ = stream.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                    continue;
+                };
+                let sha: String = sha2::Sha256::digest(&body).iter().map(|b| format!("{b:02x}")).collect();
+                let weights = local == "model.safetensors";
+                if weights && repo == "test/corrupt" {
+                    let n = body.len() / 2;
+                    body[n] ^= 0xff;
+                }
+                let total = body.len();
+                let status = if range_start > 0 { "206 Partial Content" } else { "200 OK" };
+                let mut head = format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n", total - range_start);
+                if weights {
+                    head += &format!("x-linked-etag: \"{sha}\"\r\n");
+                }
+                if range_start > 0 {
+                    head += &format!("content-range: bytes {range_start}-{}/{total}\r\n", total - 1);
+                }
+                head += "\r\n";
+                let _ = stream.write_all(head.as_bytes());
+                let mut rest = &body[range_start..];
+                if weights && repo == "test/drop" && !dropped {
+                    dropped = true;
+                    rest = &rest[..rest.len() / 3]; // the connection drops a third of the way in
+                }
+                let _ = stream.write_all(rest);
+            }
+        });
+        HubMirror { port, log }
+    }
+
+    fn run(&self, home: &Path, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_dsocr"))
+            .args(args)
+            .env("HF_ENDPOINT", format!("http://127.0.0.1:{}", self.port))
+            .env("HF_HOME", home)
+            .output()
+            .unwrap()
+    }
+}
+
+#[test]
+fn e2e_cli_downloads_a_repo_from_a_hub_mirror_and_resumes_a_dropped_transfer() {
+    let hub = HubMirror::start();
+    let home = std::env::temp_dir().join(format!("dsocr-hf-home-{}", std::process::id()));
+    let args = ["ocr", &image("note"), "--model", "test/drop", "--mode", "tiny", "--task", "free", "--max-new-tokens", "3", "--format", "json"];
+    let out = hub.run(&home, &args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let expected: Vec<Value> = cases("tiny-a").iter().find(|c| c["image"] == "note" && c["mode"] == "tiny").unwrap()["greedy_tokens"].as_array().unwrap()[..3].to_vec();
+    assert_eq!(json(&out)["results"][0]["token_ids"].as_array().unwrap(), &expected);
+    let log = hub.log.lock().unwrap().clone();
+    assert!(log.iter().any(|l| l.contains("model-00001-of-000001.safetensors from ") && !l.ends_with("from 0")), "a Range request resumed the transfer: {log:?}");
+    let snapshot = home.join("hub/models--test--drop/snapshots/main");
+    assert!(snapshot.join("model-00001-of-000001.safetensors").is_file());
+    // A second run finds everything in the cache and asks the server for nothing.
+    let before = hub.log.lock().unwrap().len();
+    assert!(hub.run(&home, &args).status.success());
+    assert_eq!(hub.log.lock().unwrap().len(), before);
+    std::fs::remove_dir_all(&home).unwrap();
+}
+
+#[test]
+fn e2e_cli_detects_a_corrupted_download() {
+    let hub = HubMirror::start();
+    let home = std::env::temp_dir().join(format!("dsocr-hf-corrupt-{}", std::process::id()));
+    let out = hub.run(&home, &["ocr", &image("note"), "--model", "test/corrupt", "--mode", "tiny", "--max-new-tokens", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("corrupted download"), "{stderr}");
+    assert!(!home.join("hub/models--test--corrupt/snapshots/main/model-00001-of-000001.safetensors").exists());
+    std::fs::remove_dir_all(&home).unwrap();
+}

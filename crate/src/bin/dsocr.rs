@@ -31,7 +31,9 @@ struct OcrArgs {
     /// pdftoppm) or directories.
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
-    /// Checkpoint directory in the hub layout (config.json, model-00001-of-000001.safetensors, tokenizer.json).
+    /// Checkpoint: a directory in the hub layout (config.json, model-00001-of-000001.safetensors,
+    /// tokenizer.json), a hub repo id (downloaded to the hub cache; HF_ENDPOINT, HF_HOME, HF_TOKEN honoured)
+    /// or an http(s) base URL holding those files.
     #[arg(long, default_value = "deepseek-ai/DeepSeek-OCR")]
     model: String,
     #[arg(long, value_enum, default_value_t = ModeArg::Gundam)]
@@ -218,14 +220,8 @@ fn run(args: &OcrArgs) -> Result<bool, String> {
     if !matches!(args.dtype, DtypeArg::F32) {
         return Err("only --dtype f32 is implemented so far".into());
     }
-    let model_dir = Path::new(&args.model);
-    if !model_dir.is_dir() {
-        return Err(format!(
-            "{}: not a checkpoint directory. Downloading from the hub is not implemented yet: download \
-             deepseek-ai/DeepSeek-OCR (config.json, model-00001-of-000001.safetensors, tokenizer.json) and pass its folder",
-            args.model
-        ));
-    }
+    let model_dir = resolve_model(&args.model)?;
+    let model_dir = model_dir.as_path();
     let mode = match args.mode {
         ModeArg::Tiny => Mode::Tiny,
         ModeArg::Small => Mode::Small,
@@ -309,6 +305,36 @@ fn run(args: &OcrArgs) -> Result<bool, String> {
         println!("{}", serde_json::json!({ "results": json_results }));
     }
     Ok(all_ok)
+}
+
+/// A local checkpoint folder as is; a hub repo id (`org/name`) or an http(s) base URL is downloaded
+/// into the hub cache first (resumable, with progress on stderr).
+fn resolve_model(model: &str) -> Result<PathBuf, String> {
+    let path = Path::new(model);
+    if path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let mut last_percent = u64::MAX;
+    let mut progress = |file: &str, loaded: u64, total: Option<u64>| {
+        if let Some(total) = total.filter(|&t| t > 0) {
+            let percent = loaded * 100 / total;
+            if percent != last_percent {
+                last_percent = percent;
+                eprint!("\rdsocr: downloading {file}: {percent:>3}% of {:.1} MB", total as f64 / 1e6);
+                if loaded >= total {
+                    eprintln!();
+                }
+            }
+        }
+    };
+    let result = if model.starts_with("http://") || model.starts_with("https://") {
+        dsocr::hub::fetch_from_url(model, &mut progress)
+    } else if dsocr::hub::is_repo_id(model) {
+        dsocr::hub::fetch_checkpoint(model, &mut progress)
+    } else {
+        return Err(format!("{model}: not a checkpoint directory, hub repo id (org/name) or http(s) URL"));
+    };
+    result.map_err(|e| e.to_string())
 }
 
 fn json_entry(file: &Path, page: Option<usize>, result: Option<&OcrResult>, error: Option<&str>) -> serde_json::Value {
