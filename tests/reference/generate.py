@@ -811,6 +811,44 @@ def full_reference(modeling, deepencoder, ckpt: pathlib.Path, tokens: int, bench
 
 
 @torch.no_grad()
+def bench_e2e(modeling, deepencoder, ckpt: pathlib.Path, tokens: int) -> None:
+    """Whole-page wall time of the official code on CPU (f32): `infer`'s preprocessing and prompt, the
+    vision encoder, prefill and `tokens` greedy tokens (EOS ignored), per mode; and the process's peak RSS.
+    Compare with `/usr/bin/time -v dsocr ocr tests/fixtures/images/page.png --model DIR --mode M
+    --max-new-tokens N --repeat-guard hf` (see the issue notes)."""
+    import resource
+
+    from safetensors import safe_open
+
+    t = time.perf_counter()
+    model = build_model(modeling, deepencoder, hub_config(), seed=None, dtype=torch.bfloat16)
+    params = dict(model.named_parameters())
+    with safe_open(str(ckpt / "model-00001-of-000001.safetensors"), framework="pt") as f:
+        for name in f.keys():
+            params[name].data.copy_(f.get_tensor(name))
+    model = model.float()
+    print(f"load: {time.perf_counter() - t:.1f} s", flush=True)
+    tokenizer = load_tokenizer(ckpt)
+    image_path = pathlib.Path(tempfile.mkdtemp()) / "page.png"
+    make_images()["page"].save(image_path)
+    for mode in [m for m in MODES if m[0] in ("tiny", "small")]:
+        t = time.perf_counter()
+        inputs = official_inputs(modeling, model, tokenizer, image_path, IMAGES[0][1], mode)
+        with contextlib_redirect():
+            out = model.generate(
+                inputs["input_ids"],
+                images=[(inputs["images_crop"].float(), inputs["images_ori"].float())],
+                images_seq_mask=inputs["images_seq_mask"],
+                images_spatial_crop=inputs["images_spatial_crop"],
+                do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=2,
+                min_new_tokens=tokens, max_new_tokens=tokens, no_repeat_ngram_size=20, use_cache=True,
+            )
+        generated = out.shape[1] - inputs["input_ids"].shape[1]
+        print(f"{mode[0]}: {time.perf_counter() - t:.2f} s for {generated} tokens", flush=True)
+    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB", flush=True)
+
+
+@torch.no_grad()
 def run_greedy_n(model, inputs: dict, n: int):
     global GREEDY_TOKENS
     saved, GREEDY_TOKENS = GREEDY_TOKENS, n
@@ -829,6 +867,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=42, help="seed of the --full checkpoint")
     parser.add_argument("--full-reference", type=pathlib.Path, help="record official outputs of a --full checkpoint")
     parser.add_argument("--bench", action="store_true", help="with --full-reference: also time the official code")
+    parser.add_argument("--bench-e2e", type=pathlib.Path, help="time whole pages with the official code on a --full checkpoint")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per page for --bench-e2e")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (fixtures: 1, for reproducibility)")
     args = parser.parse_args()
 
@@ -837,6 +877,9 @@ def main() -> int:
     modeling, deepencoder = load_reference(args.ref_code)
     if args.full:
         write_full(modeling, deepencoder, args.full, args.seed)
+        return 0
+    if args.bench_e2e:
+        bench_e2e(modeling, deepencoder, args.bench_e2e, args.tokens)
         return 0
     if args.full_reference:
         full_reference(modeling, deepencoder, args.full_reference, tokens=16, bench=args.bench)
