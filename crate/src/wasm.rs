@@ -90,6 +90,23 @@ async fn download(url: &str, file: &str, on_progress: Option<&Function>) -> Resu
     Ok(bytes)
 }
 
+fn adapter_report(setup: &burn::tensor::wgpu::WgpuSetup) -> String {
+    let granted = setup.device.limits();
+    let adapter = setup.adapter.limits();
+    let info = setup.adapter.get_info();
+    serde_json::json!({
+        "name": info.name,
+        "backend": format!("{:?}", setup.backend),
+        "maxStorageBufferBindingSize": granted.max_storage_buffer_binding_size,
+        "maxBufferSize": granted.max_buffer_size,
+        "maxComputeWorkgroupStorageSize": granted.max_compute_workgroup_storage_size,
+        "adapterMaxStorageBufferBindingSize": adapter.max_storage_buffer_binding_size,
+        "adapterMaxBufferSize": adapter.max_buffer_size,
+        "shaderF16": setup.device.features().contains(burn::tensor::wgpu::wgpu::Features::SHADER_F16),
+    })
+    .to_string()
+}
+
 fn has_webgpu() -> bool {
     let navigator = Reflect::get(&js_sys::global(), &"navigator".into()).unwrap_or(JsValue::UNDEFINED);
     get(&navigator, "gpu").is_some()
@@ -98,6 +115,8 @@ fn has_webgpu() -> bool {
 #[wasm_bindgen]
 pub struct Dsocr {
     engine: Engine,
+    /// What the WebGPU device was granted (burn asks for the adapter's maxima).
+    adapter: String,
 }
 
 #[wasm_bindgen]
@@ -109,10 +128,11 @@ impl Dsocr {
         if !has_webgpu() {
             return Err(js_error("NO_WEBGPU", "WebGPU is not available in this browser (navigator.gpu is missing)"));
         }
-        let device = burn::tensor::Device::wgpu_options()
-            .init_async()
+        let (device, setup) = burn::tensor::Device::wgpu_options()
+            .init_with_setup_async()
             .await
             .map_err(|e| js_error("NO_WEBGPU", format!("no usable WebGPU adapter: {e:?}")))?;
+        let adapter = adapter_report(&setup);
         let on_progress = get(&options, "onProgress").and_then(|f| f.dyn_into::<Function>().ok());
         let base = base_url.trim_end_matches('/');
         let text = |bytes: Vec<u8>| String::from_utf8(bytes).map_err(|e| js_error("BAD_CHECKPOINT", e));
@@ -127,7 +147,14 @@ impl Dsocr {
         }
         let weights = weights.ok_or_else(|| js_error("NETWORK", format!("{base}: no model-00001-of-000001.safetensors or model.safetensors")))?;
         let engine = Engine::from_parts(&config, &weights, &tokenizer, &device, EngineOptions::default()).map_err(from_error)?;
-        Ok(Dsocr { engine })
+        Ok(Dsocr { engine, adapter })
+    }
+
+    /// The adapter and the limits the device was granted, as JSON: `{ name, backend,
+    /// maxStorageBufferBindingSize, maxBufferSize, maxComputeWorkgroupStorageSize, adapterMax…, shaderF16 }`.
+    #[wasm_bindgen(js_name = adapterInfo)]
+    pub fn adapter_info(&self) -> Result<JsValue, JsValue> {
+        js_sys::JSON::parse(&self.adapter)
     }
 
     /// Recognises `input` (Uint8Array / ArrayBuffer of an encoded image, Blob/File, or ImageData).

@@ -75,6 +75,7 @@ async function recognize(page, { checkpoint, image, mode, maxNewTokens, abortAft
       const started = performance.now();
       const engine = await Dsocr.load(`/ckpt/${checkpoint}`, { onProgress: (p) => progress.push(p) });
       const loadMs = performance.now() - started;
+      const adapter = engine.adapterInfo();
       const bytes = new Uint8Array(await (await fetch(`/images/${image}.png`)).arrayBuffer());
       const controller = new AbortController();
       const t = performance.now();
@@ -82,7 +83,7 @@ async function recognize(page, { checkpoint, image, mode, maxNewTokens, abortAft
         task: 'markdown', mode, maxNewTokens, repeatGuard: 'hf', signal: controller.signal,
         onToken: (e) => { streamed.push(e.id); if (abortAfter && streamed.length >= abortAfter) controller.abort(); },
       });
-      return { result, streamed, progress, loadMs, runMs: performance.now() - t };
+      return { result, streamed, progress, loadMs, adapter, runMs: performance.now() - t };
     } catch (e) {
       return { error: { code: e.code, message: String(e.message) }, streamed, progress };
     }
@@ -105,6 +106,10 @@ for (const [mode, tokens] of [['tiny', 8], ['small', 4]]) {
         assert.equal(last.loaded, last.total, `${file} reaches 100%`);
       }
       console.log(`# ${mode}: load ${out.loadMs.toFixed(0)} ms, recognize ${tokens} tokens ${out.runMs.toFixed(0)} ms`);
+      console.log(`# adapter: ${JSON.stringify(out.adapter)}`);
+      // burn requests the adapter's maxima, not WebGPU's defaults.
+      assert.equal(out.adapter.maxStorageBufferBindingSize, out.adapter.adapterMaxStorageBufferBindingSize);
+      assert.equal(out.adapter.maxBufferSize, out.adapter.adapterMaxBufferSize);
     } finally {
       await context.close();
     }

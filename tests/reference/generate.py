@@ -755,22 +755,26 @@ def write_full(modeling, deepencoder, out: pathlib.Path, seed: int) -> None:
 
 
 @torch.no_grad()
-def full_reference(modeling, deepencoder, ckpt: pathlib.Path, tokens: int, bench: bool) -> None:
-    """Official-code outputs (f32) of the full-size checkpoint written by --full, for the ignored full-size
-    Rust tests, plus timings of the same forward passes for the benchmark (--bench)."""
-
+def load_full_model(modeling, deepencoder, ckpt: pathlib.Path):
+    """The official model holding a --full checkpoint's weights, in float32. Built in bf16 and filled
+    tensor by tensor, then widened: peak memory stays near the f32 model's."""
     from safetensors import safe_open
 
-    cfg = hub_config()
-    # Built in bf16 and filled tensor by tensor, then widened: peak memory stays near the f32 model's.
-    model = build_model(modeling, deepencoder, cfg, seed=None, dtype=torch.bfloat16)
+    model = build_model(modeling, deepencoder, hub_config(), seed=None, dtype=torch.bfloat16)
     params = dict(model.named_parameters())
     with safe_open(str(ckpt / "model-00001-of-000001.safetensors"), framework="pt") as f:
         names = set(f.keys())
         assert names == set(params), (names ^ set(params))
         for name in names:
             params[name].data.copy_(f.get_tensor(name))
-    model = model.float()
+    return model.float()
+
+
+@torch.no_grad()
+def full_reference(modeling, deepencoder, ckpt: pathlib.Path, tokens: int, bench: bool) -> None:
+    """Official-code outputs (f32) of the full-size checkpoint written by --full, for the ignored full-size
+    Rust tests, plus timings of the same forward passes for the benchmark (--bench)."""
+    model = load_full_model(modeling, deepencoder, ckpt)
     tokenizer = load_tokenizer(ckpt)
     images = make_images()
     image_path = pathlib.Path(tempfile.mkdtemp()) / "page.png"
@@ -818,15 +822,8 @@ def bench_e2e(modeling, deepencoder, ckpt: pathlib.Path, tokens: int) -> None:
     --max-new-tokens N --repeat-guard hf` (see the issue notes)."""
     import resource
 
-    from safetensors import safe_open
-
     t = time.perf_counter()
-    model = build_model(modeling, deepencoder, hub_config(), seed=None, dtype=torch.bfloat16)
-    params = dict(model.named_parameters())
-    with safe_open(str(ckpt / "model-00001-of-000001.safetensors"), framework="pt") as f:
-        for name in f.keys():
-            params[name].data.copy_(f.get_tensor(name))
-    model = model.float()
+    model = load_full_model(modeling, deepencoder, ckpt)
     print(f"load: {time.perf_counter() - t:.1f} s", flush=True)
     tokenizer = load_tokenizer(ckpt)
     image_path = pathlib.Path(tempfile.mkdtemp()) / "page.png"
