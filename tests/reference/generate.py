@@ -485,6 +485,15 @@ class contextlib_redirect:
 # Running the model
 
 
+def image_args(inputs: dict) -> dict:
+    """The image arguments `infer` passes to the official forward/generate, as float32."""
+    return dict(
+        images=[(inputs["images_crop"].float(), inputs["images_ori"].float())],
+        images_seq_mask=inputs["images_seq_mask"],
+        images_spatial_crop=inputs["images_spatial_crop"],
+    )
+
+
 @torch.no_grad()
 def run_stages(model, inputs: dict) -> dict:
     """One float32 forward of the official model over the prompt, recording every encoder stage."""
@@ -510,9 +519,7 @@ def run_stages(model, inputs: dict) -> dict:
         with contextlib_redirect():
             out = model(
                 input_ids=inputs["input_ids"],
-                images=[(inputs["images_crop"].float(), inputs["images_ori"].float())],
-                images_seq_mask=inputs["images_seq_mask"],
-                images_spatial_crop=inputs["images_spatial_crop"],
+                **image_args(inputs),
                 use_cache=False,
                 return_dict=True,
             )
@@ -537,19 +544,17 @@ def run_stages(model, inputs: dict) -> dict:
 
 
 @torch.no_grad()
-def run_greedy(model, inputs: dict) -> tuple[list[int], list[float]]:
+def run_greedy(model, inputs: dict, tokens: int = GREEDY_TOKENS) -> tuple[list[int], list[float]]:
     """The official model's own `generate`: greedy, HF no-repeat-ngram 20, EOS 1, as the model card."""
     with contextlib_redirect():
         out = model.generate(
             inputs["input_ids"],
-            images=[(inputs["images_crop"].float(), inputs["images_ori"].float())],
-            images_seq_mask=inputs["images_seq_mask"],
-            images_spatial_crop=inputs["images_spatial_crop"],
+            **image_args(inputs),
             do_sample=False,
             num_beams=1,
             eos_token_id=1,
             pad_token_id=2,
-            max_new_tokens=GREEDY_TOKENS,
+            max_new_tokens=tokens,
             no_repeat_ngram_size=20,
             use_cache=True,
             output_logits=True,
@@ -789,7 +794,7 @@ def full_reference(modeling, deepencoder, ckpt: pathlib.Path, tokens: int, bench
                 tensors[f"{name}.{key}"] = stages[key].float().contiguous()
             tensors[f"{name}.input_ids"] = inputs["input_ids"][0].to(torch.int64)
             tensors[f"{name}.last_logits"] = stages["logits"][-1].float().contiguous()
-            greedy, _ = run_greedy_n(model, inputs, tokens)
+            greedy, _ = run_greedy(model, inputs, tokens)
             tensors[f"{name}.greedy_tokens"] = torch.tensor(greedy, dtype=torch.int64)
         if bench:
             pixels = inputs["images_ori"].float()
@@ -802,9 +807,9 @@ def full_reference(modeling, deepencoder, ckpt: pathlib.Path, tokens: int, bench
             t = time.perf_counter(); encode(); timings[f"{name}.encode_s"] = time.perf_counter() - t
             if name in ("tiny", "small"):
                 t = time.perf_counter()
-                greedy, _ = run_greedy_n(model, inputs, tokens)
+                greedy, _ = run_greedy(model, inputs, tokens)
                 total = time.perf_counter() - t
-                t = time.perf_counter(); run_greedy_n(model, inputs, 1); first = time.perf_counter() - t
+                t = time.perf_counter(); run_greedy(model, inputs, 1); first = time.perf_counter() - t
                 timings[f"{name}.prefill_s"] = first  # encoder + prefill + first token
                 timings[f"{name}.decode_tokens_per_s"] = (len(greedy) - 1) / max(total - first, 1e-9)
                 timings[f"{name}.generated"] = len(greedy)
@@ -834,25 +839,13 @@ def bench_e2e(modeling, deepencoder, ckpt: pathlib.Path, tokens: int) -> None:
         with contextlib_redirect():
             out = model.generate(
                 inputs["input_ids"],
-                images=[(inputs["images_crop"].float(), inputs["images_ori"].float())],
-                images_seq_mask=inputs["images_seq_mask"],
-                images_spatial_crop=inputs["images_spatial_crop"],
+                **image_args(inputs),
                 do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=2,
                 min_new_tokens=tokens, max_new_tokens=tokens, no_repeat_ngram_size=20, use_cache=True,
             )
         generated = out.shape[1] - inputs["input_ids"].shape[1]
         print(f"{mode[0]}: {time.perf_counter() - t:.2f} s for {generated} tokens", flush=True)
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB", flush=True)
-
-
-@torch.no_grad()
-def run_greedy_n(model, inputs: dict, n: int):
-    global GREEDY_TOKENS
-    saved, GREEDY_TOKENS = GREEDY_TOKENS, n
-    try:
-        return run_greedy(model, inputs)
-    finally:
-        GREEDY_TOKENS = saved
 
 
 def main() -> int:
