@@ -81,20 +81,13 @@ impl Fixture {
         self.tensors().tensor(name).is_ok()
     }
 
-    /// A floating-point tensor as f32 (bf16/f16 widened exactly).
+    /// A floating-point tensor as f32 (bf16/f16 widened exactly, by the crate's own checkpoint reader).
     pub fn f32(&self, name: &str) -> Array {
-        let tensors = self.tensors();
-        let view = tensors
-            .tensor(name)
-            .unwrap_or_else(|_| panic!("{}: no tensor {name:?} (has {:?})", self.path.display(), self.names()));
-        let b = view.data();
-        let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::BF16 => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            Dtype::F16 => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            other => panic!("{}: tensor {name:?} is {other:?}, not floating point", self.path.display()),
-        };
-        Array::new(view.shape().to_vec(), data)
+        let reader = dsocr::weights::Checkpoint::parse(&self.bytes).expect("validated in open");
+        let fail = |e: dsocr::Error| -> ! { panic!("{}: {e} (has {:?})", self.path.display(), self.names()) };
+        let shape = reader.shape(name).unwrap_or_else(|e| fail(e));
+        let data = reader.f32_values(name, &shape).unwrap_or_else(|e| fail(e));
+        Array::new(shape, data)
     }
 
     /// An integer tensor (token ids, grids) as i64.
