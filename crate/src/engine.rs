@@ -19,13 +19,23 @@ use crate::model::{Decoder, VisionEncoder};
 use crate::output::{OcrResult, Timings, clean_markdown, parse_grounding, strip_eos};
 use crate::text::prompt::IMAGE_TOKEN_ID;
 use crate::text::{Task, Tokenizer, prompt_ids};
-use crate::weights::{Checkpoint, Loader, expected_tensors};
+use crate::weights::{Checkpoint, LoadProgress, Loader, expected_tensors};
 
 /// Settings that do not change per request.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EngineOptions {
     pub preprocess: PreprocessOptions,
     pub decode_limits: DecodeLimits,
+    /// The largest tensor the device can bind, in bytes (WebGPU's `maxStorageBufferBindingSize`):
+    /// the vocabulary-sized embedding and lm_head are split into row shards within it.
+    /// `usize::MAX` (the default) for devices without such a limit.
+    pub max_tensor_bytes: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self { preprocess: PreprocessOptions::default(), decode_limits: DecodeLimits::default(), max_tensor_bytes: usize::MAX }
+    }
 }
 
 /// A loaded model, tokenizer and device.
@@ -50,23 +60,45 @@ pub struct TokenEvent {
 }
 
 impl Engine {
-    /// Builds the engine from the checkpoint's files held in memory: `config.json`, the safetensors
-    /// file and `tokenizer.json` (works in the browser; natively see [`Engine::load_dir`]).
-    pub fn from_parts(config_json: &str, weights: &[u8], tokenizer_json: &[u8], device: &Device, options: EngineOptions) -> Result<Self> {
+    /// Builds the engine from `config.json`, an opened checkpoint (in memory or ranged) and
+    /// `tokenizer.json`. `progress` gets `(bytes loaded, bytes in the checkpoint)` after each tensor.
+    pub async fn from_checkpoint(
+        config_json: &str,
+        checkpoint: &Checkpoint<'_>,
+        tokenizer_json: &[u8],
+        device: &Device,
+        options: EngineOptions,
+        progress: Option<LoadProgress<'_>>,
+    ) -> Result<Self> {
         let config = Config::from_json(config_json)?;
-        let checkpoint = Checkpoint::parse(weights)?;
         // Check every name and shape up front: a wrong file fails fast, naming the tensor.
         checkpoint.check(&expected_tensors(&config))?;
-        let loader = Loader::new(&checkpoint, device);
-        let encoder = VisionEncoder::load(&config, &loader)?;
-        let decoder = Decoder::load(&config.decoder, &loader)?;
         let tokenizer = Tokenizer::from_json(tokenizer_json)?;
+        let mut loader = Loader::new(checkpoint, device).with_max_tensor_bytes(options.max_tensor_bytes);
+        if let Some(progress) = progress {
+            loader = loader.with_progress(progress);
+        }
+        let encoder = VisionEncoder::load(&config, &loader).await?;
+        let decoder = Decoder::load(&config.decoder, &loader).await?;
+        if let Some(progress) = progress {
+            // Tensors the model does not use (CLIP's patch embedding) were never read.
+            let total = checkpoint.data_len() as u64;
+            progress(total, total);
+        }
         Ok(Self { config, encoder, decoder, tokenizer, device: device.clone(), options })
+    }
+
+    /// Builds the engine from the checkpoint's files held in memory: `config.json`, the safetensors
+    /// file and `tokenizer.json` (natively see [`Engine::load_dir`]; in the browser the weights are
+    /// read through a ranged [`Checkpoint`]).
+    pub async fn from_parts(config_json: &str, weights: &[u8], tokenizer_json: &[u8], device: &Device, options: EngineOptions) -> Result<Self> {
+        let checkpoint = Checkpoint::parse(weights)?;
+        Self::from_checkpoint(config_json, &checkpoint, tokenizer_json, device, options, None).await
     }
 
     /// Loads a checkpoint directory in the hub layout (`config.json`, `*.safetensors`, `tokenizer.json`).
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn load_dir(dir: &std::path::Path, device: &Device, options: EngineOptions) -> Result<Self> {
+    pub async fn load_dir(dir: &std::path::Path, device: &Device, options: EngineOptions, progress: Option<LoadProgress<'_>>) -> Result<Self> {
         let read = |name: &str| std::fs::read(dir.join(name)).map_err(|e| Error::Io(format!("{}: {e}", dir.join(name).display())));
         let config = String::from_utf8(read("config.json")?).map_err(|e| Error::Config(e.to_string()))?;
         let weights_path = find_weights(dir)?;
@@ -74,7 +106,13 @@ impl Engine {
         // SAFETY: the file is opened read-only and only read during loading; a concurrent truncation
         // by another process is the one hazard, as with any memory map.
         let weights = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::Io(format!("{}: {e}", weights_path.display())))?;
-        Self::from_parts(&config, &weights, &read("tokenizer.json")?, device, options)
+        let checkpoint = Checkpoint::parse(&weights)?;
+        Self::from_checkpoint(&config, &checkpoint, &read("tokenizer.json")?, device, options, progress).await
+    }
+
+    /// The decoder (for tests and tools that drive generation themselves).
+    pub fn decoder(&self) -> &Decoder {
+        &self.decoder
     }
 
     pub fn config(&self) -> &Config {

@@ -1,6 +1,7 @@
 //! The browser API (wasm32 only): `await Dsocr.load(baseUrl, { onProgress })` and
 //! `await engine.recognize(input, { task, mode, maxNewTokens, repeatGuard, onToken, signal })`.
-//! Errors are JS `Error`s with a `code` field. Every GPU readback is asynchronous.
+//! Errors are JS `Error`s with a `code` field. Every GPU readback is asynchronous; weights stream
+//! from the network into GPU buffers tensor by tensor.
 
 use std::ops::ControlFlow;
 
@@ -14,6 +15,7 @@ use crate::error::Error;
 use crate::generate::{GenerationOptions, RepeatGuard};
 use crate::text::Task;
 use crate::Mode;
+use crate::weights::{Checkpoint, DEFAULT_WINDOW_BYTES, LocalBoxFuture, RangeFetch};
 
 /// A JS `Error` with `code` (a stable identifier to branch on) and the message.
 fn js_error(code: &str, message: impl std::fmt::Display) -> JsValue {
@@ -48,31 +50,16 @@ fn get(obj: &JsValue, key: &str) -> Option<JsValue> {
     Reflect::get(obj, &key.into()).ok().filter(|v| !v.is_undefined() && !v.is_null())
 }
 
-/// Calls the global `fetch` (window or worker).
-async fn fetch(url: &str) -> Result<web_sys::Response, JsValue> {
-    let global = js_sys::global();
-    let fetch: Function = Reflect::get(&global, &"fetch".into())?.dyn_into()?;
-    let response: web_sys::Response = JsFuture::from(fetch.call1(&global, &url.into())?.dyn_into::<Promise>()?).await?.dyn_into()?;
-    if !response.ok() {
-        return Err(js_error("NETWORK", format!("{url}: HTTP {}", response.status())));
-    }
-    Ok(response)
-}
-
 /// Downloads `url` fully, reporting `{ file, loaded, total }` to `on_progress` as chunks arrive.
 async fn download(url: &str, file: &str, on_progress: Option<&Function>) -> Result<Vec<u8>, JsValue> {
-    let response = fetch(url).await?;
+    let response = fetch_with(url, &web_sys::RequestInit::new()).await?;
     let total = response.headers().get("content-length").ok().flatten().and_then(|v| v.parse::<f64>().ok());
     let body = response.body().ok_or_else(|| js_error("NETWORK", format!("{url}: empty body")))?;
     let reader: web_sys::ReadableStreamDefaultReader = body.get_reader().dyn_into()?;
     let mut bytes = Vec::with_capacity(total.unwrap_or(0.0) as usize);
     let report = |loaded: usize| {
         if let Some(callback) = on_progress {
-            let event = Object::new();
-            let _ = Reflect::set(&event, &"file".into(), &file.into());
-            let _ = Reflect::set(&event, &"loaded".into(), &(loaded as f64).into());
-            let _ = Reflect::set(&event, &"total".into(), &total.map_or(JsValue::NULL, JsValue::from));
-            let _ = callback.call1(&JsValue::NULL, &event);
+            let _ = callback.call1(&JsValue::NULL, &progress_event(file, loaded as f64, total));
         }
     };
     loop {
@@ -90,7 +77,76 @@ async fn download(url: &str, file: &str, on_progress: Option<&Function>) -> Resu
     Ok(bytes)
 }
 
-fn adapter_report(setup: &burn::tensor::wgpu::WgpuSetup) -> String {
+/// Reads byte ranges of a checkpoint with HTTP Range requests (retried, so a dropped connection
+/// resumes where it stopped). A server that ignores Range and sends the whole file (200) is
+/// served from that one copy instead.
+struct HttpRange {
+    url: String,
+    whole: std::cell::RefCell<Option<Vec<u8>>>,
+}
+
+impl HttpRange {
+    async fn fetch_once(&self, start: u64, end: u64) -> Result<Vec<u8>, JsValue> {
+        let headers = web_sys::Headers::new()?;
+        headers.set("Range", &format!("bytes={start}-{}", end - 1))?;
+        let init = web_sys::RequestInit::new();
+        init.set_headers(&headers);
+        let response = fetch_with(&self.url, &init).await?;
+        let bytes = Uint8Array::new(&JsFuture::from(response.array_buffer()?).await?).to_vec();
+        match response.status() {
+            206 => Ok(bytes),
+            _ => {
+                let end = usize::try_from(end).map_err(|_| js_error("NETWORK", "range beyond wasm32 memory"))?;
+                let slice = bytes.get(start as usize..end).map(<[u8]>::to_vec);
+                *self.whole.borrow_mut() = Some(bytes);
+                slice.ok_or_else(|| js_error("BAD_CHECKPOINT", format!("{}: shorter than its header says", self.url)))
+            }
+        }
+    }
+}
+
+impl RangeFetch for HttpRange {
+    fn fetch(&self, start: u64, end: u64) -> LocalBoxFuture<'_, crate::Result<Vec<u8>>> {
+        Box::pin(async move {
+            if let Some(whole) = self.whole.borrow().as_ref() {
+                return whole.get(start as usize..end as usize).map(<[u8]>::to_vec).ok_or_else(|| Error::Download(format!("{}: bytes {start}..{end} beyond the file", self.url)));
+            }
+            let mut last = JsValue::NULL;
+            for _attempt in 0..3 {
+                match self.fetch_once(start, end).await {
+                    Ok(bytes) => return Ok(bytes),
+                    Err(e) => last = e,
+                }
+            }
+            Err(Error::Download(format!("{}: bytes {start}..{end}: {}", self.url, message_of(&last))))
+        })
+    }
+}
+
+fn message_of(e: &JsValue) -> String {
+    e.dyn_ref::<js_sys::Error>().map(|e| String::from(e.message())).or_else(|| e.as_string()).unwrap_or_else(|| format!("{e:?}"))
+}
+
+/// Calls the global `fetch` (window or worker) with request options.
+async fn fetch_with(url: &str, init: &web_sys::RequestInit) -> Result<web_sys::Response, JsValue> {
+    let global = js_sys::global();
+    let fetch: Function = Reflect::get(&global, &"fetch".into())?.dyn_into()?;
+    let response: web_sys::Response = JsFuture::from(fetch.call2(&global, &url.into(), init)?.dyn_into::<Promise>()?).await?.dyn_into()?;
+    if !response.ok() {
+        return Err(js_error("NETWORK", format!("{url}: HTTP {}", response.status())));
+    }
+    Ok(response)
+}
+
+fn progress_event(file: &str, loaded: f64, total: Option<f64>) -> Object {
+    let event = Object::new();
+    let _ = Reflect::set(&event, &"file".into(), &file.into());
+    let _ = Reflect::set(&event, &"loaded".into(), &loaded.into());
+    let _ = Reflect::set(&event, &"total".into(), &total.map_or(JsValue::NULL, JsValue::from));
+    event
+}
+
+fn adapter_report(setup: &burn::tensor::wgpu::WgpuSetup, max_tensor_bytes: usize, f16: bool) -> String {
     let granted = setup.device.limits();
     let adapter = setup.adapter.limits();
     let info = setup.adapter.get_info();
@@ -103,6 +159,8 @@ fn adapter_report(setup: &burn::tensor::wgpu::WgpuSetup) -> String {
         "adapterMaxStorageBufferBindingSize": adapter.max_storage_buffer_binding_size,
         "adapterMaxBufferSize": adapter.max_buffer_size,
         "shaderF16": setup.device.features().contains(burn::tensor::wgpu::wgpu::Features::SHADER_F16),
+        "maxTensorBytes": max_tensor_bytes,
+        "dtype": if f16 { "f16" } else { "f32" },
     })
     .to_string()
 }
@@ -122,31 +180,63 @@ pub struct Dsocr {
 #[wasm_bindgen]
 impl Dsocr {
     /// Loads the checkpoint under `baseUrl` (`config.json`, `model-00001-of-000001.safetensors` or
-    /// `model.safetensors`, `tokenizer.json`) onto the WebGPU device. `options.onProgress` receives
-    /// `{ file, loaded, total }`.
+    /// `model.safetensors`, `tokenizer.json`) onto the WebGPU device. The weights are read tensor by
+    /// tensor with HTTP Range requests straight into GPU buffers, never whole in wasm memory.
+    /// Options: `onProgress({ file, loaded, total })`; `dtype`: `"auto"` (f16 where the adapter has
+    /// `shader-f16`), `"f32"` or `"f16"`; `maxBindingBytes`: a lower cap than the adapter's
+    /// `maxStorageBufferBindingSize` for one weight (vocabulary matrices are split in row shards).
     pub async fn load(base_url: String, options: JsValue) -> Result<Dsocr, JsValue> {
         if !has_webgpu() {
             return Err(js_error("NO_WEBGPU", "WebGPU is not available in this browser (navigator.gpu is missing)"));
         }
-        let (device, setup) = burn::tensor::Device::wgpu_options()
+        let (mut device, setup) = burn::tensor::Device::wgpu_options()
             .init_with_setup_async()
             .await
             .map_err(|e| js_error("NO_WEBGPU", format!("no usable WebGPU adapter: {e:?}")))?;
-        let adapter = adapter_report(&setup);
+        let f16_available = setup.device.features().contains(burn::tensor::wgpu::wgpu::Features::SHADER_F16);
+        let f16 = match get(&options, "dtype").and_then(|v| v.as_string()).as_deref() {
+            None | Some("auto") => f16_available,
+            Some("f32") => false,
+            Some("f16") if f16_available => true,
+            Some("f16") => return Err(js_error("BAD_ARGUMENT", "dtype \"f16\" needs an adapter with shader-f16")),
+            Some(other) => return Err(js_error("BAD_ARGUMENT", format!("unknown dtype {other:?} (auto, f32, f16)"))),
+        };
+        if f16 {
+            device.configure(burn::tensor::FloatDType::F16).map_err(|e| js_error("BACKEND", format!("{e:?}")))?;
+        }
+        let limits = setup.device.limits();
+        let mut max_tensor_bytes = usize::try_from(limits.max_storage_buffer_binding_size.min(limits.max_buffer_size)).unwrap_or(usize::MAX);
+        if let Some(cap) = get(&options, "maxBindingBytes").and_then(|v| v.as_f64()) {
+            max_tensor_bytes = max_tensor_bytes.min(cap.max(1.0) as usize);
+        }
+        let adapter = adapter_report(&setup, max_tensor_bytes, f16);
         let on_progress = get(&options, "onProgress").and_then(|f| f.dyn_into::<Function>().ok());
         let base = base_url.trim_end_matches('/');
         let text = |bytes: Vec<u8>| String::from_utf8(bytes).map_err(|e| js_error("BAD_CHECKPOINT", e));
         let config = text(download(&format!("{base}/config.json"), "config.json", on_progress.as_ref()).await?)?;
         let tokenizer = download(&format!("{base}/tokenizer.json"), "tokenizer.json", on_progress.as_ref()).await?;
-        let mut weights = None;
+        let mut opened = None;
+        let mut last_error = String::new();
         for name in ["model-00001-of-000001.safetensors", "model.safetensors"] {
-            if let Ok(bytes) = download(&format!("{base}/{name}"), name, on_progress.as_ref()).await {
-                weights = Some(bytes);
-                break;
+            let fetch = HttpRange { url: format!("{base}/{name}"), whole: Default::default() };
+            match Checkpoint::open(Box::new(fetch), DEFAULT_WINDOW_BYTES).await {
+                Ok(checkpoint) => {
+                    opened = Some((name, checkpoint));
+                    break;
+                }
+                Err(e @ (Error::Safetensors(_) | Error::UnsupportedDtype { .. })) => return Err(from_error(e)),
+                Err(e) => last_error = e.to_string(),
             }
         }
-        let weights = weights.ok_or_else(|| js_error("NETWORK", format!("{base}: no model-00001-of-000001.safetensors or model.safetensors")))?;
-        let engine = Engine::from_parts(&config, &weights, &tokenizer, &device, EngineOptions::default()).map_err(from_error)?;
+        let (name, checkpoint) =
+            opened.ok_or_else(|| js_error("NETWORK", format!("{base}: no model-00001-of-000001.safetensors or model.safetensors ({last_error})")))?;
+        let progress = |loaded: u64, total: u64| {
+            if let Some(callback) = &on_progress {
+                let _ = callback.call1(&JsValue::NULL, &progress_event(name, loaded as f64, Some(total as f64)));
+            }
+        };
+        let options = EngineOptions { max_tensor_bytes, ..EngineOptions::default() };
+        let engine = Engine::from_checkpoint(&config, &checkpoint, &tokenizer, &device, options, Some(&progress)).await.map_err(from_error)?;
         Ok(Dsocr { engine, adapter })
     }
 

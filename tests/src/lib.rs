@@ -1,6 +1,8 @@
 //! Fixture harness: loads what `tests/reference/generate.py` recorded with the official model code and
 //! compares our outputs with it, reporting the worst element by index when they disagree.
 
+pub mod parity;
+
 use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors};
@@ -86,7 +88,7 @@ impl Fixture {
         let reader = dsocr::weights::Checkpoint::parse(&self.bytes).expect("validated in open");
         let fail = |e: dsocr::Error| -> ! { panic!("{}: {e} (has {:?})", self.path.display(), self.names()) };
         let shape = reader.shape(name).unwrap_or_else(|e| fail(e));
-        let data = reader.f32_values(name, &shape).unwrap_or_else(|e| fail(e));
+        let data = pollster::block_on(reader.f32_values(name, &shape)).unwrap_or_else(|e| fail(e));
         Array::new(shape, data)
     }
 

@@ -35,8 +35,8 @@ fn full_size_checkpoint_matches_the_reference_at_tiny_and_small() {
 
     let device = Device::flex();
     let loader = Loader::new(&weights, &device);
-    let encoder = VisionEncoder::load(&config, &loader).unwrap();
-    let decoder = Decoder::load(&config.decoder, &loader).unwrap();
+    let encoder = pollster::block_on(VisionEncoder::load(&config, &loader)).unwrap();
+    let decoder = pollster::block_on(Decoder::load(&config.decoder, &loader)).unwrap();
     let reference = Fixture::open(dir.join("reference.safetensors"));
     let page = decode(&read_fixture(&fixtures_dir().join("images/page.png")), &DecodeLimits::default()).unwrap();
     let tolerance = Tolerance::RelativeToMax(1e-4);

@@ -121,11 +121,19 @@ fn parse_task(task: &str) -> Result<Task, String> {
     })
 }
 
-fn device(arg: DeviceArg) -> Result<Device, String> {
+/// The compute device and the largest tensor it can bind (the wgpu device's storage-binding limit).
+fn device(arg: DeviceArg) -> Result<(Device, usize), String> {
     match arg {
-        DeviceArg::Cpu => Ok(Device::flex()),
+        DeviceArg::Cpu => Ok((Device::flex(), usize::MAX)),
         #[cfg(feature = "wgpu")]
-        DeviceArg::Wgpu => Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
+        DeviceArg::Wgpu => {
+            let (device, setup) = pollster::block_on(Device::wgpu_options().init_with_setup_async())
+                .map_err(|e| format!("no usable GPU adapter (wgpu): {e:?}"))?;
+            let limits = setup.device.limits();
+            let max = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+            eprintln!("dsocr: GPU {} ({:?}), largest binding {} MiB", setup.adapter.get_info().name, setup.backend, max >> 20);
+            Ok((device, usize::try_from(max).unwrap_or(usize::MAX)))
+        }
         #[cfg(not(feature = "wgpu"))]
         DeviceArg::Wgpu => Err("this dsocr was built without the `wgpu` feature".into()),
     }
@@ -238,9 +246,19 @@ fn run(args: &OcrArgs) -> Result<bool, String> {
         },
         ..GenerationOptions::default()
     };
-    let device = device(args.device)?;
-    eprintln!("dsocr: loading {}", model_dir.display());
-    let engine = Engine::load_dir(model_dir, &device, EngineOptions::default()).map_err(|e| e.to_string())?;
+    let (device, max_tensor_bytes) = device(args.device)?;
+    let options = EngineOptions { max_tensor_bytes, ..EngineOptions::default() };
+    let last_percent = std::cell::Cell::new(u64::MAX);
+    let progress = |loaded: u64, total: u64| {
+        let percent = if total == 0 { 100 } else { loaded * 100 / total };
+        if percent != last_percent.replace(percent) {
+            eprint!("\rdsocr: loading {}: {percent:>3}%", model_dir.display());
+            if loaded >= total {
+                eprintln!();
+            }
+        }
+    };
+    let engine = pollster::block_on(Engine::load_dir(model_dir, &device, options, Some(&progress))).map_err(|e| e.to_string())?;
     if let Some(out) = &args.out {
         std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     }
@@ -252,9 +270,10 @@ fn run(args: &OcrArgs) -> Result<bool, String> {
     let stream = files.len() == 1 && extension(&files[0]) != "pdf" && args.format != FormatArg::Json;
     let mut all_ok = true;
     let mut json_results = Vec::new();
+    let batch_started = std::time::Instant::now();
     for (n, file) in files.iter().enumerate() {
         if files.len() > 1 {
-            eprintln!("dsocr: [{}/{}] {}", n + 1, files.len(), file.display());
+            eprintln!("dsocr: {} {}", batch_progress(n, files.len(), batch_started.elapsed()), file.display());
         }
         let pages = match pages(file) {
             Ok(pages) => pages,
@@ -305,6 +324,20 @@ fn run(args: &OcrArgs) -> Result<bool, String> {
         println!("{}", serde_json::json!({ "results": json_results }));
     }
     Ok(all_ok)
+}
+
+/// `[####······] 3/10 ETA 1m20s` for the batch's file `done + 1` of `total`.
+fn batch_progress(done: usize, total: usize, elapsed: std::time::Duration) -> String {
+    const WIDTH: usize = 20;
+    let filled = done * WIDTH / total.max(1);
+    let bar = format!("[{}{}]", "#".repeat(filled), "·".repeat(WIDTH - filled));
+    let eta = if done == 0 {
+        String::new()
+    } else {
+        let seconds = (elapsed.as_secs_f64() / done as f64 * (total - done) as f64).round() as u64;
+        format!(" ETA {}m{:02}s", seconds / 60, seconds % 60)
+    };
+    format!("{bar} {}/{total}{eta}", done + 1)
 }
 
 /// A local checkpoint folder as is; a hub repo id (`org/name`) or an http(s) base URL is downloaded

@@ -45,7 +45,7 @@ struct ClipLayer {
 }
 
 impl Clip {
-    pub fn load(c: &ClipConfig, l: &Loader) -> Result<Self> {
+    pub async fn load(c: &ClipConfig, l: &Loader<'_, '_>) -> Result<Self> {
         let p = "model.vision_model";
         let w = c.width;
         let eps = c.layer_norm_eps;
@@ -53,22 +53,22 @@ impl Clip {
         for i in 0..c.layers {
             let q = format!("{p}.transformer.layers.{i}");
             layers.push(ClipLayer {
-                layer_norm1: l.layer_norm(&format!("{q}.layer_norm1"), w, eps)?,
-                qkv_proj: l.linear(&format!("{q}.self_attn.qkv_proj"), w, 3 * w, true)?,
-                out_proj: l.linear(&format!("{q}.self_attn.out_proj"), w, w, true)?,
-                layer_norm2: l.layer_norm(&format!("{q}.layer_norm2"), w, eps)?,
-                fc1: l.linear(&format!("{q}.mlp.fc1"), w, c.ffn_hidden_size, true)?,
-                fc2: l.linear(&format!("{q}.mlp.fc2"), c.ffn_hidden_size, w, true)?,
+                layer_norm1: l.layer_norm(&format!("{q}.layer_norm1"), w, eps).await?,
+                qkv_proj: l.linear(&format!("{q}.self_attn.qkv_proj"), w, 3 * w, true).await?,
+                out_proj: l.linear(&format!("{q}.self_attn.out_proj"), w, w, true).await?,
+                layer_norm2: l.layer_norm(&format!("{q}.layer_norm2"), w, eps).await?,
+                fc1: l.linear(&format!("{q}.mlp.fc1"), w, c.ffn_hidden_size, true).await?,
+                fc2: l.linear(&format!("{q}.mlp.fc2"), c.ffn_hidden_size, w, true).await?,
                 heads: c.heads,
             });
         }
         // `embeddings.patch_embedding.weight` exists in the checkpoint but is unused: SAM supplies patches.
         Ok(Self {
-            class_embedding: l.param(&format!("{p}.embeddings.class_embedding"), [w])?,
-            pre_layrnorm: l.layer_norm(&format!("{p}.pre_layrnorm"), w, eps)?,
+            class_embedding: l.param(&format!("{p}.embeddings.class_embedding"), [w]).await?,
+            pre_layrnorm: l.layer_norm(&format!("{p}.pre_layrnorm"), w, eps).await?,
             layers,
             positions: ClipPositions {
-                values: l.host(&format!("{p}.embeddings.position_embedding.weight"), &[c.num_positions(), w])?,
+                values: l.host(&format!("{p}.embeddings.position_embedding.weight"), &[c.num_positions(), w]).await?,
                 grid: c.pretrain_grid(),
                 width: w,
                 resized: GridCache::default(),

@@ -3,12 +3,13 @@
 //! `model.layers.*`, `model.norm`, `lm_head`; spec §6).
 
 use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig, Linear, RmsNorm, RmsNormConfig};
+use burn::nn::{Linear, RmsNorm, RmsNormConfig};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Tensor, TensorData};
 
 use super::moe::{Mlp, Moe};
+use super::vocab::{EmbeddingShards, LmHeadShards};
 use crate::config::DecoderConfig;
 use crate::error::{Error, Result};
 use super::ops;
@@ -34,10 +35,10 @@ impl KvCache {
 
 #[derive(Module, Debug)]
 pub struct Decoder {
-    embed_tokens: Embedding,
+    embed_tokens: EmbeddingShards,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: Linear,
+    lm_head: LmHeadShards,
     #[module(skip)]
     rope: Rope,
     vocab_size: usize,
@@ -73,36 +74,34 @@ struct Rope {
 }
 
 impl Decoder {
-    pub fn load(c: &DecoderConfig, l: &Loader) -> Result<Self> {
+    pub async fn load(c: &DecoderConfig, l: &Loader<'_, '_>) -> Result<Self> {
         let h = c.hidden_size;
-        let device = l.device();
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for n in 0..c.num_hidden_layers {
             let p = format!("model.layers.{n}");
             let (q_out, kv_out) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
             let (mlp, moe) = if c.is_moe_layer(n) {
-                (None, Some(Moe::load(c, l, &format!("{p}.mlp"))?))
+                (None, Some(Moe::load(c, l, &format!("{p}.mlp")).await?))
             } else {
-                (Some(Mlp::load(l, &format!("{p}.mlp"), h, c.intermediate_size)?), None)
+                (Some(Mlp::load(l, &format!("{p}.mlp"), h, c.intermediate_size).await?), None)
             };
             layers.push(DecoderLayer {
-                input_layernorm: rms_norm(l, &format!("{p}.input_layernorm.weight"), h, c.rms_norm_eps)?,
+                input_layernorm: rms_norm(l, &format!("{p}.input_layernorm.weight"), h, c.rms_norm_eps).await?,
                 self_attn: SelfAttention {
-                    q_proj: l.linear(&format!("{p}.self_attn.q_proj"), h, q_out, false)?,
-                    k_proj: l.linear(&format!("{p}.self_attn.k_proj"), h, kv_out, false)?,
-                    v_proj: l.linear(&format!("{p}.self_attn.v_proj"), h, kv_out, false)?,
-                    o_proj: l.linear(&format!("{p}.self_attn.o_proj"), q_out, h, false)?,
+                    q_proj: l.linear(&format!("{p}.self_attn.q_proj"), h, q_out, false).await?,
+                    k_proj: l.linear(&format!("{p}.self_attn.k_proj"), h, kv_out, false).await?,
+                    v_proj: l.linear(&format!("{p}.self_attn.v_proj"), h, kv_out, false).await?,
+                    o_proj: l.linear(&format!("{p}.self_attn.o_proj"), q_out, h, false).await?,
                     heads: c.num_attention_heads,
                     kv_heads: c.num_key_value_heads,
                     head_dim: c.head_dim,
                 },
-                post_attention_layernorm: rms_norm(l, &format!("{p}.post_attention_layernorm.weight"), h, c.rms_norm_eps)?,
+                post_attention_layernorm: rms_norm(l, &format!("{p}.post_attention_layernorm.weight"), h, c.rms_norm_eps).await?,
                 mlp,
                 moe,
             });
         }
-        let mut embed_tokens = EmbeddingConfig::new(c.vocab_size, h).init(device);
-        embed_tokens.weight = l.param("model.embed_tokens.weight", [c.vocab_size, h])?;
+        let embed_tokens = EmbeddingShards::load(l, "model.embed_tokens.weight", [c.vocab_size, h]).await?;
         let lm_head_name = if c.tie_word_embeddings { "model.embed_tokens" } else { "lm_head" };
         let inv_freq = (0..c.head_dim / 2)
             .map(|i| (1.0 / c.rope_theta.powf((2 * i) as f64 / c.head_dim as f64)) as f32)
@@ -110,12 +109,17 @@ impl Decoder {
         Ok(Self {
             embed_tokens,
             layers,
-            norm: rms_norm(l, "model.norm.weight", h, c.rms_norm_eps)?,
-            lm_head: l.linear(lm_head_name, h, c.vocab_size, false)?,
+            norm: rms_norm(l, "model.norm.weight", h, c.rms_norm_eps).await?,
+            lm_head: LmHeadShards::load(l, &format!("{lm_head_name}.weight"), [c.vocab_size, h]).await?,
             rope: Rope { inv_freq },
             vocab_size: c.vocab_size,
             max_positions: c.max_position_embeddings,
         })
+    }
+
+    /// How many row shards the embedding and lm_head were split into (1 and 1 without a binding limit).
+    pub fn vocab_shards(&self) -> (usize, usize) {
+        (self.embed_tokens.shard_count(), self.lm_head.shard_count())
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -127,10 +131,7 @@ impl Decoder {
         if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {
             return Err(Error::TokenOutOfRange { id, vocab_size: self.vocab_size });
         }
-        let n = ids.len();
-        let index = Tensor::<2, Int>::from_data(TensorData::new(ids.iter().map(|&i| i as i64).collect(), [1, n]), device);
-        let d = self.embed_tokens.weight.dims()[1];
-        Ok(self.embed_tokens.forward(index).reshape([n, d]))
+        Ok(self.embed_tokens.rows(ids, device))
     }
 
     /// Embeddings of a prompt with the image vectors `(N, hidden)` written, in order, over the
@@ -187,13 +188,13 @@ impl Decoder {
 
     /// Logits `(S, vocab)` of final hidden states (f32).
     pub fn logits(&self, hidden: Tensor<2>) -> Tensor<2> {
-        ops::linear(&self.lm_head, hidden)
+        self.lm_head.logits(hidden)
     }
 }
 
-fn rms_norm(l: &Loader, name: &str, d: usize, eps: f64) -> Result<RmsNorm> {
+async fn rms_norm(l: &Loader<'_, '_>, name: &str, d: usize, eps: f64) -> Result<RmsNorm> {
     let mut norm = RmsNormConfig::new(d).with_epsilon(eps).init(l.device());
-    norm.gamma = l.param(name, [d])?;
+    norm.gamma = l.param(name, [d]).await?;
     Ok(norm)
 }
 

@@ -10,6 +10,7 @@ pub mod layout;
 pub mod moe;
 pub mod projector;
 pub mod sam;
+pub mod vocab;
 
 use burn::module::{Module, Param};
 use burn::tensor::Tensor;
@@ -45,14 +46,14 @@ pub struct VisionEncoder {
 }
 
 impl VisionEncoder {
-    pub fn load(config: &Config, l: &Loader) -> Result<Self> {
+    pub async fn load(config: &Config, l: &Loader<'_, '_>) -> Result<Self> {
         let d = config.projector.n_embed;
         Ok(Self {
-            sam: Sam::load(&config.sam, l)?,
-            clip: Clip::load(&config.clip, l)?,
-            projector: Projector::load(&config.projector, l)?,
-            image_newline: l.param("model.image_newline", [d])?,
-            view_seperator: l.param("model.view_seperator", [d])?,
+            sam: Sam::load(&config.sam, l).await?,
+            clip: Clip::load(&config.clip, l).await?,
+            projector: Projector::load(&config.projector, l).await?,
+            image_newline: l.param("model.image_newline", [d]).await?,
+            view_seperator: l.param("model.view_seperator", [d]).await?,
         })
     }
 

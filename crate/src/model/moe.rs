@@ -21,11 +21,11 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn load(l: &Loader, prefix: &str, hidden: usize, width: usize) -> Result<Self> {
+    pub async fn load(l: &Loader<'_, '_>, prefix: &str, hidden: usize, width: usize) -> Result<Self> {
         Ok(Self {
-            gate_proj: l.linear(&format!("{prefix}.gate_proj"), hidden, width, false)?,
-            up_proj: l.linear(&format!("{prefix}.up_proj"), hidden, width, false)?,
-            down_proj: l.linear(&format!("{prefix}.down_proj"), width, hidden, false)?,
+            gate_proj: l.linear(&format!("{prefix}.gate_proj"), hidden, width, false).await?,
+            up_proj: l.linear(&format!("{prefix}.up_proj"), hidden, width, false).await?,
+            down_proj: l.linear(&format!("{prefix}.down_proj"), width, hidden, false).await?,
         })
     }
 
@@ -46,18 +46,19 @@ pub struct Moe {
 }
 
 impl Moe {
-    pub fn load(c: &DecoderConfig, l: &Loader, prefix: &str) -> Result<Self> {
+    pub async fn load(c: &DecoderConfig, l: &Loader<'_, '_>, prefix: &str) -> Result<Self> {
         let h = c.hidden_size;
-        let experts = (0..c.n_routed_experts)
-            .map(|e| Mlp::load(l, &format!("{prefix}.experts.{e}"), h, c.moe_intermediate_size))
-            .collect::<Result<Vec<_>>>()?;
+        let mut experts = Vec::with_capacity(c.n_routed_experts);
+        for e in 0..c.n_routed_experts {
+            experts.push(Mlp::load(l, &format!("{prefix}.experts.{e}"), h, c.moe_intermediate_size).await?);
+        }
         let shared_experts = if c.n_shared_experts > 0 {
-            Some(Mlp::load(l, &format!("{prefix}.shared_experts"), h, c.shared_intermediate_size())?)
+            Some(Mlp::load(l, &format!("{prefix}.shared_experts"), h, c.shared_intermediate_size()).await?)
         } else {
             None
         };
         Ok(Self {
-            gate: l.linear(&format!("{prefix}.gate"), h, c.n_routed_experts, false)?,
+            gate: l.linear(&format!("{prefix}.gate"), h, c.n_routed_experts, false).await?,
             experts,
             shared_experts,
             top_k: c.num_experts_per_tok,

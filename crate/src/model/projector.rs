@@ -16,8 +16,8 @@ pub struct Projector {
 }
 
 impl Projector {
-    pub fn load(c: &ProjectorConfig, l: &Loader) -> Result<Self> {
-        Ok(Self { layers: l.linear("model.projector.layers", c.input_dim, c.n_embed, true)? })
+    pub async fn load(c: &ProjectorConfig, l: &Loader<'_, '_>) -> Result<Self> {
+        Ok(Self { layers: l.linear("model.projector.layers", c.input_dim, c.n_embed, true).await? })
     }
 
     pub fn forward(&self, fused: Tensor<3>) -> Tensor<3> {

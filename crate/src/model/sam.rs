@@ -86,7 +86,7 @@ struct RelativePositions {
 }
 
 impl Sam {
-    pub fn load(c: &SamConfig, l: &Loader) -> Result<Self> {
+    pub async fn load(c: &SamConfig, l: &Loader<'_, '_>) -> Result<Self> {
         let p = "model.sam_model";
         let w = c.width;
         let hd = c.head_dim();
@@ -95,22 +95,22 @@ impl Sam {
             let q = format!("{p}.blocks.{b}");
             let rows = 2 * c.rel_pos_side(b) - 1;
             blocks.push(SamBlock {
-                norm1: l.layer_norm(&format!("{q}.norm1"), w, c.layer_norm_eps)?,
+                norm1: l.layer_norm(&format!("{q}.norm1"), w, c.layer_norm_eps).await?,
                 attn: SamAttention {
-                    qkv: l.linear(&format!("{q}.attn.qkv"), w, 3 * w, true)?,
-                    proj: l.linear(&format!("{q}.attn.proj"), w, w, true)?,
+                    qkv: l.linear(&format!("{q}.attn.qkv"), w, 3 * w, true).await?,
+                    proj: l.linear(&format!("{q}.attn.proj"), w, w, true).await?,
                     heads: c.heads,
                     rel_pos: RelativePositions {
-                        h: l.host(&format!("{q}.attn.rel_pos_h"), &[rows, hd])?,
-                        w: l.host(&format!("{q}.attn.rel_pos_w"), &[rows, hd])?,
+                        h: l.host(&format!("{q}.attn.rel_pos_h"), &[rows, hd]).await?,
+                        w: l.host(&format!("{q}.attn.rel_pos_w"), &[rows, hd]).await?,
                         rows,
                         head_dim: hd,
                         gathered: GridCache::default(),
                     },
                 },
-                norm2: l.layer_norm(&format!("{q}.norm2"), w, c.layer_norm_eps)?,
-                lin1: l.linear(&format!("{q}.mlp.lin1"), w, c.mlp_dim(), true)?,
-                lin2: l.linear(&format!("{q}.mlp.lin2"), c.mlp_dim(), w, true)?,
+                norm2: l.layer_norm(&format!("{q}.norm2"), w, c.layer_norm_eps).await?,
+                lin1: l.linear(&format!("{q}.mlp.lin1"), w, c.mlp_dim(), true).await?,
+                lin2: l.linear(&format!("{q}.mlp.lin2"), c.mlp_dim(), w, true).await?,
                 window: if c.is_global_block(b) { 0 } else { c.window_size },
             });
         }
@@ -118,16 +118,16 @@ impl Sam {
         let o = c.out_chans;
         let [d0, d1] = c.downsample_channels;
         Ok(Self {
-            patch_embed: l.conv2d(&format!("{p}.patch_embed.proj"), [3, w], c.patch_size, c.patch_size, 0, true)?,
+            patch_embed: l.conv2d(&format!("{p}.patch_embed.proj"), [3, w], c.patch_size, c.patch_size, 0, true).await?,
             blocks,
-            neck_conv1: l.conv2d(&format!("{p}.neck.0"), [w, o], 1, 1, 0, false)?,
-            neck_norm1: l.layer_norm(&format!("{p}.neck.1"), o, c.layer_norm_eps)?,
-            neck_conv2: l.conv2d(&format!("{p}.neck.2"), [o, o], 3, 1, 1, false)?,
-            neck_norm2: l.layer_norm(&format!("{p}.neck.3"), o, c.layer_norm_eps)?,
-            net_2: l.conv2d(&format!("{p}.net_2"), [o, d0], 3, 2, 1, false)?,
-            net_3: l.conv2d(&format!("{p}.net_3"), [d0, d1], 3, 2, 1, false)?,
+            neck_conv1: l.conv2d(&format!("{p}.neck.0"), [w, o], 1, 1, 0, false).await?,
+            neck_norm1: l.layer_norm(&format!("{p}.neck.1"), o, c.layer_norm_eps).await?,
+            neck_conv2: l.conv2d(&format!("{p}.neck.2"), [o, o], 3, 1, 1, false).await?,
+            neck_norm2: l.layer_norm(&format!("{p}.neck.3"), o, c.layer_norm_eps).await?,
+            net_2: l.conv2d(&format!("{p}.net_2"), [o, d0], 3, 2, 1, false).await?,
+            net_3: l.conv2d(&format!("{p}.net_3"), [d0, d1], 3, 2, 1, false).await?,
             pos_embed: PositionTable {
-                values: l.host(&format!("{p}.pos_embed"), &[1, g, g, w])?,
+                values: l.host(&format!("{p}.pos_embed"), &[1, g, g, w]).await?,
                 grid: g,
                 width: w,
                 resized: GridCache::default(),

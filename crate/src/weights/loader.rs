@@ -1,4 +1,8 @@
 //! Builds burn modules from checkpoint tensors by their original names, converting PyTorch layouts.
+//! Loading is async because a ranged checkpoint fetches tensors as they are needed; from memory
+//! every future is ready at once.
+
+use std::cell::Cell;
 
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -8,68 +12,134 @@ use burn::tensor::{Device, Tensor, TensorData};
 use super::Checkpoint;
 use crate::error::Result;
 
+/// Called with `(bytes loaded, bytes in the checkpoint)` after each tensor.
+pub type LoadProgress<'p> = &'p dyn Fn(u64, u64);
+
 /// Reads named tensors from a checkpoint onto a device.
 pub struct Loader<'c, 'b> {
     checkpoint: &'c Checkpoint<'b>,
     device: Device,
+    max_tensor_bytes: usize,
+    progress: Option<LoadProgress<'c>>,
+    loaded: Cell<u64>,
 }
 
 impl<'c, 'b> Loader<'c, 'b> {
     pub fn new(checkpoint: &'c Checkpoint<'b>, device: &Device) -> Self {
-        Self { checkpoint, device: device.clone() }
+        Self { checkpoint, device: device.clone(), max_tensor_bytes: usize::MAX, progress: None, loaded: Cell::new(0) }
+    }
+
+    /// The largest tensor the device can bind (WebGPU's `maxStorageBufferBindingSize`): vocabulary-sized
+    /// matrices are split into row shards within it (see [`Loader::row_shards`]).
+    pub fn with_max_tensor_bytes(mut self, bytes: usize) -> Self {
+        self.max_tensor_bytes = bytes.max(1);
+        self
+    }
+
+    pub fn with_progress(mut self, progress: LoadProgress<'c>) -> Self {
+        self.progress = Some(progress);
+        self
     }
 
     pub fn device(&self) -> &Device {
         &self.device
     }
 
+    /// Bytes loaded so far.
+    pub fn loaded(&self) -> u64 {
+        self.loaded.get()
+    }
+
     /// Host copy of a tensor's values (f32), shape-checked.
-    pub fn host(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        self.checkpoint.f32_values(name, shape)
+    pub async fn host(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let values = self.checkpoint.f32_values(name, shape).await?;
+        self.count(name, values.len());
+        Ok(values)
     }
 
-    pub fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<D>> {
-        self.checkpoint.tensor(name, shape, &self.device)
+    pub async fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<D>> {
+        let values = self.host(name, &shape).await?;
+        Ok(Tensor::from_data(TensorData::new(values, shape), &self.device))
     }
 
-    pub fn param<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Param<Tensor<D>>> {
-        Ok(Param::from_tensor(self.tensor(name, shape)?))
+    pub async fn param<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Param<Tensor<D>>> {
+        Ok(Param::from_tensor(self.tensor(name, shape).await?))
     }
 
     /// `prefix.weight` (PyTorch `(out, in)`, stored transposed as burn's `[in, out]`) and optional `prefix.bias`.
-    pub fn linear(&self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Linear> {
-        let w = self.host(&format!("{prefix}.weight"), &[d_out, d_in])?;
-        let mut t = vec![0.0f32; w.len()];
-        for o in 0..d_out {
-            for i in 0..d_in {
-                t[i * d_out + o] = w[o * d_in + i];
-            }
-        }
+    pub async fn linear(&self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Linear> {
+        let w = self.host(&format!("{prefix}.weight"), &[d_out, d_in]).await?;
         let mut linear = LinearConfig::new(d_in, d_out).with_bias(bias).init(&self.device);
-        linear.weight = Param::from_tensor(Tensor::from_data(TensorData::new(t, [d_in, d_out]), &self.device));
+        linear.weight = Param::from_tensor(self.transposed(&w, d_out, d_in));
         if bias {
-            linear.bias = Some(self.param(&format!("{prefix}.bias"), [d_out])?);
+            linear.bias = Some(self.param(&format!("{prefix}.bias"), [d_out]).await?);
         }
         Ok(linear)
     }
 
+    /// A `(rows, cols)` matrix as consecutive row shards of at most [`Loader::with_max_tensor_bytes`]
+    /// each (one shard when it fits), each read from the checkpoint on its own. `transpose` stores
+    /// each shard as `(cols, shard rows)`, the layout a bias-free Linear with `rows` outputs wants.
+    pub async fn row_shards(&self, name: &str, [rows, cols]: [usize; 2], transpose: bool) -> Result<Vec<Tensor<2>>> {
+        let per_shard = self.rows_per_shard(cols);
+        let mut shards = Vec::with_capacity(rows.div_ceil(per_shard));
+        let mut start = 0;
+        while start < rows {
+            let end = (start + per_shard).min(rows);
+            let values = self.checkpoint.f32_rows(name, &[rows, cols], start..end).await?;
+            self.count(name, values.len());
+            shards.push(if transpose {
+                self.transposed(&values, end - start, cols)
+            } else {
+                Tensor::from_data(TensorData::new(values, [end - start, cols]), &self.device)
+            });
+            start = end;
+        }
+        Ok(shards)
+    }
+
+    /// Rows of `cols` f32 values that fit the binding limit (at least one).
+    fn rows_per_shard(&self, cols: usize) -> usize {
+        (self.max_tensor_bytes / (cols.max(1) * std::mem::size_of::<f32>())).max(1)
+    }
+
     /// LayerNorm over the last axis from `prefix.weight` / `prefix.bias`.
-    pub fn layer_norm(&self, prefix: &str, d: usize, eps: f64) -> Result<LayerNorm> {
+    pub async fn layer_norm(&self, prefix: &str, d: usize, eps: f64) -> Result<LayerNorm> {
         let mut norm = LayerNormConfig::new(d).with_epsilon(eps).init(&self.device);
-        norm.gamma = self.param(&format!("{prefix}.weight"), [d])?;
-        norm.beta = Some(self.param(&format!("{prefix}.bias"), [d])?);
+        norm.gamma = self.param(&format!("{prefix}.weight"), [d]).await?;
+        norm.beta = Some(self.param(&format!("{prefix}.bias"), [d]).await?);
         Ok(norm)
     }
 
     /// A square-kernel Conv2d with symmetric padding from `prefix.weight` (`(out, in, k, k)`) and optional bias.
-    pub fn conv2d(&self, prefix: &str, [c_in, c_out]: [usize; 2], kernel: usize, stride: usize, padding: usize, bias: bool) -> Result<Conv2d> {
+    pub async fn conv2d(&self, prefix: &str, [c_in, c_out]: [usize; 2], kernel: usize, stride: usize, padding: usize, bias: bool) -> Result<Conv2d> {
         let mut conv = Conv2dConfig::new([c_in, c_out], [kernel, kernel])
             .with_stride([stride, stride])
             .with_padding(PaddingConfig2d::Explicit(padding, padding, padding, padding))
             .with_bias(bias)
             .init(&self.device);
-        conv.weight = self.param(&format!("{prefix}.weight"), [c_out, c_in, kernel, kernel])?;
-        conv.bias = if bias { Some(self.param(&format!("{prefix}.bias"), [c_out])?) } else { None };
+        conv.weight = self.param(&format!("{prefix}.weight"), [c_out, c_in, kernel, kernel]).await?;
+        conv.bias = if bias { Some(self.param(&format!("{prefix}.bias"), [c_out]).await?) } else { None };
         Ok(conv)
+    }
+
+    /// `(rows, cols)` row-major values uploaded as their `(cols, rows)` transpose (on the host, so
+    /// matmuls see a contiguous weight).
+    fn transposed(&self, values: &[f32], rows: usize, cols: usize) -> Tensor<2> {
+        let mut t = vec![0.0f32; values.len()];
+        for r in 0..rows {
+            for c in 0..cols {
+                t[c * rows + r] = values[r * cols + c];
+            }
+        }
+        Tensor::from_data(TensorData::new(t, [cols, rows]), &self.device)
+    }
+
+    fn count(&self, name: &str, elements: usize) {
+        let element_bytes = self.checkpoint.element_bytes(name).unwrap_or(4) as u64;
+        self.loaded.set(self.loaded.get() + elements as u64 * element_bytes);
+        if let Some(progress) = self.progress {
+            progress(self.loaded.get(), self.checkpoint.data_len() as u64);
+        }
     }
 }

@@ -4,6 +4,6 @@ mod checkpoint;
 mod loader;
 mod names;
 
-pub use checkpoint::Checkpoint;
-pub use loader::Loader;
+pub use checkpoint::{Checkpoint, DEFAULT_WINDOW_BYTES, LocalBoxFuture, RangeFetch};
+pub use loader::{LoadProgress, Loader};
 pub use names::{TensorSpec, expected_tensors, OPTIONAL_TENSORS};

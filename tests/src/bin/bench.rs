@@ -38,8 +38,8 @@ fn main() {
     let weights = Checkpoint::parse(&bytes).unwrap();
     let device = Device::flex();
     let loader = Loader::new(&weights, &device);
-    let encoder = VisionEncoder::load(&config, &loader).unwrap();
-    let decoder = Decoder::load(&config.decoder, &loader).unwrap();
+    let encoder = pollster::block_on(VisionEncoder::load(&config, &loader)).unwrap();
+    let decoder = pollster::block_on(Decoder::load(&config.decoder, &loader)).unwrap();
     let tokenizer = Tokenizer::from_json(&std::fs::read(dir.join("tokenizer.json")).unwrap()).unwrap();
     println!("load: {:.1} s (f32 weights on flex, {} threads)", t.elapsed().as_secs_f64(), rayon_threads());
 
