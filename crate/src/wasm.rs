@@ -247,7 +247,8 @@ impl Dsocr {
         js_sys::JSON::parse(&self.adapter)
     }
 
-    /// Recognises `input` (Uint8Array / ArrayBuffer of an encoded image, Blob/File, or ImageData).
+    /// Recognises `input` (Uint8Array / ArrayBuffer of an encoded image, Blob/File, ImageData or
+    /// ImageBitmap; give `createImageBitmap` `{ colorSpaceConversion: "none" }` for exact pixels).
     /// Resolves to the same object as the native `OcrResult` JSON.
     pub async fn recognize(&self, input: JsValue, options: JsValue) -> Result<JsValue, JsValue> {
         let task = match get(&options, "task").and_then(|v| v.as_string()).as_deref().unwrap_or("markdown") {
@@ -290,6 +291,10 @@ impl Dsocr {
             }
             if aborted(&signal) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
         };
+        let input = match input.dyn_ref::<web_sys::ImageBitmap>() {
+            Some(bitmap) => bitmap_pixels(bitmap)?,
+            None => input,
+        };
         let result = if let Some(image) = image_data(&input)? {
             self.engine.recognize_image(&image, &task, mode, &generation, on_event).await
         } else {
@@ -318,6 +323,19 @@ fn image_data(input: &JsValue) -> Result<Option<image::RgbImage>, JsValue> {
     Ok(image::RgbImage::from_raw(width, height, rgb))
 }
 
+/// An `ImageBitmap`'s pixels as `ImageData`, drawn on an `OffscreenCanvas` (works in workers too).
+fn bitmap_pixels(bitmap: &web_sys::ImageBitmap) -> Result<JsValue, JsValue> {
+    let (width, height) = (bitmap.width(), bitmap.height());
+    if width == 0 || height == 0 {
+        return Err(js_error("BAD_IMAGE", "empty ImageBitmap (closed or zero-sized)"));
+    }
+    let canvas = web_sys::OffscreenCanvas::new(width, height)?;
+    let context: web_sys::OffscreenCanvasRenderingContext2d =
+        canvas.get_context("2d")?.ok_or_else(|| js_error("BACKEND", "no 2d context for an OffscreenCanvas"))?.dyn_into()?;
+    context.draw_image_with_image_bitmap(bitmap, 0.0, 0.0)?;
+    Ok(context.get_image_data(0.0, 0.0, width as f64, height as f64)?.into())
+}
+
 /// Encoded image bytes from a Uint8Array, ArrayBuffer or Blob/File.
 async fn input_bytes(input: &JsValue) -> Result<Vec<u8>, JsValue> {
     if let Some(array) = input.dyn_ref::<Uint8Array>() {
@@ -330,5 +348,5 @@ async fn input_bytes(input: &JsValue) -> Result<Vec<u8>, JsValue> {
         let buffer = JsFuture::from(blob.array_buffer()).await?;
         return Ok(Uint8Array::new(&buffer).to_vec());
     }
-    Err(js_error("BAD_ARGUMENT", "input must be a Uint8Array, ArrayBuffer, Blob/File or ImageData"))
+    Err(js_error("BAD_ARGUMENT", "input must be a Uint8Array, ArrayBuffer, Blob/File, ImageData or ImageBitmap"))
 }

@@ -14,8 +14,12 @@ const fixtures = path.join(root, 'tests', 'fixtures');
 const routes = {
   '/pkg/': path.join(root, 'www', 'pkg'),
   '/ckpt/': fixtures,
+  // The same files from a server that ignores Range headers (like `python3 -m http.server`).
+  '/norange/': fixtures,
   '/images/': path.join(fixtures, 'images'),
 };
+// What the server sent for each weights file: [status, bytes] per request.
+const served = [];
 const types = { '.js': 'text/javascript', '.wasm': 'application/wasm', '.json': 'application/json', '.png': 'image/png', '.html': 'text/html' };
 const PAGE = `<!doctype html><meta charset="utf-8"><title>dsocr test</title>
 <script type="module">
@@ -40,7 +44,20 @@ before(async () => {
       return res.end();
     }
     const body = fs.readFileSync(file);
-    res.writeHead(200, { 'content-type': types[path.extname(file)] ?? 'application/octet-stream', 'content-length': body.length });
+    const type = types[path.extname(file)] ?? 'application/octet-stream';
+    const range = /^bytes=(\d+)-(\d+)$/.exec(req.headers.range ?? '');
+    if (range && prefix !== '/norange/') {
+      const [start, end] = [Number(range[1]), Math.min(Number(range[2]), body.length - 1)];
+      if (start > end) {
+        res.writeHead(416, { 'content-range': `bytes */${body.length}` });
+        return res.end();
+      }
+      if (file.endsWith('.safetensors')) served.push([206, end - start + 1]);
+      res.writeHead(206, { 'content-type': type, 'content-length': end - start + 1, 'content-range': `bytes ${start}-${end}/${body.length}`, 'accept-ranges': 'bytes' });
+      return res.end(body.subarray(start, end + 1));
+    }
+    if (file.endsWith('.safetensors')) served.push([200, body.length]);
+    res.writeHead(200, { 'content-type': type, 'content-length': body.length });
     res.end(body);
   });
   await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
@@ -66,36 +83,44 @@ function reference(checkpoint, image, mode) {
 }
 
 // Loads a tiny checkpoint, recognises an image, returns the result plus streamed tokens and progress.
-async function recognize(page, { checkpoint, image, mode, maxNewTokens, abortAfter }) {
-  return page.evaluate(async ({ checkpoint, image, mode, maxNewTokens, abortAfter }) => {
+// `route`: '/ckpt' (Range requests) or '/norange'; `maxBindingBytes` lowers the binding limit;
+// `bitmap` passes an ImageBitmap instead of a Blob.
+async function recognize(page, { checkpoint, image, mode, maxNewTokens, abortAfter, route = '/ckpt', maxBindingBytes, bitmap = false, task = 'markdown' }) {
+  return page.evaluate(async ({ checkpoint, image, mode, maxNewTokens, abortAfter, route, maxBindingBytes, bitmap, task }) => {
     const { Dsocr } = await window.dsocr;
     const progress = [];
     const streamed = [];
     try {
       const started = performance.now();
-      const engine = await Dsocr.load(`/ckpt/${checkpoint}`, { onProgress: (p) => progress.push(p) });
+      const engine = await Dsocr.load(`${route}/${checkpoint}`, { onProgress: (p) => progress.push(p), maxBindingBytes });
       const loadMs = performance.now() - started;
       const adapter = engine.adapterInfo();
-      const bytes = new Uint8Array(await (await fetch(`/images/${image}.png`)).arrayBuffer());
+      const blob = new Blob([await (await fetch(`/images/${image}.png`)).arrayBuffer()], { type: 'image/png' });
+      const input = bitmap ? await createImageBitmap(blob, { colorSpaceConversion: 'none', premultiplyAlpha: 'none' }) : blob;
       const controller = new AbortController();
       const t = performance.now();
-      const result = await engine.recognize(new Blob([bytes], { type: 'image/png' }), {
-        task: 'markdown', mode, maxNewTokens, repeatGuard: 'hf', signal: controller.signal,
+      const result = await engine.recognize(input, {
+        task, mode, maxNewTokens, repeatGuard: 'hf', signal: controller.signal,
         onToken: (e) => { streamed.push(e.id); if (abortAfter && streamed.length >= abortAfter) controller.abort(); },
       });
       return { result, streamed, progress, loadMs, adapter, runMs: performance.now() - t };
     } catch (e) {
       return { error: { code: e.code, message: String(e.message) }, streamed, progress };
     }
-  }, { checkpoint, image, mode, maxNewTokens, abortAfter });
+  }, { checkpoint, image, mode, maxNewTokens, abortAfter, route, maxBindingBytes, bitmap, task });
 }
 
-for (const [mode, tokens] of [['tiny', 8], ['small', 4]]) {
-  test(`tiny-a ${mode}: the reference's greedy tokens on WebGPU, streamed, with progress to 100%`, { timeout: 15 * 60_000 }, async () => {
+// Small runs under a 4 MiB binding cap, so the embedding and lm_head load as vocabulary shards.
+for (const [mode, tokens, maxBindingBytes] of [['tiny', 8, undefined], ['small', 4, 4 << 20]]) {
+  test(`tiny-a ${mode}: the reference's greedy tokens on WebGPU, streamed, with progress to 100%${maxBindingBytes ? ', vocabulary split under a 4 MiB binding limit' : ''}`, { timeout: 15 * 60_000 }, async () => {
     const { context, page } = await browser();
     try {
-      const out = await recognize(page, { checkpoint: 'tiny-a', image: 'page', mode, maxNewTokens: tokens });
+      served.length = 0;
+      const out = await recognize(page, { checkpoint: 'tiny-a', image: 'page', mode, maxNewTokens: tokens, maxBindingBytes });
       assert.equal(out.error, undefined, JSON.stringify(out.error));
+      // The weights came as Range requests (header, then data), never as one whole-file response.
+      assert.ok(served.length >= 3 && served.every(([status]) => status === 206), JSON.stringify(served));
+      if (maxBindingBytes) assert.equal(out.adapter.maxTensorBytes, maxBindingBytes);
       const expected = reference('tiny-a', 'page', mode).greedy_tokens.slice(0, tokens);
       assert.deepEqual(out.result.token_ids, expected);
       assert.deepEqual(out.streamed, expected, 'onToken sees every token in order');
@@ -116,12 +141,15 @@ for (const [mode, tokens] of [['tiny', 8], ['small', 4]]) {
   });
 }
 
-test('abort through an AbortSignal rejects with code ABORTED', { timeout: 15 * 60_000 }, async () => {
+// Also: an ImageBitmap input, and a server without Range support (the whole file, served once).
+test('abort through an AbortSignal rejects with code ABORTED (ImageBitmap input, server without Range)', { timeout: 15 * 60_000 }, async () => {
   const { context, page } = await browser();
   try {
-    const out = await recognize(page, { checkpoint: 'tiny-a', image: 'note', mode: 'tiny', maxNewTokens: 16, abortAfter: 2 });
+    served.length = 0;
+    const out = await recognize(page, { checkpoint: 'tiny-a', image: 'note', mode: 'tiny', maxNewTokens: 16, abortAfter: 2, route: '/norange', bitmap: true, task: 'free' });
     assert.equal(out.error?.code, 'ABORTED', JSON.stringify(out));
-    assert.equal(out.streamed.length, 2);
+    assert.deepEqual(out.streamed, reference('tiny-a', 'note', 'tiny').greedy_tokens.slice(0, 2));
+    assert.deepEqual(served.map(([status]) => status), [200], 'one whole-file response, reused for every range');
   } finally {
     await context.close();
   }
