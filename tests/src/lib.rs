@@ -340,3 +340,33 @@ mod tests {
         assert_close("stage", &arr(&[1, 2], &[1.0, 3.0]), &expected, Tolerance::RelativeToMax(1e-4));
     }
 }
+
+/// The native wgpu device (Vulkan/Metal/DX12) and its largest binding in bytes, once per test
+/// process; `f16` configures half precision first. `None` (after saying why) when there is no
+/// adapter or it lacks f16, unless `DSOCR_REQUIRE_WGPU` is set: then that is a failure.
+#[cfg(feature = "wgpu")]
+pub fn wgpu_device(f16: bool) -> Option<(burn::tensor::Device, usize)> {
+    use burn::tensor::{DType, Device, FloatDType};
+    static DEVICE: std::sync::OnceLock<Result<(Device, usize), String>> = std::sync::OnceLock::new();
+    let found = DEVICE.get_or_init(|| {
+        let (mut device, setup) = pollster::block_on(Device::wgpu_options().init_with_setup_async()).map_err(|e| format!("no wgpu adapter: {e:?}"))?;
+        let limits = setup.device.limits();
+        let max = usize::try_from(limits.max_storage_buffer_binding_size.min(limits.max_buffer_size)).unwrap_or(usize::MAX);
+        eprintln!("wgpu adapter: {:?} ({:?}), largest binding {} MiB", setup.adapter.get_info().name, setup.backend, max >> 20);
+        if f16 {
+            if !device.supports_dtype(DType::F16) {
+                return Err("the wgpu adapter has no f16 support".into());
+            }
+            device.configure(FloatDType::F16).map_err(|e| format!("{e:?}"))?;
+        }
+        Ok((device, max))
+    });
+    match found {
+        Ok(found) => Some(found.clone()),
+        Err(why) if std::env::var_os("DSOCR_REQUIRE_WGPU").is_some() => panic!("{why} (DSOCR_REQUIRE_WGPU is set)"),
+        Err(why) => {
+            eprintln!("SKIPPED: {why}; install a Vulkan driver (Debian: mesa-vulkan-drivers) to run the GPU parity tests");
+            None
+        }
+    }
+}

@@ -3,7 +3,7 @@
 //! Exit codes: 0 every input recognised; 1 some inputs failed (each reported, the batch went on);
 //! 2 bad arguments or the model could not be loaded.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -248,13 +248,21 @@ fn run(args: &OcrArgs) -> Result<bool, String> {
     };
     let (device, max_tensor_bytes) = device(args.device)?;
     let options = EngineOptions { max_tensor_bytes, ..EngineOptions::default() };
+    // A live percentage on a terminal; one line when done otherwise (logs, pipes).
+    let terminal = std::io::stderr().is_terminal();
     let last_percent = std::cell::Cell::new(u64::MAX);
+    let load_started = std::time::Instant::now();
     let progress = |loaded: u64, total: u64| {
         let percent = if total == 0 { 100 } else { loaded * 100 / total };
         if percent != last_percent.replace(percent) {
-            eprint!("\rdsocr: loading {}: {percent:>3}%", model_dir.display());
+            if terminal {
+                eprint!("\rdsocr: loading {}: {percent:>3}%", model_dir.display());
+            }
             if loaded >= total {
-                eprintln!();
+                if terminal {
+                    eprintln!();
+                }
+                eprintln!("dsocr: loaded {} in {:.1} s", model_dir.display(), load_started.elapsed().as_secs_f64());
             }
         }
     };

@@ -1,0 +1,42 @@
+//! The parity checks on the native GPU through wgpu (Vulkan; Mesa's lavapipe in CI, where `.ci/run`
+//! sets `DSOCR_REQUIRE_WGPU=1`), so the GPU kernels are checked outside the browser too: tiny-a's
+//! encoder stages, prompt logits, KV-cached logits and greedy tokens, f32.
+//! Without a GPU adapter (and without `DSOCR_REQUIRE_WGPU`) each test says so and passes.
+#![cfg(feature = "wgpu")]
+
+use dsocr_tests::Tolerance;
+use dsocr_tests::parity::{encoder_parity, greedy_parity, incremental_equals_full, load_model, logits_parity};
+use dsocr_tests::wgpu_device;
+
+/// GPU reductions and matmuls sum in another order than the CPU; still far inside 1e-4 here.
+const TOLERANCE: Tolerance = Tolerance::RelativeToMax(1e-4);
+
+#[test]
+fn parity_wgpu_encoder_tiny_a_tiny() {
+    let Some((device, _)) = wgpu_device(false) else { return };
+    encoder_parity(&load_model("tiny-a", &device, usize::MAX), "tiny-a", "tiny", TOLERANCE);
+}
+
+#[test]
+fn parity_wgpu_encoder_tiny_a_gundam() {
+    let Some((device, _)) = wgpu_device(false) else { return };
+    encoder_parity(&load_model("tiny-a", &device, usize::MAX), "tiny-a", "gundam", TOLERANCE);
+}
+
+#[test]
+fn parity_wgpu_decoder_tiny_a() {
+    let Some((device, max_tensor_bytes)) = wgpu_device(false) else { return };
+    let model = load_model("tiny-a", &device, max_tensor_bytes);
+    logits_parity(&model, "tiny-a", "tiny", TOLERANCE);
+    incremental_equals_full(&model, "tiny-a", TOLERANCE);
+}
+
+/// The whole pipeline on the GPU with the vocabulary split as under WebGPU's 128 MiB limit
+/// (scaled down to the tiny model: 3 MiB shards).
+#[test]
+fn parity_wgpu_greedy_tiny_a_small_with_vocabulary_shards() {
+    let Some((device, max_tensor_bytes)) = wgpu_device(false) else { return };
+    let model = load_model("tiny-a", &device, max_tensor_bytes.min(3 << 20));
+    assert!(model.decoder.vocab_shards().0 > 2);
+    greedy_parity(&model, "tiny-a", "small", None);
+}
