@@ -1,6 +1,7 @@
 //! The parity checks on the native GPU through wgpu (Vulkan; Mesa's lavapipe in CI, where `.ci/run`
 //! sets `DSOCR_REQUIRE_WGPU=1`), so the GPU kernels are checked outside the browser too: tiny-a's
-//! encoder stages, prompt logits, KV-cached logits and greedy tokens, f32.
+//! encoder stages, prompt logits, KV-cached logits and greedy tokens in f32, and the model in f16
+//! (what the browser picks on adapters with `shader-f16`; lavapipe has it) close to the reference.
 //! Without a GPU adapter (and without `DSOCR_REQUIRE_WGPU`) each test says so and passes.
 #![cfg(feature = "wgpu")]
 
@@ -10,6 +11,13 @@ use dsocr_tests::wgpu_device;
 
 /// GPU reductions and matmuls sum in another order than the CPU; still far inside 1e-4 here.
 const TOLERANCE: Tolerance = Tolerance::RelativeToMax(1e-4);
+
+/// f16 keeps 11 significant bits (5e-4 relative per value; the reference itself runs in bf16 with 8);
+/// measured on lavapipe: encoder stages ≤ 1.2e-2 × max|ref|, logits ≤ 1.2e-3.
+const F16_TOLERANCE: Tolerance = Tolerance::RelativeToMax(3e-2);
+
+/// Set in the child process that runs the f16 test.
+const F16_CHILD: &str = "DSOCR_WGPU_F16_CHILD";
 
 #[test]
 fn parity_wgpu_encoder_tiny_a_tiny() {
@@ -39,4 +47,26 @@ fn parity_wgpu_greedy_tiny_a_small_with_vocabulary_shards() {
     let model = load_model("tiny-a", &device, max_tensor_bytes.min(3 << 20));
     assert!(model.decoder.vocab_shards().0 > 2);
     greedy_parity(&model, "tiny-a", "small", None);
+}
+
+/// A device's float type is fixed at its first tensor, so f16 runs in a child process of this test
+/// binary with only this test selected.
+#[test]
+fn parity_wgpu_f16_encoder_and_logits_tiny_a() {
+    if std::env::var_os(F16_CHILD).is_none() {
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new(exe)
+            .args(["--exact", "parity_wgpu_f16_encoder_and_logits_tiny_a", "--nocapture"])
+            .env(F16_CHILD, "1")
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        eprintln!("{log}");
+        assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("1 passed"), "f16 child failed:\n{log}");
+        return;
+    }
+    let Some((device, max_tensor_bytes)) = wgpu_device(true) else { return };
+    let model = load_model("tiny-a", &device, max_tensor_bytes);
+    encoder_parity(&model, "tiny-a", "tiny", F16_TOLERANCE);
+    logits_parity(&model, "tiny-a", "tiny", F16_TOLERANCE);
 }
