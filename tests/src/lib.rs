@@ -370,3 +370,21 @@ pub fn wgpu_device(f16: bool) -> Option<(burn::tensor::Device, usize)> {
         }
     }
 }
+
+/// Runs test `name` of the current test binary again in a child process with `env` set, and
+/// asserts it passed there. For checks that need a fresh device: a device's float type is fixed
+/// at its first tensor. Returns false in the child itself (where the caller should do the work).
+pub fn in_child_process(name: &str, env: (&str, &str)) -> bool {
+    if std::env::var(env.0).as_deref() == Ok(env.1) {
+        return false;
+    }
+    let out = std::process::Command::new(std::env::current_exe().expect("test binary path"))
+        .args(["--exact", name, "--nocapture"])
+        .env(env.0, env.1)
+        .output()
+        .expect("run the test binary");
+    let log = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{log}");
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("1 passed"), "{name} with {}={} failed:\n{log}", env.0, env.1);
+    true
+}

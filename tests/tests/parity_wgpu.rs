@@ -7,7 +7,7 @@
 
 use dsocr_tests::Tolerance;
 use dsocr_tests::parity::{encoder_parity, greedy_parity, incremental_equals_full, load_model, logits_parity};
-use dsocr_tests::wgpu_device;
+use dsocr_tests::{in_child_process, wgpu_device};
 
 /// GPU reductions and matmuls sum in another order than the CPU; still far inside 1e-4 here.
 const TOLERANCE: Tolerance = Tolerance::RelativeToMax(1e-4);
@@ -53,16 +53,7 @@ fn parity_wgpu_greedy_tiny_a_small_with_vocabulary_shards() {
 /// binary with only this test selected.
 #[test]
 fn parity_wgpu_f16_encoder_and_logits_tiny_a() {
-    if std::env::var_os(F16_CHILD).is_none() {
-        let exe = std::env::current_exe().unwrap();
-        let out = std::process::Command::new(exe)
-            .args(["--exact", "parity_wgpu_f16_encoder_and_logits_tiny_a", "--nocapture"])
-            .env(F16_CHILD, "1")
-            .output()
-            .unwrap();
-        let log = String::from_utf8_lossy(&out.stderr);
-        eprintln!("{log}");
-        assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("1 passed"), "f16 child failed:\n{log}");
+    if in_child_process("parity_wgpu_f16_encoder_and_logits_tiny_a", (F16_CHILD, "1")) {
         return;
     }
     let Some((device, max_tensor_bytes)) = wgpu_device(true) else { return };

@@ -8,7 +8,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use burn::tensor::Device;
+use burn::tensor::{DType, Device, FloatDType};
 use clap::{Parser, Subcommand, ValueEnum};
 use dsocr::{Engine, EngineOptions, GenerationOptions, Mode, OcrResult, RepeatGuard, Task};
 
@@ -53,7 +53,7 @@ struct OcrArgs {
     out: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
-    /// Weight dtype on the device. Only f32 is implemented so far.
+    /// Float type of weights and activations: f16/bf16 halve the memory (where the device supports them).
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     dtype: DtypeArg,
 }
@@ -88,6 +88,7 @@ enum DeviceArg {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+#[derive(Debug)]
 enum DtypeArg {
     F32,
     F16,
@@ -225,9 +226,6 @@ fn unique() -> u64 {
 
 fn run(args: &OcrArgs) -> Result<bool, String> {
     let task = parse_task(&args.task)?;
-    if !matches!(args.dtype, DtypeArg::F32) {
-        return Err("only --dtype f32 is implemented so far".into());
-    }
     let model_dir = resolve_model(&args.model)?;
     let model_dir = model_dir.as_path();
     let mode = match args.mode {
@@ -246,7 +244,19 @@ fn run(args: &OcrArgs) -> Result<bool, String> {
         },
         ..GenerationOptions::default()
     };
-    let (device, max_tensor_bytes) = device(args.device)?;
+    let (mut device, max_tensor_bytes) = device(args.device)?;
+    let dtype = match args.dtype {
+        DtypeArg::F32 => FloatDType::F32,
+        DtypeArg::F16 => FloatDType::F16,
+        DtypeArg::Bf16 => FloatDType::BF16,
+    };
+    if dtype != FloatDType::F32 {
+        // Weights and activations in half precision: half the memory.
+        if !device.supports_dtype(DType::from(dtype)) {
+            return Err(format!("--dtype {:?} is not supported on this device", args.dtype).to_lowercase());
+        }
+        device.configure(dtype).map_err(|e| format!("--dtype: {e:?}"))?;
+    }
     let options = EngineOptions { max_tensor_bytes, ..EngineOptions::default() };
     // A live percentage on a terminal; one line when done otherwise (logs, pipes).
     let terminal = std::io::stderr().is_terminal();
