@@ -38,8 +38,13 @@ pub struct Checkpoint<'a> {
 }
 
 enum Data<'a> {
-    /// The data section (everything after the header).
-    Memory(&'a [u8]),
+    Memory {
+        /// The data section (everything after the header) and its offset in the file.
+        data: &'a [u8],
+        data_start: usize,
+        /// Told `(file offset, length)` of each span once read (see [`Checkpoint::with_release`]).
+        release: Option<Box<dyn Fn(usize, usize) + 'a>>,
+    },
     Ranged(Ranged),
 }
 
@@ -63,7 +68,17 @@ impl<'a> Checkpoint<'a> {
         if metadata.data_len() != data.len() {
             return Err(bad(&format!("the header describes {} bytes of tensor data, the file holds {}", metadata.data_len(), data.len())));
         }
-        Ok(Self { metadata, data: Data::Memory(data) })
+        Ok(Self { metadata, data: Data::Memory { data, data_start, release: None } })
+    }
+
+    /// For a memory-mapped file: `release(file offset, length)` is called after each read so the
+    /// caller can drop those pages (natively `madvise(MADV_DONTNEED)`), so that loading does not hold
+    /// the mapped file and the converted weights in memory at once.
+    pub fn with_release(mut self, release: Box<dyn Fn(usize, usize) + 'a>) -> Self {
+        if let Data::Memory { release: slot, .. } = &mut self.data {
+            *slot = Some(release);
+        }
+        self
     }
 
     /// Opens a checkpoint through `fetch`: reads the header now and each tensor when it is loaded,
@@ -158,7 +173,13 @@ impl<'a> Checkpoint<'a> {
     /// Hands `f` the bytes `span` of the data section.
     async fn read<T>(&self, span: Range<usize>, f: impl FnOnce(&[u8]) -> T) -> Result<T> {
         match &self.data {
-            Data::Memory(data) => Ok(f(&data[span])),
+            Data::Memory { data, data_start, release } => {
+                let value = f(&data[span.clone()]);
+                if let Some(release) = release {
+                    release(data_start + span.start, span.len());
+                }
+                Ok(value)
+            }
             Data::Ranged(ranged) => {
                 ranged.ensure(span.clone(), self.metadata.data_len()).await?;
                 let window = ranged.window.borrow();
