@@ -38,6 +38,27 @@ impl Default for EngineOptions {
     }
 }
 
+/// Where and how [`Engine::load`] runs the model, and whom it tells about progress.
+#[cfg(all(feature = "hub", not(target_arch = "wasm32")))]
+pub struct LoadOptions<'p> {
+    /// `Device::flex()` (CPU, the default), a wgpu device, …
+    pub device: Device,
+    /// Float type of weights and activations: f16/bf16 halve the memory where the device has them.
+    pub dtype: burn::tensor::FloatDType,
+    pub engine: EngineOptions,
+    /// Download progress per file: `(file, bytes so far, total)`.
+    pub on_download: Option<crate::hub::Progress<'p>>,
+    /// Loading progress: `(bytes loaded, bytes in the checkpoint)`.
+    pub on_load: Option<LoadProgress<'p>>,
+}
+
+#[cfg(all(feature = "hub", not(target_arch = "wasm32")))]
+impl Default for LoadOptions<'_> {
+    fn default() -> Self {
+        Self { device: Device::default(), dtype: burn::tensor::FloatDType::F32, engine: EngineOptions::default(), on_download: None, on_load: None }
+    }
+}
+
 /// A loaded model, tokenizer and device.
 #[derive(Debug)]
 pub struct Engine {
@@ -94,6 +115,23 @@ impl Engine {
     pub async fn from_parts(config_json: &str, weights: &[u8], tokenizer_json: &[u8], device: &Device, options: EngineOptions) -> Result<Self> {
         let checkpoint = Checkpoint::parse(weights)?;
         Self::from_checkpoint(config_json, &checkpoint, tokenizer_json, device, options, None).await
+    }
+
+    /// Loads the model from `source`: a checkpoint folder, a hub repo id (`deepseek-ai/DeepSeek-OCR`,
+    /// downloaded into the hub cache with resume and sha256 checks; `HF_ENDPOINT`, `HF_HOME`,
+    /// `HF_TOKEN`) or an http(s) base URL holding the same files.
+    #[cfg(all(feature = "hub", not(target_arch = "wasm32")))]
+    pub async fn load(source: &str, options: LoadOptions<'_>) -> Result<Self> {
+        let LoadOptions { mut device, dtype, engine, on_download, on_load } = options;
+        let mut quiet = |_: &str, _: u64, _: Option<u64>| {};
+        let dir = crate::hub::resolve(source, on_download.unwrap_or(&mut quiet))?;
+        if dtype != burn::tensor::FloatDType::F32 {
+            if !device.supports_dtype(burn::tensor::DType::from(dtype)) {
+                return Err(Error::InvalidArgument(format!("{dtype:?} is not supported on this device")));
+            }
+            device.configure(dtype).map_err(|e| Error::InvalidArgument(format!("cannot use {dtype:?} on this device: {e:?}")))?;
+        }
+        Self::load_dir(&dir, &device, engine, on_load).await
     }
 
     /// Loads a checkpoint directory in the hub layout (`config.json`, `*.safetensors`, `tokenizer.json`).

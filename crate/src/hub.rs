@@ -41,6 +41,21 @@ pub fn is_repo_id(source: &str) -> bool {
         && !Path::new(source).exists()
 }
 
+/// The local checkpoint folder for `source`: a folder as is; a hub repo id (`org/name`) or an http(s)
+/// base URL fetched into the cache first (resumable, checked, `progress` per file).
+pub fn resolve(source: &str, progress: Progress) -> Result<PathBuf> {
+    let path = Path::new(source);
+    if path.is_dir() {
+        Ok(path.to_path_buf())
+    } else if source.starts_with("http://") || source.starts_with("https://") {
+        fetch_from_url(source, progress)
+    } else if is_repo_id(source) {
+        fetch_checkpoint(source, progress)
+    } else {
+        Err(Error::InvalidArgument(format!("{source}: not a checkpoint directory, hub repo id (org/name) or http(s) URL")))
+    }
+}
+
 /// Makes sure every checkpoint file of `repo` is in the cache; returns the snapshot folder.
 pub fn fetch_checkpoint(repo: &str, progress: Progress) -> Result<PathBuf> {
     let repo_dir = cache_root().join(format!("models--{}", repo.replace('/', "--")));

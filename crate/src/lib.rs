@@ -23,6 +23,8 @@ pub mod weights;
 
 pub use config::{Config, Mode};
 pub use engine::{Engine, EngineOptions, TokenEvent};
+#[cfg(all(feature = "hub", not(target_arch = "wasm32")))]
+pub use engine::LoadOptions;
 pub use generate::{GenerationOptions, RepeatGuard, Sampling};
 pub use output::OcrResult;
 pub use text::Task;

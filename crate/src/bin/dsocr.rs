@@ -8,9 +8,9 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use burn::tensor::{DType, Device, FloatDType};
+use burn::tensor::{Device, FloatDType};
 use clap::{Parser, Subcommand, ValueEnum};
-use dsocr::{Engine, EngineOptions, GenerationOptions, Mode, OcrResult, RepeatGuard, Task};
+use dsocr::{Engine, EngineOptions, GenerationOptions, LoadOptions, Mode, OcrResult, RepeatGuard, Task};
 
 #[derive(Parser)]
 #[command(name = "dsocr", version, about = "DeepSeek-OCR on burn: OCR of images, natively")]
@@ -226,8 +226,6 @@ fn unique() -> u64 {
 
 fn run(args: &OcrArgs) -> Result<bool, String> {
     let task = parse_task(&args.task)?;
-    let model_dir = resolve_model(&args.model)?;
-    let model_dir = model_dir.as_path();
     let mode = match args.mode {
         ModeArg::Tiny => Mode::Tiny,
         ModeArg::Small => Mode::Small,
@@ -244,39 +242,54 @@ fn run(args: &OcrArgs) -> Result<bool, String> {
         },
         ..GenerationOptions::default()
     };
-    let (mut device, max_tensor_bytes) = device(args.device)?;
+    let (device, max_tensor_bytes) = device(args.device)?;
     let dtype = match args.dtype {
         DtypeArg::F32 => FloatDType::F32,
         DtypeArg::F16 => FloatDType::F16,
         DtypeArg::Bf16 => FloatDType::BF16,
     };
-    if dtype != FloatDType::F32 {
-        // Weights and activations in half precision: half the memory.
-        if !device.supports_dtype(DType::from(dtype)) {
-            return Err(format!("--dtype {:?} is not supported on this device", args.dtype).to_lowercase());
-        }
-        device.configure(dtype).map_err(|e| format!("--dtype: {e:?}"))?;
-    }
-    let options = EngineOptions { max_tensor_bytes, ..EngineOptions::default() };
-    // A live percentage on a terminal; one line when done otherwise (logs, pipes).
+    // Live percentages on a terminal; one line per finished file otherwise (logs, pipes).
     let terminal = std::io::stderr().is_terminal();
-    let last_percent = std::cell::Cell::new(u64::MAX);
-    let load_started = std::time::Instant::now();
-    let progress = |loaded: u64, total: u64| {
-        let percent = if total == 0 { 100 } else { loaded * 100 / total };
-        if percent != last_percent.replace(percent) {
+    let mut last_download = u64::MAX;
+    let mut on_download = |file: &str, loaded: u64, total: Option<u64>| {
+        let Some(total) = total.filter(|&t| t > 0) else { return };
+        let percent = loaded * 100 / total;
+        if percent != std::mem::replace(&mut last_download, percent) {
             if terminal {
-                eprint!("\rdsocr: loading {}: {percent:>3}%", model_dir.display());
+                eprint!("\rdsocr: downloading {file}: {percent:>3}% of {:.1} MB", total as f64 / 1e6);
             }
             if loaded >= total {
                 if terminal {
                     eprintln!();
                 }
-                eprintln!("dsocr: loaded {} in {:.1} s", model_dir.display(), load_started.elapsed().as_secs_f64());
+                eprintln!("dsocr: downloaded {file} ({:.1} MB)", total as f64 / 1e6);
             }
         }
     };
-    let engine = pollster::block_on(Engine::load_dir(model_dir, &device, options, Some(&progress))).map_err(|e| e.to_string())?;
+    let last_load = std::cell::Cell::new(u64::MAX);
+    let load_started = std::time::Instant::now();
+    let on_load = |loaded: u64, total: u64| {
+        let percent = if total == 0 { 100 } else { loaded * 100 / total };
+        if percent != last_load.replace(percent) {
+            if terminal {
+                eprint!("\rdsocr: loading {}: {percent:>3}%", args.model);
+            }
+            if loaded >= total {
+                if terminal {
+                    eprintln!();
+                }
+                eprintln!("dsocr: loaded {} in {:.1} s", args.model, load_started.elapsed().as_secs_f64());
+            }
+        }
+    };
+    let options = LoadOptions {
+        device,
+        dtype,
+        engine: EngineOptions { max_tensor_bytes, ..EngineOptions::default() },
+        on_download: Some(&mut on_download),
+        on_load: Some(&on_load),
+    };
+    let engine = pollster::block_on(Engine::load(&args.model, options)).map_err(|e| e.to_string())?;
     if let Some(out) = &args.out {
         std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     }
@@ -356,36 +369,6 @@ fn batch_progress(done: usize, total: usize, elapsed: std::time::Duration) -> St
         format!(" ETA {}m{:02}s", seconds / 60, seconds % 60)
     };
     format!("{bar} {}/{total}{eta}", done + 1)
-}
-
-/// A local checkpoint folder as is; a hub repo id (`org/name`) or an http(s) base URL is downloaded
-/// into the hub cache first (resumable, with progress on stderr).
-fn resolve_model(model: &str) -> Result<PathBuf, String> {
-    let path = Path::new(model);
-    if path.is_dir() {
-        return Ok(path.to_path_buf());
-    }
-    let mut last_percent = u64::MAX;
-    let mut progress = |file: &str, loaded: u64, total: Option<u64>| {
-        if let Some(total) = total.filter(|&t| t > 0) {
-            let percent = loaded * 100 / total;
-            if percent != last_percent {
-                last_percent = percent;
-                eprint!("\rdsocr: downloading {file}: {percent:>3}% of {:.1} MB", total as f64 / 1e6);
-                if loaded >= total {
-                    eprintln!();
-                }
-            }
-        }
-    };
-    let result = if model.starts_with("http://") || model.starts_with("https://") {
-        dsocr::hub::fetch_from_url(model, &mut progress)
-    } else if dsocr::hub::is_repo_id(model) {
-        dsocr::hub::fetch_checkpoint(model, &mut progress)
-    } else {
-        return Err(format!("{model}: not a checkpoint directory, hub repo id (org/name) or http(s) URL"));
-    };
-    result.map_err(|e| e.to_string())
 }
 
 fn json_entry(file: &Path, page: Option<usize>, result: Option<&OcrResult>, error: Option<&str>) -> serde_json::Value {
