@@ -30,11 +30,19 @@ pub struct EngineOptions {
     /// the vocabulary-sized embedding and lm_head are split into row shards within it.
     /// `usize::MAX` (the default) for devices without such a limit.
     pub max_tensor_bytes: usize,
+    /// Keep the routed experts stacked so decoding picks them on the device, with no host readback
+    /// per MoE layer: what GPUs (wgpu, WebGPU) want; on the CPU the grouped path is faster.
+    pub stacked_experts: bool,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { preprocess: PreprocessOptions::default(), decode_limits: DecodeLimits::default(), max_tensor_bytes: usize::MAX }
+        Self {
+            preprocess: PreprocessOptions::default(),
+            decode_limits: DecodeLimits::default(),
+            max_tensor_bytes: usize::MAX,
+            stacked_experts: false,
+        }
     }
 }
 
@@ -95,7 +103,8 @@ impl Engine {
         // Check every name and shape up front: a wrong file fails fast, naming the tensor.
         checkpoint.check(&expected_tensors(&config))?;
         let tokenizer = Tokenizer::from_json(tokenizer_json)?;
-        let mut loader = Loader::new(checkpoint, device).with_max_tensor_bytes(options.max_tensor_bytes);
+        let mut loader =
+            Loader::new(checkpoint, device).with_max_tensor_bytes(options.max_tensor_bytes).with_stacked_experts(options.stacked_experts);
         if let Some(progress) = progress {
             loader = loader.with_progress(progress);
         }

@@ -22,11 +22,16 @@ pub struct Model {
 
 /// Loads a tiny checkpoint; `max_tensor_bytes` caps one weight as a device's binding limit would.
 pub fn load_model(checkpoint: &str, device: &Device, max_tensor_bytes: usize) -> Model {
+    load_model_with(checkpoint, device, max_tensor_bytes, false)
+}
+
+/// [`load_model`], with the routed experts stacked (decoding picks them on the device) if `stacked_experts`.
+pub fn load_model_with(checkpoint: &str, device: &Device, max_tensor_bytes: usize, stacked_experts: bool) -> Model {
     let dir = checkpoint_dir(checkpoint);
     let config = Config::from_json(std::str::from_utf8(&read_fixture(&dir.join("config.json"))).unwrap()).unwrap();
     let bytes = read_fixture(&dir.join("model.safetensors"));
     let weights = Checkpoint::parse(&bytes).unwrap();
-    let loader = Loader::new(&weights, device).with_max_tensor_bytes(max_tensor_bytes);
+    let loader = Loader::new(&weights, device).with_max_tensor_bytes(max_tensor_bytes).with_stacked_experts(stacked_experts);
     Model {
         encoder: pollster::block_on(VisionEncoder::load(&config, &loader)).unwrap(),
         decoder: pollster::block_on(Decoder::load(&config.decoder, &loader)).unwrap(),

@@ -6,7 +6,7 @@
 #![cfg(feature = "wgpu")]
 
 use dsocr_tests::Tolerance;
-use dsocr_tests::parity::{encoder_parity, greedy_parity, incremental_equals_full, load_model, logits_parity};
+use dsocr_tests::parity::{encoder_parity, greedy_parity, incremental_equals_full, load_model, load_model_with, logits_parity};
 use dsocr_tests::{in_child_process, wgpu_device};
 
 /// GPU reductions and matmuls sum in another order than the CPU; still far inside 1e-4 here.
@@ -34,7 +34,8 @@ fn parity_wgpu_encoder_tiny_a_gundam() {
 #[test]
 fn parity_wgpu_decoder_tiny_a() {
     let Some((device, max_tensor_bytes)) = wgpu_device(false) else { return };
-    let model = load_model("tiny-a", &device, max_tensor_bytes);
+    // Stacked experts, as the CLI and the browser load them on a GPU: decode steps pick experts on the device.
+    let model = load_model_with("tiny-a", &device, max_tensor_bytes, true);
     logits_parity(&model, "tiny-a", "tiny", TOLERANCE);
     incremental_equals_full(&model, "tiny-a", TOLERANCE);
 }
@@ -44,7 +45,7 @@ fn parity_wgpu_decoder_tiny_a() {
 #[test]
 fn parity_wgpu_greedy_tiny_a_small_with_vocabulary_shards() {
     let Some((device, max_tensor_bytes)) = wgpu_device(false) else { return };
-    let model = load_model("tiny-a", &device, max_tensor_bytes.min(3 << 20));
+    let model = load_model_with("tiny-a", &device, max_tensor_bytes.min(3 << 20), true);
     assert!(model.decoder.vocab_shards().0 > 2);
     greedy_parity(&model, "tiny-a", "small", None);
 }

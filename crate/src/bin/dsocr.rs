@@ -285,7 +285,7 @@ fn run(args: &OcrArgs) -> Result<bool, String> {
     let options = LoadOptions {
         device,
         dtype,
-        engine: EngineOptions { max_tensor_bytes, ..EngineOptions::default() },
+        engine: EngineOptions { max_tensor_bytes, stacked_experts: matches!(args.device, DeviceArg::Wgpu), ..EngineOptions::default() },
         on_download: Some(&mut on_download),
         on_load: Some(&on_load),
     };

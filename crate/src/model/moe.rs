@@ -1,7 +1,7 @@
 //! DeepSeek-V2 mixture of experts: softmax gate, greedy top-k, routed experts run only on the tokens
 //! routed to them, plus the shared experts (reference: `DeepseekV2MoE` / `MoEGate` in eval mode; spec §6.5).
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Int, Tensor, TensorData};
@@ -38,19 +38,42 @@ impl Mlp {
 pub struct Moe {
     /// Router `(hidden → experts)`, no bias.
     gate: Linear,
+    /// The routed experts, one MLP each (CPU) …
     experts: Vec<Mlp>,
+    /// … or stacked, for decoding without a host readback (GPU).
+    stacked: Option<ExpertStack>,
     shared_experts: Option<Mlp>,
     top_k: usize,
     norm_topk_prob: bool,
     routed_scaling_factor: f64,
 }
 
+/// The routed experts' weights stacked along a leading expert axis, in shards of whole experts that
+/// each fit the device's binding limit: `gate`/`up` `(E_s, hidden, width)`, `down` `(E_s, width, hidden)`.
+#[derive(Module, Debug)]
+struct ExpertStack {
+    gate: Vec<Param<Tensor<3>>>,
+    up: Vec<Param<Tensor<3>>>,
+    down: Vec<Param<Tensor<3>>>,
+    per_shard: usize,
+    hidden: usize,
+    width: usize,
+}
+
+/// Decode steps route at most this many (token, slot) pairs; above it (prefill) the experts run
+/// grouped, which needs the routing on the host but reads each expert's weights once.
+const GATHER_MAX_PAIRS: usize = 32;
+
 impl Moe {
     pub async fn load(c: &DecoderConfig, l: &Loader<'_, '_>, prefix: &str) -> Result<Self> {
         let h = c.hidden_size;
-        let mut experts = Vec::with_capacity(c.n_routed_experts);
-        for e in 0..c.n_routed_experts {
-            experts.push(Mlp::load(l, &format!("{prefix}.experts.{e}"), h, c.moe_intermediate_size).await?);
+        let (mut experts, mut stacked) = (Vec::new(), None);
+        if l.stacked_experts() {
+            stacked = Some(ExpertStack::load(l, prefix, c.n_routed_experts, h, c.moe_intermediate_size).await?);
+        } else {
+            for e in 0..c.n_routed_experts {
+                experts.push(Mlp::load(l, &format!("{prefix}.experts.{e}"), h, c.moe_intermediate_size).await?);
+            }
         }
         let shared_experts = if c.n_shared_experts > 0 {
             Some(Mlp::load(l, &format!("{prefix}.shared_experts"), h, c.shared_intermediate_size()).await?)
@@ -60,6 +83,7 @@ impl Moe {
         Ok(Self {
             gate: l.linear(&format!("{prefix}.gate"), h, c.n_routed_experts, false).await?,
             experts,
+            stacked,
             shared_experts,
             top_k: c.num_experts_per_tok,
             norm_topk_prob: c.norm_topk_prob,
@@ -69,20 +93,39 @@ impl Moe {
 
     /// `x`: `(T, hidden)` normalised hidden states of T tokens.
     ///
-    /// The routing decision is read back (asynchronously: this runs in the browser too) to group the
-    /// tokens per expert; each selected expert runs once on its tokens only, and every token's k
-    /// outputs are gathered back and summed with their weights.
+    /// Few tokens (decoding) with stacked experts: each token's k experts' weights are gathered on
+    /// the device by the router's indices and applied as one batched matmul — no host round trip.
+    /// Otherwise the routing decision is read back (asynchronously: this runs in the browser too)
+    /// to group the tokens per expert; each selected expert runs once on its tokens only.
+    /// Either way every token's k outputs are summed with their weights in slot order.
     pub async fn forward(&self, x: Tensor<2>) -> Result<Tensor<2>> {
-        let [tokens, _] = x.dims();
+        let [tokens, d] = x.dims();
+        let k = self.top_k;
         let scores = softmax(ops::linear(&self.gate, x.clone()), 1);
-        let (weights, experts) = scores.topk_with_indices(self.top_k, 1);
-        let weights = routing_weights(weights, self.top_k, self.norm_topk_prob, self.routed_scaling_factor);
+        let (weights, experts) = scores.topk_with_indices(k, 1);
+        let weights = routing_weights(weights, k, self.norm_topk_prob, self.routed_scaling_factor);
+        let gathered = match &self.stacked {
+            Some(stack) if tokens * k <= GATHER_MAX_PAIRS => stack.forward_gathered(x.clone(), experts, k),
+            _ => self.forward_grouped(x.clone(), experts).await?,
+        };
+        let w = weights.reshape([tokens, k, 1]);
+        let mut out = (gathered.reshape([tokens, k, d]) * w).sum_dim(1).reshape([tokens, d]);
+        if let Some(shared) = &self.shared_experts {
+            out = out + shared.forward(x);
+        }
+        Ok(out)
+    }
+
+    /// Every (token, slot) pair's expert output `(T·k, hidden)`, experts run on their tokens only.
+    async fn forward_grouped(&self, x: Tensor<2>, experts: Tensor<2, Int>) -> Result<Tensor<2>> {
+        let [tokens, _] = x.dims();
+        let k = self.top_k;
         // Only the expert choice comes back to the host; the weights stay on the device.
         let experts = read_i64(experts).await?;
+        let count = self.stacked.as_ref().map_or(self.experts.len(), ExpertStack::count);
 
         // Group the (token, slot) pairs by expert, in token order; remember where each pair's output lands.
-        let k = self.top_k;
-        let mut routed: Vec<Vec<usize>> = vec![Vec::new(); self.experts.len()];
+        let mut routed: Vec<Vec<usize>> = vec![Vec::new(); count];
         for (pair, &e) in experts.iter().enumerate() {
             routed
                 .get_mut(e as usize)
@@ -93,29 +136,89 @@ impl Moe {
         let mut outputs = Vec::new();
         let mut row_of_pair = vec![0i64; tokens * k];
         let mut next_row = 0;
-        for (expert, pairs) in self.experts.iter().zip(&routed) {
+        for (expert, pairs) in routed.iter().enumerate() {
             if pairs.is_empty() {
                 continue;
             }
             let rows: Vec<i64> = pairs.iter().map(|&pair| (pair / k) as i64).collect();
             let index = Tensor::<1, Int>::from_data(TensorData::new(rows, [pairs.len()]), &device);
-            outputs.push(expert.forward(x.clone().select(0, index)));
+            let input = x.clone().select(0, index);
+            outputs.push(match &self.stacked {
+                Some(stack) => stack.forward_one(expert, input),
+                None => self.experts[expert].forward(input),
+            });
             for &pair in pairs {
                 row_of_pair[pair] = next_row;
                 next_row += 1;
             }
         }
-        // Gather each token's k outputs back (no scatter: no float atomics on WebGPU) and sum them
-        // weighted, in slot order like the reference.
-        let d = x.dims()[1];
+        // Gather each pair's output back (no scatter: no float atomics on WebGPU).
         let all = Tensor::cat(outputs, 0);
-        let gathered = all.select(0, Tensor::<1, Int>::from_data(TensorData::new(row_of_pair, [tokens * k]), &device));
-        let w = weights.reshape([tokens, k, 1]);
-        let mut out = (gathered.reshape([tokens, k, d]) * w).sum_dim(1).reshape([tokens, d]);
-        if let Some(shared) = &self.shared_experts {
-            out = out + shared.forward(x);
+        Ok(all.select(0, Tensor::<1, Int>::from_data(TensorData::new(row_of_pair, [tokens * k]), &device)))
+    }
+}
+
+impl ExpertStack {
+    async fn load(l: &Loader<'_, '_>, prefix: &str, count: usize, hidden: usize, width: usize) -> Result<Self> {
+        let per_shard = (l.max_tensor_bytes() / (hidden * width * std::mem::size_of::<f32>())).clamp(1, count);
+        let (mut gate, mut up, mut down) = (Vec::new(), Vec::new(), Vec::new());
+        for first in (0..count).step_by(per_shard) {
+            let n = per_shard.min(count - first);
+            let (mut g, mut u, mut dn) = (Vec::new(), Vec::new(), Vec::new());
+            for e in first..first + n {
+                let p = format!("{prefix}.experts.{e}");
+                g.extend(l.linear_weight_host(&format!("{p}.gate_proj"), hidden, width).await?);
+                u.extend(l.linear_weight_host(&format!("{p}.up_proj"), hidden, width).await?);
+                dn.extend(l.linear_weight_host(&format!("{p}.down_proj"), width, hidden).await?);
+            }
+            let upload = |values: Vec<f32>, shape: [usize; 3]| Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), l.device()));
+            gate.push(upload(g, [n, hidden, width]));
+            up.push(upload(u, [n, hidden, width]));
+            down.push(upload(dn, [n, width, hidden]));
         }
-        Ok(out)
+        Ok(Self { gate, up, down, per_shard, hidden, width })
+    }
+
+    fn count(&self) -> usize {
+        self.gate.iter().map(|g| g.dims()[0]).sum()
+    }
+
+    /// Expert `e` on its tokens `(n, hidden)`.
+    fn forward_one(&self, e: usize, x: Tensor<2>) -> Tensor<2> {
+        let (shard, i) = (e / self.per_shard, e % self.per_shard);
+        let take = |w: &Param<Tensor<3>>, rows: usize, cols: usize| w.val().slice([i..i + 1]).reshape([rows, cols]);
+        let (h, w) = (self.hidden, self.width);
+        let g = x.clone().matmul(take(&self.gate[shard], h, w));
+        let u = x.matmul(take(&self.up[shard], h, w));
+        (silu(g) * u).matmul(take(&self.down[shard], w, h))
+    }
+
+    /// Each (token, slot) pair through its expert, chosen on the device: `(T·k, hidden)` in pair order.
+    fn forward_gathered(&self, x: Tensor<2>, experts: Tensor<2, Int>, k: usize) -> Tensor<2> {
+        let [tokens, d] = x.dims();
+        let pairs = tokens * k;
+        // Row r of `x_pairs` is token r / k.
+        let x_pairs = x.reshape([tokens, 1, d]).expand([tokens, k, d]).reshape([pairs, 1, d]);
+        let experts = experts.reshape([pairs]);
+        let mut total: Option<Tensor<3>> = None;
+        for shard in 0..self.gate.len() {
+            let first = (shard * self.per_shard) as i64;
+            let n = self.gate[shard].dims()[0] as i64;
+            // Pairs whose expert lives in another shard use row 0 here and are masked out below.
+            let local = experts.clone().sub_scalar(first).clamp(0, n - 1);
+            let g = x_pairs.clone().matmul(self.gate[shard].val().select(0, local.clone()));
+            let u = x_pairs.clone().matmul(self.up[shard].val().select(0, local.clone()));
+            let mut y = (silu(g) * u).matmul(self.down[shard].val().select(0, local));
+            if self.gate.len() > 1 {
+                let inside = experts.clone().greater_equal_elem(first).bool_and(experts.clone().lower_elem(first + n));
+                y = y * inside.float().reshape([pairs, 1, 1]);
+            }
+            total = Some(match total {
+                Some(t) => t + y,
+                None => y,
+            });
+        }
+        total.expect("at least one shard").reshape([pairs, d])
     }
 }
 

@@ -20,13 +20,29 @@ pub struct Loader<'c, 'b> {
     checkpoint: &'c Checkpoint<'b>,
     device: Device,
     max_tensor_bytes: usize,
+    stacked_experts: bool,
     progress: Option<LoadProgress<'c>>,
     loaded: Cell<u64>,
 }
 
 impl<'c, 'b> Loader<'c, 'b> {
     pub fn new(checkpoint: &'c Checkpoint<'b>, device: &Device) -> Self {
-        Self { checkpoint, device: device.clone(), max_tensor_bytes: usize::MAX, progress: None, loaded: Cell::new(0) }
+        Self { checkpoint, device: device.clone(), max_tensor_bytes: usize::MAX, stacked_experts: false, progress: None, loaded: Cell::new(0) }
+    }
+
+    /// Build MoE layers with their routed experts stacked per tensor, for decoding without reading
+    /// the routing back to the host (see `model::moe`); GPUs want this, the CPU does not.
+    pub fn with_stacked_experts(mut self, stacked: bool) -> Self {
+        self.stacked_experts = stacked;
+        self
+    }
+
+    pub fn stacked_experts(&self) -> bool {
+        self.stacked_experts
+    }
+
+    pub fn max_tensor_bytes(&self) -> usize {
+        self.max_tensor_bytes
     }
 
     /// The largest tensor the device can bind (WebGPU's `maxStorageBufferBindingSize`): vocabulary-sized
@@ -64,6 +80,12 @@ impl<'c, 'b> Loader<'c, 'b> {
 
     pub async fn param<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Param<Tensor<D>>> {
         Ok(Param::from_tensor(self.tensor(name, shape).await?))
+    }
+
+    /// A Linear weight `prefix.weight` (PyTorch `(out, in)`) as host values in burn's `[in, out]` layout.
+    pub async fn linear_weight_host(&self, prefix: &str, d_in: usize, d_out: usize) -> Result<Vec<f32>> {
+        let w = self.host(&format!("{prefix}.weight"), &[d_out, d_in]).await?;
+        Ok(transpose(&w, d_out, d_in))
     }
 
     /// `prefix.weight` (PyTorch `(out, in)`, stored transposed as burn's `[in, out]`) and optional `prefix.bias`.
@@ -126,13 +148,7 @@ impl<'c, 'b> Loader<'c, 'b> {
     /// `(rows, cols)` row-major values uploaded as their `(cols, rows)` transpose (on the host, so
     /// matmuls see a contiguous weight).
     fn transposed(&self, values: &[f32], rows: usize, cols: usize) -> Tensor<2> {
-        let mut t = vec![0.0f32; values.len()];
-        for r in 0..rows {
-            for c in 0..cols {
-                t[c * rows + r] = values[r * cols + c];
-            }
-        }
-        Tensor::from_data(TensorData::new(t, [cols, rows]), &self.device)
+        Tensor::from_data(TensorData::new(transpose(values, rows, cols), [cols, rows]), &self.device)
     }
 
     fn count(&self, name: &str, elements: usize) {
@@ -142,4 +158,15 @@ impl<'c, 'b> Loader<'c, 'b> {
             progress(self.loaded.get(), self.checkpoint.data_len() as u64);
         }
     }
+}
+
+/// `(rows, cols)` row-major → `(cols, rows)` row-major.
+fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0.0f32; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = values[r * cols + c];
+        }
+    }
+    t
 }
