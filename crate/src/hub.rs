@@ -67,7 +67,10 @@ pub fn fetch_checkpoint(repo: &str, progress: Progress) -> Result<PathBuf> {
             continue;
         }
         if let Some(existing) = find_in_snapshots(&repo_dir, file) {
-            std::fs::copy(&existing, &target).map_err(|e| io(&target, e))?;
+            // A hard link costs nothing; copy only across file systems.
+            if std::fs::hard_link(&existing, &target).is_err() {
+                std::fs::copy(&existing, &target).map_err(|e| io(&target, e))?;
+            }
             continue;
         }
         let url = format!("{}/{repo}/resolve/main/{file}", endpoint());

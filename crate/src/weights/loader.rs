@@ -61,11 +61,6 @@ impl<'c, 'b> Loader<'c, 'b> {
         &self.device
     }
 
-    /// Bytes loaded so far.
-    pub fn loaded(&self) -> u64 {
-        self.loaded.get()
-    }
-
     /// Host copy of a tensor's values (f32), shape-checked.
     pub async fn host(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let values = self.checkpoint.f32_values(name, shape).await?;
