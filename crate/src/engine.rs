@@ -49,7 +49,8 @@ impl Default for EngineOptions {
 /// Where and how [`Engine::load`] runs the model, and whom it tells about progress.
 #[cfg(all(feature = "hub", not(target_arch = "wasm32")))]
 pub struct LoadOptions<'p> {
-    /// `Device::flex()` (CPU, the default), a wgpu device, …
+    /// Default: burn's default device (`BURN_DEVICE` picks one at run time). For a GPU also set
+    /// `engine.max_tensor_bytes` to its binding limit and `engine.stacked_experts` (the CLI does).
     pub device: Device,
     /// Float type of weights and activations: f16/bf16 halve the memory where the device has them.
     pub dtype: burn::tensor::FloatDType,
