@@ -46,6 +46,14 @@ impl Default for EngineOptions {
     }
 }
 
+/// The largest weight a wgpu/WebGPU device can bind, for [`EngineOptions::max_tensor_bytes`]: the
+/// smaller of its storage-binding and buffer-size limits.
+#[cfg(any(feature = "wgpu", feature = "webgpu"))]
+pub fn wgpu_max_tensor_bytes(setup: &burn::tensor::wgpu::WgpuSetup) -> usize {
+    let limits = setup.device.limits();
+    usize::try_from(limits.max_storage_buffer_binding_size.min(limits.max_buffer_size)).unwrap_or(usize::MAX)
+}
+
 /// Where and how [`Engine::load`] runs the model, and whom it tells about progress.
 #[cfg(all(feature = "hub", not(target_arch = "wasm32")))]
 pub struct LoadOptions<'p> {

@@ -10,7 +10,7 @@ use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 
-use crate::engine::{Engine, EngineOptions};
+use crate::engine::{Engine, EngineOptions, wgpu_max_tensor_bytes};
 use crate::error::Error;
 use crate::generate::{GenerationOptions, RepeatGuard};
 use crate::text::Task;
@@ -204,8 +204,7 @@ impl Dsocr {
         if f16 {
             device.configure(burn::tensor::FloatDType::F16).map_err(|e| js_error("BACKEND", format!("{e:?}")))?;
         }
-        let limits = setup.device.limits();
-        let mut max_tensor_bytes = usize::try_from(limits.max_storage_buffer_binding_size.min(limits.max_buffer_size)).unwrap_or(usize::MAX);
+        let mut max_tensor_bytes = wgpu_max_tensor_bytes(&setup);
         if let Some(cap) = get(&options, "maxBindingBytes").and_then(|v| v.as_f64()) {
             max_tensor_bytes = max_tensor_bytes.min(cap.max(1.0) as usize);
         }

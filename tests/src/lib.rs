@@ -350,8 +350,7 @@ pub fn wgpu_device(f16: bool) -> Option<(burn::tensor::Device, usize)> {
     static DEVICE: std::sync::OnceLock<Result<(Device, usize), String>> = std::sync::OnceLock::new();
     let found = DEVICE.get_or_init(|| {
         let (mut device, setup) = pollster::block_on(Device::wgpu_options().init_with_setup_async()).map_err(|e| format!("no wgpu adapter: {e:?}"))?;
-        let limits = setup.device.limits();
-        let max = usize::try_from(limits.max_storage_buffer_binding_size.min(limits.max_buffer_size)).unwrap_or(usize::MAX);
+        let max = dsocr::engine::wgpu_max_tensor_bytes(&setup);
         eprintln!("wgpu adapter: {:?} ({:?}), largest binding {} MiB", setup.adapter.get_info().name, setup.backend, max >> 20);
         if f16 {
             if !device.supports_dtype(DType::F16) {

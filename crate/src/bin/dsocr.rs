@@ -130,10 +130,9 @@ fn device(arg: DeviceArg) -> Result<(Device, usize), String> {
         DeviceArg::Wgpu => {
             let (device, setup) = pollster::block_on(Device::wgpu_options().init_with_setup_async())
                 .map_err(|e| format!("no usable GPU adapter (wgpu): {e:?}"))?;
-            let limits = setup.device.limits();
-            let max = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+            let max = dsocr::engine::wgpu_max_tensor_bytes(&setup);
             eprintln!("dsocr: GPU {} ({:?}), largest binding {} MiB", setup.adapter.get_info().name, setup.backend, max >> 20);
-            Ok((device, usize::try_from(max).unwrap_or(usize::MAX)))
+            Ok((device, max))
         }
         #[cfg(not(feature = "wgpu"))]
         DeviceArg::Wgpu => Err("this dsocr was built without the `wgpu` feature".into()),
@@ -248,39 +247,18 @@ fn run(args: &OcrArgs) -> Result<bool, String> {
         DtypeArg::F16 => FloatDType::F16,
         DtypeArg::Bf16 => FloatDType::BF16,
     };
-    // Live percentages on a terminal; one line per finished file otherwise (logs, pipes).
-    let terminal = std::io::stderr().is_terminal();
-    let mut last_download = u64::MAX;
+    let download = ProgressLine::default();
     let mut on_download = |file: &str, loaded: u64, total: Option<u64>| {
         let Some(total) = total.filter(|&t| t > 0) else { return };
-        let percent = loaded * 100 / total;
-        if percent != std::mem::replace(&mut last_download, percent) {
-            if terminal {
-                eprint!("\rdsocr: downloading {file}: {percent:>3}% of {:.1} MB", total as f64 / 1e6);
-            }
-            if loaded >= total {
-                if terminal {
-                    eprintln!();
-                }
-                eprintln!("dsocr: downloaded {file} ({:.1} MB)", total as f64 / 1e6);
-            }
-        }
+        let mb = total as f64 / 1e6;
+        download.update(loaded, total, |p| format!("downloading {file}: {p:>3}% of {mb:.1} MB"), || format!("downloaded {file} ({mb:.1} MB)"));
     };
-    let last_load = std::cell::Cell::new(u64::MAX);
+    let load = ProgressLine::default();
     let load_started = std::time::Instant::now();
     let on_load = |loaded: u64, total: u64| {
-        let percent = if total == 0 { 100 } else { loaded * 100 / total };
-        if percent != last_load.replace(percent) {
-            if terminal {
-                eprint!("\rdsocr: loading {}: {percent:>3}%", args.model);
-            }
-            if loaded >= total {
-                if terminal {
-                    eprintln!();
-                }
-                eprintln!("dsocr: loaded {} in {:.1} s", args.model, load_started.elapsed().as_secs_f64());
-            }
-        }
+        load.update(loaded, total, |p| format!("loading {}: {p:>3}%", args.model), || {
+            format!("loaded {} in {:.1} s", args.model, load_started.elapsed().as_secs_f64())
+        });
     };
     let options = LoadOptions {
         device,
@@ -355,6 +333,37 @@ fn run(args: &OcrArgs) -> Result<bool, String> {
         println!("{}", serde_json::json!({ "results": json_results }));
     }
     Ok(all_ok)
+}
+
+/// A percentage on stderr: redrawn in place on a terminal, and a final line when done (the only
+/// line when stderr is a log or a pipe).
+struct ProgressLine {
+    terminal: bool,
+    last_percent: std::cell::Cell<u64>,
+}
+
+impl Default for ProgressLine {
+    fn default() -> Self {
+        Self { terminal: std::io::stderr().is_terminal(), last_percent: std::cell::Cell::new(u64::MAX) }
+    }
+}
+
+impl ProgressLine {
+    fn update(&self, done: u64, total: u64, live: impl FnOnce(u64) -> String, finished: impl FnOnce() -> String) {
+        let percent = if total == 0 { 100 } else { done * 100 / total };
+        if percent == self.last_percent.replace(percent) {
+            return;
+        }
+        if self.terminal {
+            eprint!("\rdsocr: {}", live(percent));
+        }
+        if done >= total {
+            if self.terminal {
+                eprintln!();
+            }
+            eprintln!("dsocr: {}", finished());
+        }
+    }
 }
 
 /// `[####······] 3/10 ETA 1m20s` for the batch's file `done + 1` of `total`.

@@ -56,8 +56,6 @@ struct ExpertStack {
     up: Vec<Param<Tensor<3>>>,
     down: Vec<Param<Tensor<3>>>,
     per_shard: usize,
-    hidden: usize,
-    width: usize,
 }
 
 /// Decode steps route at most this many (token, slot) pairs; above it (prefill) the experts run
@@ -176,7 +174,7 @@ impl ExpertStack {
             up.push(upload(u, [n, hidden, width]));
             down.push(upload(dn, [n, width, hidden]));
         }
-        Ok(Self { gate, up, down, per_shard, hidden, width })
+        Ok(Self { gate, up, down, per_shard })
     }
 
     fn count(&self) -> usize {
@@ -187,7 +185,7 @@ impl ExpertStack {
     fn forward_one(&self, e: usize, x: Tensor<2>) -> Tensor<2> {
         let (shard, i) = (e / self.per_shard, e % self.per_shard);
         let take = |w: &Param<Tensor<3>>, rows: usize, cols: usize| w.val().slice([i..i + 1]).reshape([rows, cols]);
-        let (h, w) = (self.hidden, self.width);
+        let [_, h, w] = self.gate[shard].dims();
         let g = x.clone().matmul(take(&self.gate[shard], h, w));
         let u = x.matmul(take(&self.up[shard], h, w));
         (silu(g) * u).matmul(take(&self.down[shard], w, h))
