@@ -33,6 +33,10 @@ pub struct EngineOptions {
     /// Keep the routed experts stacked so decoding picks them on the device, with no host readback
     /// per MoE layer: what GPUs (wgpu, WebGPU) want; on the CPU the grouped path is faster.
     pub stacked_experts: bool,
+    /// Threads a decoding step's matrix–vector products are split over: burn's CPU backend runs
+    /// each on one thread, and decoding is bound by how fast the weights are read. Default: the
+    /// CPU's thread count (rayon's pool; 1 in wasm32). Set 1 for a GPU (the CLI and browser do).
+    pub matvec_threads: usize,
 }
 
 impl Default for EngineOptions {
@@ -42,8 +46,17 @@ impl Default for EngineOptions {
             decode_limits: DecodeLimits::default(),
             max_tensor_bytes: usize::MAX,
             stacked_experts: false,
+            matvec_threads: cpu_threads(),
         }
     }
+}
+
+/// Threads of the CPU backend's pool (1 in wasm32, which has none).
+pub fn cpu_threads() -> usize {
+    #[cfg(not(target_arch = "wasm32"))]
+    return rayon::current_num_threads();
+    #[cfg(target_arch = "wasm32")]
+    return 1;
 }
 
 /// The largest weight a wgpu/WebGPU device can bind, for [`EngineOptions::max_tensor_bytes`]: the
@@ -58,7 +71,8 @@ pub fn wgpu_max_tensor_bytes(setup: &burn::tensor::wgpu::WgpuSetup) -> usize {
 #[cfg(all(feature = "hub", not(target_arch = "wasm32")))]
 pub struct LoadOptions<'p> {
     /// Default: burn's default device (`BURN_DEVICE` picks one at run time). For a GPU also set
-    /// `engine.max_tensor_bytes` to its binding limit and `engine.stacked_experts` (the CLI does).
+    /// `engine.max_tensor_bytes` to its binding limit, `engine.stacked_experts` and
+    /// `engine.matvec_threads = 1` (the CLI does).
     pub device: Device,
     /// Float type of weights and activations: f16/bf16 halve the memory where the device has them.
     pub dtype: burn::tensor::FloatDType,
@@ -113,7 +127,8 @@ impl Engine {
         checkpoint.check(&expected_tensors(&config))?;
         let tokenizer = Tokenizer::from_json(tokenizer_json)?;
         let mut loader =
-            Loader::new(checkpoint, device).with_max_tensor_bytes(options.max_tensor_bytes).with_stacked_experts(options.stacked_experts);
+            Loader::new(checkpoint, device).with_max_tensor_bytes(options.max_tensor_bytes).with_stacked_experts(options.stacked_experts)
+            .with_matvec_threads(options.matvec_threads);
         if let Some(progress) = progress {
             loader = loader.with_progress(progress);
         }

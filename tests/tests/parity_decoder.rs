@@ -66,11 +66,11 @@ fn parity_decoder_vocabulary_shards_under_a_small_binding_limit() {
 /// shards of three under a binding limit.
 #[test]
 fn parity_decoder_stacked_experts_picked_on_the_device() {
-    let model = load_model_with("tiny-a", &Device::flex(), usize::MAX, true);
+    let model = load_model_with("tiny-a", &Device::flex(), usize::MAX, true, 2);
     incremental_equals_full(&model, "tiny-a", TOLERANCE);
     greedy_parity(&model, "tiny-a", "tiny", None);
     let three_experts = 3 * 48 * 32 * std::mem::size_of::<f32>();
-    let model = load_model_with("tiny-a", &Device::flex(), three_experts, true);
+    let model = load_model_with("tiny-a", &Device::flex(), three_experts, true, 2);
     incremental_equals_full(&model, "tiny-a", TOLERANCE);
     greedy_parity(&model, "tiny-a", "small", Some("page"));
 }

@@ -6,7 +6,7 @@
 #![cfg(feature = "wgpu")]
 
 use dsocr_tests::Tolerance;
-use dsocr_tests::parity::{encoder_parity, greedy_parity, incremental_equals_full, load_model, load_model_with, logits_parity};
+use dsocr_tests::parity::{encoder_parity, greedy_parity, incremental_equals_full, load_model_with, logits_parity};
 use dsocr_tests::{in_child_process, wgpu_device};
 
 /// GPU reductions and matmuls sum in another order than the CPU; still far inside 1e-4 here.
@@ -22,20 +22,20 @@ const F16_CHILD: &str = "DSOCR_WGPU_F16_CHILD";
 #[test]
 fn parity_wgpu_encoder_tiny_a_tiny() {
     let Some((device, _)) = wgpu_device(false) else { return };
-    encoder_parity(&load_model("tiny-a", &device, usize::MAX), "tiny-a", "tiny", TOLERANCE);
+    encoder_parity(&load_model_with("tiny-a", &device, usize::MAX, false, 1), "tiny-a", "tiny", TOLERANCE);
 }
 
 #[test]
 fn parity_wgpu_encoder_tiny_a_gundam() {
     let Some((device, _)) = wgpu_device(false) else { return };
-    encoder_parity(&load_model("tiny-a", &device, usize::MAX), "tiny-a", "gundam", TOLERANCE);
+    encoder_parity(&load_model_with("tiny-a", &device, usize::MAX, false, 1), "tiny-a", "gundam", TOLERANCE);
 }
 
 #[test]
 fn parity_wgpu_decoder_tiny_a() {
     let Some((device, max_tensor_bytes)) = wgpu_device(false) else { return };
     // Stacked experts, as the CLI and the browser load them on a GPU: decode steps pick experts on the device.
-    let model = load_model_with("tiny-a", &device, max_tensor_bytes, true);
+    let model = load_model_with("tiny-a", &device, max_tensor_bytes, true, 1);
     logits_parity(&model, "tiny-a", "tiny", TOLERANCE);
     incremental_equals_full(&model, "tiny-a", TOLERANCE);
 }
@@ -45,7 +45,7 @@ fn parity_wgpu_decoder_tiny_a() {
 #[test]
 fn parity_wgpu_greedy_tiny_a_small_with_vocabulary_shards() {
     let Some((device, max_tensor_bytes)) = wgpu_device(false) else { return };
-    let model = load_model_with("tiny-a", &device, max_tensor_bytes.min(3 << 20), true);
+    let model = load_model_with("tiny-a", &device, max_tensor_bytes.min(3 << 20), true, 1);
     assert!(model.decoder.vocab_shards().0 > 2);
     greedy_parity(&model, "tiny-a", "small", None);
 }
@@ -58,7 +58,7 @@ fn parity_wgpu_f16_encoder_and_logits_tiny_a() {
         return;
     }
     let Some((device, max_tensor_bytes)) = wgpu_device(true) else { return };
-    let model = load_model("tiny-a", &device, max_tensor_bytes);
+    let model = load_model_with("tiny-a", &device, max_tensor_bytes, false, 1);
     encoder_parity(&model, "tiny-a", "tiny", F16_TOLERANCE);
     logits_parity(&model, "tiny-a", "tiny", F16_TOLERANCE);
 }

@@ -242,6 +242,7 @@ fn run(args: &OcrArgs) -> Result<bool, String> {
         ..GenerationOptions::default()
     };
     let (device, max_tensor_bytes) = device(args.device)?;
+    let gpu = matches!(args.device, DeviceArg::Wgpu);
     let dtype = match args.dtype {
         DtypeArg::F32 => FloatDType::F32,
         DtypeArg::F16 => FloatDType::F16,
@@ -263,7 +264,7 @@ fn run(args: &OcrArgs) -> Result<bool, String> {
     let options = LoadOptions {
         device,
         dtype,
-        engine: EngineOptions { max_tensor_bytes, stacked_experts: matches!(args.device, DeviceArg::Wgpu), ..EngineOptions::default() },
+        engine: EngineOptions { max_tensor_bytes, stacked_experts: gpu, matvec_threads: if gpu { 1 } else { EngineOptions::default().matvec_threads }, ..EngineOptions::default() },
         on_download: Some(&mut on_download),
         on_load: Some(&on_load),
     };

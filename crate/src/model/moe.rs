@@ -18,6 +18,8 @@ pub struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+    /// See [`Loader::with_matvec_threads`].
+    matvec_threads: usize,
 }
 
 impl Mlp {
@@ -26,11 +28,14 @@ impl Mlp {
             gate_proj: l.linear(&format!("{prefix}.gate_proj"), hidden, width, false).await?,
             up_proj: l.linear(&format!("{prefix}.up_proj"), hidden, width, false).await?,
             down_proj: l.linear(&format!("{prefix}.down_proj"), width, hidden, false).await?,
+            matvec_threads: l.matvec_threads(),
         })
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        ops::linear(&self.down_proj, silu(ops::linear(&self.gate_proj, x.clone())) * ops::linear(&self.up_proj, x))
+        let t = self.matvec_threads;
+        let hidden = silu(ops::linear_par(&self.gate_proj, x.clone(), t)) * ops::linear_par(&self.up_proj, x, t);
+        ops::linear_par(&self.down_proj, hidden, t)
     }
 }
 
