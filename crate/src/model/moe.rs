@@ -33,7 +33,10 @@ impl Mlp {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let t = self.matvec_threads;
+        self.forward_threads(x, self.matvec_threads)
+    }
+
+    fn forward_threads<const D: usize>(&self, x: Tensor<D>, t: usize) -> Tensor<D> {
         let hidden = silu(ops::linear_par(&self.gate_proj, x.clone(), t)) * ops::linear_par(&self.up_proj, x, t);
         ops::linear_par(&self.down_proj, hidden, t)
     }
@@ -51,6 +54,8 @@ pub struct Moe {
     top_k: usize,
     norm_topk_prob: bool,
     routed_scaling_factor: f64,
+    /// See [`Loader::with_matvec_threads`]; above 1 the experts of a step run side by side.
+    matvec_threads: usize,
 }
 
 /// The routed experts' weights stacked along a leading expert axis, in shards of whole experts that
@@ -91,6 +96,7 @@ impl Moe {
             top_k: c.num_experts_per_tok,
             norm_topk_prob: c.norm_topk_prob,
             routed_scaling_factor: c.routed_scaling_factor,
+            matvec_threads: l.matvec_threads(),
         })
     }
 
@@ -107,20 +113,23 @@ impl Moe {
         let scores = softmax(ops::linear(&self.gate, x.clone()), 1);
         let (weights, experts) = scores.topk_with_indices(k, 1);
         let weights = routing_weights(weights, k, self.norm_topk_prob, self.routed_scaling_factor);
-        let gathered = match &self.stacked {
-            Some(stack) if tokens * k <= GATHER_MAX_PAIRS => stack.forward_gathered(x.clone(), experts, k),
-            _ => self.forward_grouped(x.clone(), experts).await?,
+        let (gathered, shared) = match &self.stacked {
+            Some(stack) if tokens * k <= GATHER_MAX_PAIRS => {
+                (stack.forward_gathered(x.clone(), experts, k), self.shared_experts.as_ref().map(|s| s.forward(x)))
+            }
+            _ => self.forward_grouped(x, experts).await?,
         };
         let w = weights.reshape([tokens, k, 1]);
-        let mut out = (gathered.reshape([tokens, k, d]) * w).sum_dim(1).reshape([tokens, d]);
-        if let Some(shared) = &self.shared_experts {
-            out = out + shared.forward(x);
-        }
-        Ok(out)
+        let out = (gathered.reshape([tokens, k, d]) * w).sum_dim(1).reshape([tokens, d]);
+        Ok(match shared {
+            Some(shared) => out + shared,
+            None => out,
+        })
     }
 
-    /// Every (token, slot) pair's expert output `(T·k, hidden)`, experts run on their tokens only.
-    async fn forward_grouped(&self, x: Tensor<2>, experts: Tensor<2, Int>) -> Result<Tensor<2>> {
+    /// Every (token, slot) pair's expert output `(T·k, hidden)`, experts run on their tokens only,
+    /// and the shared experts' output `(T, hidden)`.
+    async fn forward_grouped(&self, x: Tensor<2>, experts: Tensor<2, Int>) -> Result<(Tensor<2>, Option<Tensor<2>>)> {
         let [tokens, _] = x.dims();
         let k = self.top_k;
         // Only the expert choice comes back to the host; the weights stay on the device.
@@ -136,7 +145,11 @@ impl Moe {
                 .push(pair);
         }
         let device = x.device();
-        let mut outputs = Vec::new();
+        // The shared experts (all tokens) first: the largest job.
+        let mut jobs = Vec::new();
+        if self.shared_experts.is_some() {
+            jobs.push((None, x.clone()));
+        }
         let mut row_of_pair = vec![0i64; tokens * k];
         let mut next_row = 0;
         for (expert, pairs) in routed.iter().enumerate() {
@@ -145,19 +158,37 @@ impl Moe {
             }
             let rows: Vec<i64> = pairs.iter().map(|&pair| (pair / k) as i64).collect();
             let index = Tensor::<1, Int>::from_data(TensorData::new(rows, [pairs.len()]), &device);
-            let input = x.clone().select(0, index);
-            outputs.push(match &self.stacked {
-                Some(stack) => stack.forward_one(expert, input),
-                None => self.experts[expert].forward(input),
-            });
+            jobs.push((Some(expert), x.clone().select(0, index)));
             for &pair in pairs {
                 row_of_pair[pair] = next_row;
                 next_row += 1;
             }
         }
+        let mut outputs = self.run_experts(jobs);
+        let shared = self.shared_experts.as_ref().map(|_| outputs.remove(0));
         // Gather each pair's output back (no scatter: no float atomics on WebGPU).
         let all = Tensor::cat(outputs, 0);
-        Ok(all.select(0, Tensor::<1, Int>::from_data(TensorData::new(row_of_pair, [tokens * k]), &device)))
+        let pairs = all.select(0, Tensor::<1, Int>::from_data(TensorData::new(row_of_pair, [tokens * k]), &device));
+        Ok((pairs, shared))
+    }
+
+    /// Each `(routed expert or None for the shared experts, its tokens)` through that expert, outputs
+    /// in job order. On the CPU (`matvec_threads > 1`) the experts run side by side, one per thread:
+    /// each reads its own weights (reading them is the cost of a few tokens), with one
+    /// synchronisation per layer instead of one per product.
+    fn run_experts(&self, jobs: Vec<(Option<usize>, Tensor<2>)>) -> Vec<Tensor<2>> {
+        let one = |(expert, input): (Option<usize>, Tensor<2>), threads: usize| match (expert, &self.stacked) {
+            (None, _) => self.shared_experts.as_ref().expect("a shared-experts job only with shared experts").forward_threads(input, threads),
+            (Some(e), Some(stack)) => stack.forward_one(e, input),
+            (Some(e), None) => self.experts[e].forward_threads(input, threads),
+        };
+        let threads = self.matvec_threads;
+        #[cfg(not(target_arch = "wasm32"))]
+        if threads > 1 && jobs.len() > 1 {
+            use rayon::prelude::*;
+            return jobs.into_par_iter().map(|job| one(job, 1)).collect();
+        }
+        jobs.into_iter().map(|job| one(job, threads)).collect()
     }
 }
 

@@ -19,16 +19,21 @@ pub fn linear<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
     y.reshape(out)
 }
 
-/// [`linear`], with a one-row input (a decoding step) split over `threads` threads by output columns.
-/// Why: burn's CPU backend runs a matrix–vector product on one thread, and reading the weights is
-/// the whole cost; one core reads memory at about half the machine's bandwidth (measured here:
-/// 13 GB/s for one core, 26 for two). Other inputs, and `threads <= 1`, go to [`linear`].
+/// Products with at most this many rows (a decoding step's) cost what reading the weights costs,
+/// and are split by columns.
+const MATVEC_MAX_ROWS: usize = 16;
+
+/// [`linear`], with an input of few rows (see [`MATVEC_MAX_ROWS`]) split over `threads` threads by
+/// output columns. Why: burn's CPU backend runs such a product on one thread, and reading the
+/// weights is the whole cost; one core reads memory at about half the machine's bandwidth (measured
+/// here: 13 GB/s for one core, 26 for two). Other inputs, and `threads <= 1`, go to [`linear`].
 pub fn linear_par<const D: usize>(linear: &Linear, x: Tensor<D>, threads: usize) -> Tensor<D> {
     let dims = x.dims();
-    if threads <= 1 || dims[..D - 1].iter().product::<usize>() != 1 {
+    let rows: usize = dims[..D - 1].iter().product();
+    if threads <= 1 || rows > MATVEC_MAX_ROWS {
         return self::linear(linear, x);
     }
-    let y = matmul_par(x.reshape([1, dims[D - 1]]), linear.weight.val(), threads);
+    let y = matmul_par(x.reshape([rows, dims[D - 1]]), linear.weight.val(), threads);
     let y = match &linear.bias {
         Some(bias) => y + bias.val().unsqueeze_dim(0),
         None => y,
@@ -38,13 +43,13 @@ pub fn linear_par<const D: usize>(linear: &Linear, x: Tensor<D>, threads: usize)
     y.reshape(out)
 }
 
-/// `x · w` for `x` `(1, k)` and `w` `(k, n)`: each thread multiplies by its own block of `w`'s
+/// `x · w` for `x` `(rows, k)` and `w` `(k, n)`: each thread multiplies by its own block of `w`'s
 /// columns (a strided view, no copy); the blocks' results are put side by side.
 pub fn matmul_par(x: Tensor<2>, w: Tensor<2>, threads: usize) -> Tensor<2> {
     let [k, n] = w.dims();
     // Blocks of whole 16-float vectors; no split for a matrix too narrow to share.
     let block = n.div_ceil(threads.max(1)).next_multiple_of(16);
-    if x.dims()[0] != 1 || block >= n {
+    if x.dims()[0] > MATVEC_MAX_ROWS || block >= n {
         return x.matmul(w);
     }
     let blocks: Vec<std::ops::Range<usize>> = (0..n).step_by(block).map(|start| start..(start + block).min(n)).collect();
