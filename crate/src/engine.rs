@@ -51,6 +51,23 @@ impl Default for EngineOptions {
     }
 }
 
+/// For a process that runs the model on the CPU (call once, first thing): glibc's allocator otherwise
+/// serves every block over 128 KiB — each op's output — from a fresh `mmap`, paid for in page faults
+/// and zeroing, and hands it back when freed. This keeps blocks up to 32 MiB in the heap for reuse.
+/// Measured (full-size weights, 2 cores): encoder Tiny 2.5 → 2.2 s, Small 3.6 → 3.0 s, load
+/// 33 → 28 s, same peak memory. No-op on other platforms.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes the allocator's thresholds (at worst it refuses a value).
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            // Free memory at the heap's top beyond this goes back to the system.
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+        }
+    }
+}
+
 /// Threads of the CPU backend's pool (1 in wasm32, which has none).
 pub fn cpu_threads() -> usize {
     #[cfg(not(target_arch = "wasm32"))]

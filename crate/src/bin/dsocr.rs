@@ -97,6 +97,7 @@ enum DtypeArg {
 
 fn main() -> ExitCode {
     let Command::Ocr(args) = Cli::parse().command;
+    dsocr::engine::tune_allocator();
     match run(&args) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),

@@ -31,6 +31,7 @@ fn main() {
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
 
+    dsocr::engine::tune_allocator(); // as the CLI does
     let t = Instant::now();
     let config = Config::from_json(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let file = std::fs::File::open(dir.join("model-00001-of-000001.safetensors")).unwrap();
