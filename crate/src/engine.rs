@@ -33,10 +33,12 @@ pub struct EngineOptions {
     /// Keep the routed experts stacked so decoding picks them on the device, with no host readback
     /// per MoE layer: what GPUs (wgpu, WebGPU) want; on the CPU the grouped path is faster.
     pub stacked_experts: bool,
-    /// Threads a decoding step's matrix–vector products are split over: burn's CPU backend runs
-    /// each on one thread, and decoding is bound by how fast the weights are read. Default: the
-    /// CPU's thread count (rayon's pool; 1 in wasm32). Set 1 for a GPU (the CLI and browser do).
-    pub matvec_threads: usize,
+    /// Threads the model spreads work over itself where burn's CPU backend would use one thread:
+    /// a decoding step's matrix–vector products (decoding is bound by how fast the weights are
+    /// read, and one core reads at half the machine's bandwidth), a step's experts, SAM's MLP
+    /// (GELU). Default: the CPU's thread count (rayon's pool; 1 in wasm32). Set 1 for a GPU (the
+    /// CLI and browser do).
+    pub threads: usize,
 }
 
 impl Default for EngineOptions {
@@ -46,7 +48,7 @@ impl Default for EngineOptions {
             decode_limits: DecodeLimits::default(),
             max_tensor_bytes: usize::MAX,
             stacked_experts: false,
-            matvec_threads: cpu_threads(),
+            threads: cpu_threads(),
         }
     }
 }
@@ -89,7 +91,7 @@ pub fn wgpu_max_tensor_bytes(setup: &burn::tensor::wgpu::WgpuSetup) -> usize {
 pub struct LoadOptions<'p> {
     /// Default: burn's default device (`BURN_DEVICE` picks one at run time). For a GPU also set
     /// `engine.max_tensor_bytes` to its binding limit, `engine.stacked_experts` and
-    /// `engine.matvec_threads = 1` (the CLI does).
+    /// `engine.threads = 1` (the CLI does).
     pub device: Device,
     /// Float type of weights and activations: f16/bf16 halve the memory where the device has them.
     pub dtype: burn::tensor::FloatDType,
@@ -145,7 +147,7 @@ impl Engine {
         let tokenizer = Tokenizer::from_json(tokenizer_json)?;
         let mut loader =
             Loader::new(checkpoint, device).with_max_tensor_bytes(options.max_tensor_bytes).with_stacked_experts(options.stacked_experts)
-            .with_matvec_threads(options.matvec_threads);
+            .with_threads(options.threads);
         if let Some(progress) = progress {
             loader = loader.with_progress(progress);
         }

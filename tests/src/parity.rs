@@ -28,14 +28,14 @@ pub fn load_model(checkpoint: &str, device: &Device, max_tensor_bytes: usize) ->
 }
 
 /// [`load_model`], with the routed experts stacked (decoding picks them on the device) if
-/// `stacked_experts`, and one-row products split over `matvec_threads` (a GPU's setting is 1).
-pub fn load_model_with(checkpoint: &str, device: &Device, max_tensor_bytes: usize, stacked_experts: bool, matvec_threads: usize) -> Model {
+/// `stacked_experts`, and one-row products split over `threads` (a GPU's setting is 1).
+pub fn load_model_with(checkpoint: &str, device: &Device, max_tensor_bytes: usize, stacked_experts: bool, threads: usize) -> Model {
     let dir = checkpoint_dir(checkpoint);
     let config = Config::from_json(std::str::from_utf8(&read_fixture(&dir.join("config.json"))).unwrap()).unwrap();
     let bytes = read_fixture(&dir.join("model.safetensors"));
     let weights = Checkpoint::parse(&bytes).unwrap();
     let loader = Loader::new(&weights, device).with_max_tensor_bytes(max_tensor_bytes).with_stacked_experts(stacked_experts)
-        .with_matvec_threads(matvec_threads);
+        .with_threads(threads);
     Model {
         encoder: pollster::block_on(VisionEncoder::load(&config, &loader)).unwrap(),
         decoder: pollster::block_on(Decoder::load(&config.decoder, &loader)).unwrap(),

@@ -265,7 +265,7 @@ fn run(args: &OcrArgs) -> Result<bool, String> {
     let options = LoadOptions {
         device,
         dtype,
-        engine: EngineOptions { max_tensor_bytes, stacked_experts: gpu, matvec_threads: if gpu { 1 } else { EngineOptions::default().matvec_threads }, ..EngineOptions::default() },
+        engine: EngineOptions { max_tensor_bytes, stacked_experts: gpu, threads: if gpu { 1 } else { EngineOptions::default().threads }, ..EngineOptions::default() },
         on_download: Some(&mut on_download),
         on_load: Some(&on_load),
     };

@@ -65,8 +65,8 @@ struct SelfAttention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
-    /// See [`Loader::with_matvec_threads`].
-    matvec_threads: usize,
+    /// See [`Loader::with_threads`].
+    threads: usize,
 }
 
 /// Rotate-half ("NeoX") rotary embedding: `inv_freq[i] = θ^(−2i/d)` (spec §6.3).
@@ -97,7 +97,7 @@ impl Decoder {
                     heads: c.num_attention_heads,
                     kv_heads: c.num_key_value_heads,
                     head_dim: c.head_dim,
-                    matvec_threads: l.matvec_threads(),
+                    threads: l.threads(),
                 },
                 post_attention_layernorm: rms_norm(l, &format!("{p}.post_attention_layernorm.weight"), h, c.rms_norm_eps).await?,
                 mlp,
@@ -231,9 +231,9 @@ impl SelfAttention {
         let [b, s, _] = x.dims();
         let hd = self.head_dim;
         let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, hd]).swap_dims(1, 2);
-        let q = rotate(split(ops::linear_par(&self.q_proj, x.clone(), self.matvec_threads), self.heads), cos, sin);
-        let k = rotate(split(ops::linear_par(&self.k_proj, x.clone(), self.matvec_threads), self.kv_heads), cos, sin);
-        let v = split(ops::linear_par(&self.v_proj, x, self.matvec_threads), self.kv_heads);
+        let q = rotate(split(ops::linear_par(&self.q_proj, x.clone(), self.threads), self.heads), cos, sin);
+        let k = rotate(split(ops::linear_par(&self.k_proj, x.clone(), self.threads), self.kv_heads), cos, sin);
+        let v = split(ops::linear_par(&self.v_proj, x, self.threads), self.kv_heads);
         let (k, v) = match cache.take() {
             Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
             None => (k, v),
@@ -249,7 +249,7 @@ impl SelfAttention {
         };
         let options = AttentionModuleOptions { scale: None, softcap: None, is_causal };
         let out = attention(q, k, v, mask, None, options);
-        ops::linear_par(&self.o_proj, out.swap_dims(1, 2).reshape([b, s, self.heads * hd]), self.matvec_threads)
+        ops::linear_par(&self.o_proj, out.swap_dims(1, 2).reshape([b, s, self.heads * hd]), self.threads)
     }
 }
 

@@ -18,8 +18,8 @@ pub struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
-    /// See [`Loader::with_matvec_threads`].
-    matvec_threads: usize,
+    /// See [`Loader::with_threads`].
+    threads: usize,
 }
 
 impl Mlp {
@@ -28,12 +28,12 @@ impl Mlp {
             gate_proj: l.linear(&format!("{prefix}.gate_proj"), hidden, width, false).await?,
             up_proj: l.linear(&format!("{prefix}.up_proj"), hidden, width, false).await?,
             down_proj: l.linear(&format!("{prefix}.down_proj"), width, hidden, false).await?,
-            matvec_threads: l.matvec_threads(),
+            threads: l.threads(),
         })
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        self.forward_threads(x, self.matvec_threads)
+        self.forward_threads(x, self.threads)
     }
 
     fn forward_threads<const D: usize>(&self, x: Tensor<D>, t: usize) -> Tensor<D> {
@@ -54,8 +54,8 @@ pub struct Moe {
     top_k: usize,
     norm_topk_prob: bool,
     routed_scaling_factor: f64,
-    /// See [`Loader::with_matvec_threads`]; above 1 the experts of a step run side by side.
-    matvec_threads: usize,
+    /// See [`Loader::with_threads`]; above 1 the experts of a step run side by side.
+    threads: usize,
 }
 
 /// The routed experts' weights stacked along a leading expert axis, in shards of whole experts that
@@ -96,7 +96,7 @@ impl Moe {
             top_k: c.num_experts_per_tok,
             norm_topk_prob: c.norm_topk_prob,
             routed_scaling_factor: c.routed_scaling_factor,
-            matvec_threads: l.matvec_threads(),
+            threads: l.threads(),
         })
     }
 
@@ -173,7 +173,7 @@ impl Moe {
     }
 
     /// Each `(routed expert or None for the shared experts, its tokens)` through that expert, outputs
-    /// in job order. On the CPU (`matvec_threads > 1`) the experts run side by side, one per thread:
+    /// in job order. On the CPU (`threads > 1`) the experts run side by side, one per thread:
     /// each reads its own weights (reading them is the cost of a few tokens), with one
     /// synchronisation per layer instead of one per product.
     fn run_experts(&self, jobs: Vec<(Option<usize>, Tensor<2>)>) -> Vec<Tensor<2>> {
@@ -182,7 +182,7 @@ impl Moe {
             (Some(e), Some(stack)) => stack.forward_one(e, input),
             (Some(e), None) => self.experts[e].forward_threads(input, threads),
         };
-        let threads = self.matvec_threads;
+        let threads = self.threads;
         #[cfg(not(target_arch = "wasm32"))]
         if threads > 1 && jobs.len() > 1 {
             use rayon::prelude::*;

@@ -81,6 +81,24 @@ mod tests {
         }
     }
 
+    /// Row blocks put back in order give the whole-tensor result, for any row count and thread count.
+    #[test]
+    fn rows_par_equals_whole() {
+        let device = Device::flex();
+        let linear = burn::nn::LinearConfig::new(24, 40).init(&device);
+        let f = |x: Tensor<2>| burn::tensor::activation::gelu(linear.forward(x));
+        for rows in [1, 2, 7, 64] {
+            let x = Tensor::<3>::random([1, rows, 24], Distribution::Default, &device);
+            let expected = f(x.clone().reshape([rows, 24]));
+            for threads in [1, 2, 3, 8] {
+                let got = super::rows_par(x.clone(), threads, f);
+                assert_eq!(got.dims(), [1, rows, 40]);
+                let err: f32 = (got.reshape([rows, 40]) - expected.clone()).abs().max().into_scalar();
+                assert!(err <= 1e-6, "rows {rows} threads {threads}: max error {err}");
+            }
+        }
+    }
+
     /// The split path keeps the bias and the input's leading dimensions.
     #[test]
     fn linear_par_equals_forward() {
@@ -93,4 +111,26 @@ mod tests {
         let err: f32 = (got - expected).abs().max().into_scalar();
         assert!(err <= 1e-5, "max error {err}");
     }
+}
+
+/// `f` (row-wise: each output row depends on its input row only) over `x`'s rows, in `threads`
+/// blocks of rows side by side. Why: burn's CPU backend runs elementwise ops (GELU's erf) on one thread.
+pub fn rows_par<const D: usize>(x: Tensor<D>, threads: usize, f: impl Fn(Tensor<2>) -> Tensor<2> + Sync) -> Tensor<D> {
+    let dims = x.dims();
+    let rows: usize = dims[..D - 1].iter().product();
+    let x = x.reshape([rows, dims[D - 1]]);
+    let block = rows.div_ceil(threads.max(1));
+    let y = if threads <= 1 || block >= rows {
+        f(x)
+    } else {
+        let blocks: Vec<std::ops::Range<usize>> = (0..rows).step_by(block).map(|start| start..(start + block).min(rows)).collect();
+        #[cfg(not(target_arch = "wasm32"))]
+        let parts: Vec<Tensor<2>> = blocks.into_par_iter().map(|r| f(x.clone().slice([r]))).collect();
+        #[cfg(target_arch = "wasm32")]
+        let parts: Vec<Tensor<2>> = blocks.into_iter().map(|r| f(x.clone().slice([r]))).collect();
+        Tensor::cat(parts, 0)
+    };
+    let mut out = dims;
+    out[D - 1] = y.dims()[1];
+    y.reshape(out)
 }

@@ -63,15 +63,15 @@ impl EmbeddingShards {
 #[derive(Module, Debug)]
 pub struct LmHeadShards {
     shards: Vec<Param<Tensor<2>>>,
-    /// See [`Loader::with_matvec_threads`].
-    matvec_threads: usize,
+    /// See [`Loader::with_threads`].
+    threads: usize,
 }
 
 impl LmHeadShards {
     /// From the PyTorch weight `name` `(vocab, hidden)`.
     pub async fn load(l: &Loader<'_, '_>, name: &str, [vocab, hidden]: [usize; 2]) -> Result<Self> {
         let shards = l.row_shards(name, [vocab, hidden], true).await?;
-        Ok(Self { shards: shards.into_iter().map(Param::from_tensor).collect(), matvec_threads: l.matvec_threads() })
+        Ok(Self { shards: shards.into_iter().map(Param::from_tensor).collect(), threads: l.threads() })
     }
 
     pub fn shard_count(&self) -> usize {
@@ -80,7 +80,7 @@ impl LmHeadShards {
 
     /// `(S, hidden)` → `(S, vocab)`.
     pub fn logits(&self, hidden: Tensor<2>) -> Tensor<2> {
-        let parts: Vec<Tensor<2>> = self.shards.iter().map(|w| ops::matmul_par(hidden.clone(), w.val(), self.matvec_threads)).collect();
+        let parts: Vec<Tensor<2>> = self.shards.iter().map(|w| ops::matmul_par(hidden.clone(), w.val(), self.threads)).collect();
         if parts.len() == 1 { parts.into_iter().next().expect("one shard") } else { Tensor::cat(parts, 1) }
     }
 }

@@ -21,14 +21,14 @@ pub struct Loader<'c, 'b> {
     device: Device,
     max_tensor_bytes: usize,
     stacked_experts: bool,
-    matvec_threads: usize,
+    threads: usize,
     progress: Option<LoadProgress<'c>>,
     loaded: Cell<u64>,
 }
 
 impl<'c, 'b> Loader<'c, 'b> {
     pub fn new(checkpoint: &'c Checkpoint<'b>, device: &Device) -> Self {
-        Self { checkpoint, device: device.clone(), max_tensor_bytes: usize::MAX, stacked_experts: false, matvec_threads: 1, progress: None, loaded: Cell::new(0) }
+        Self { checkpoint, device: device.clone(), max_tensor_bytes: usize::MAX, stacked_experts: false, threads: 1, progress: None, loaded: Cell::new(0) }
     }
 
     /// Build MoE layers with their routed experts stacked per tensor, for decoding without reading
@@ -42,15 +42,16 @@ impl<'c, 'b> Loader<'c, 'b> {
         self.stacked_experts
     }
 
-    /// Threads a decoding step's matrix–vector products are split over (see `model::ops::linear_par`):
-    /// the CPU's thread count on the CPU, 1 (the default) on GPUs.
-    pub fn with_matvec_threads(mut self, threads: usize) -> Self {
-        self.matvec_threads = threads.max(1);
+    /// Threads the model spreads work over itself where burn's CPU backend would use one: a decoding
+    /// step's matrix–vector products (`model::ops::linear_par`), a step's experts, SAM's MLP rows
+    /// (`model::ops::rows_par`). The CPU's thread count on the CPU; 1 (the default) on GPUs.
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads.max(1);
         self
     }
 
-    pub fn matvec_threads(&self) -> usize {
-        self.matvec_threads
+    pub fn threads(&self) -> usize {
+        self.threads
     }
 
     pub fn max_tensor_bytes(&self) -> usize {

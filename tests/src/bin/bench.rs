@@ -38,7 +38,7 @@ fn main() {
     let bytes = unsafe { memmap2::Mmap::map(&file) }.unwrap();
     let weights = Checkpoint::parse(&bytes).unwrap();
     let device = Device::flex();
-    let loader = Loader::new(&weights, &device).with_matvec_threads(dsocr::engine::cpu_threads());
+    let loader = Loader::new(&weights, &device).with_threads(dsocr::engine::cpu_threads());
     let encoder = pollster::block_on(VisionEncoder::load(&config, &loader)).unwrap();
     let decoder = pollster::block_on(Decoder::load(&config.decoder, &loader)).unwrap();
     let tokenizer = Tokenizer::from_json(&std::fs::read(dir.join("tokenizer.json")).unwrap()).unwrap();
