@@ -182,13 +182,11 @@ impl Moe {
             (Some(e), Some(stack)) => stack.forward_one(e, input),
             (Some(e), None) => self.experts[e].forward_threads(input, threads),
         };
-        let threads = self.threads;
-        #[cfg(not(target_arch = "wasm32"))]
-        if threads > 1 && jobs.len() > 1 {
-            use rayon::prelude::*;
-            return jobs.into_par_iter().map(|job| one(job, 1)).collect();
+        if self.threads > 1 && jobs.len() > 1 {
+            ops::map_par(jobs, |job| one(job, 1))
+        } else {
+            jobs.into_iter().map(|job| one(job, self.threads)).collect()
         }
-        jobs.into_iter().map(|job| one(job, threads)).collect()
     }
 }
 

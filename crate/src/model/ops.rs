@@ -2,8 +2,6 @@
 
 use burn::nn::Linear;
 use burn::tensor::Tensor;
-#[cfg(not(target_arch = "wasm32"))]
-use rayon::prelude::*;
 
 /// `linear.forward(x)` computed as one 2-D matmul over all leading dimensions: burn runs a rank-3/4
 /// input as many small batched matmuls, several times slower on the CPU (measured 2× on SAM's MLP).
@@ -52,12 +50,40 @@ pub fn matmul_par(x: Tensor<2>, w: Tensor<2>, threads: usize) -> Tensor<2> {
     if x.dims()[0] > MATVEC_MAX_ROWS || block >= n {
         return x.matmul(w);
     }
-    let blocks: Vec<std::ops::Range<usize>> = (0..n).step_by(block).map(|start| start..(start + block).min(n)).collect();
+    Tensor::cat(map_par(blocks(n, block), |cols| x.clone().matmul(w.clone().slice([0..k, cols]))), 1)
+}
+
+/// `f` (row-wise: each output row depends on its input row only) over `x`'s rows, in `threads`
+/// blocks of rows side by side. Why: burn's CPU backend runs elementwise ops (GELU's erf) on one thread.
+pub fn rows_par<const D: usize>(x: Tensor<D>, threads: usize, f: impl Fn(Tensor<2>) -> Tensor<2> + Sync) -> Tensor<D> {
+    let dims = x.dims();
+    let rows: usize = dims[..D - 1].iter().product();
+    let x = x.reshape([rows, dims[D - 1]]);
+    let block = rows.div_ceil(threads.max(1));
+    let y = if threads <= 1 || block >= rows {
+        f(x)
+    } else {
+        Tensor::cat(map_par(blocks(rows, block), |r| f(x.clone().slice([r]))), 0)
+    };
+    let mut out = dims;
+    out[D - 1] = y.dims()[1];
+    y.reshape(out)
+}
+
+/// `0..len` cut into consecutive ranges of `block` (the last may be shorter).
+fn blocks(len: usize, block: usize) -> Vec<std::ops::Range<usize>> {
+    (0..len).step_by(block.max(1)).map(|start| start..(start + block).min(len)).collect()
+}
+
+/// `f` over `items`, results in order: on rayon's threads natively, one after another in wasm32.
+pub fn map_par<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync + Send) -> Vec<R> {
     #[cfg(not(target_arch = "wasm32"))]
-    let parts: Vec<Tensor<2>> = blocks.into_par_iter().map(|cols| x.clone().matmul(w.clone().slice([0..k, cols]))).collect();
+    {
+        use rayon::prelude::*;
+        items.into_par_iter().map(f).collect()
+    }
     #[cfg(target_arch = "wasm32")]
-    let parts: Vec<Tensor<2>> = blocks.into_iter().map(|cols| x.clone().matmul(w.clone().slice([0..k, cols]))).collect();
-    Tensor::cat(parts, 1)
+    items.into_iter().map(f).collect()
 }
 
 #[cfg(all(test, feature = "flex"))]
@@ -111,26 +137,4 @@ mod tests {
         let err: f32 = (got - expected).abs().max().into_scalar();
         assert!(err <= 1e-5, "max error {err}");
     }
-}
-
-/// `f` (row-wise: each output row depends on its input row only) over `x`'s rows, in `threads`
-/// blocks of rows side by side. Why: burn's CPU backend runs elementwise ops (GELU's erf) on one thread.
-pub fn rows_par<const D: usize>(x: Tensor<D>, threads: usize, f: impl Fn(Tensor<2>) -> Tensor<2> + Sync) -> Tensor<D> {
-    let dims = x.dims();
-    let rows: usize = dims[..D - 1].iter().product();
-    let x = x.reshape([rows, dims[D - 1]]);
-    let block = rows.div_ceil(threads.max(1));
-    let y = if threads <= 1 || block >= rows {
-        f(x)
-    } else {
-        let blocks: Vec<std::ops::Range<usize>> = (0..rows).step_by(block).map(|start| start..(start + block).min(rows)).collect();
-        #[cfg(not(target_arch = "wasm32"))]
-        let parts: Vec<Tensor<2>> = blocks.into_par_iter().map(|r| f(x.clone().slice([r]))).collect();
-        #[cfg(target_arch = "wasm32")]
-        let parts: Vec<Tensor<2>> = blocks.into_iter().map(|r| f(x.clone().slice([r]))).collect();
-        Tensor::cat(parts, 0)
-    };
-    let mut out = dims;
-    out[D - 1] = y.dims()[1];
-    y.reshape(out)
 }
