@@ -34,7 +34,8 @@ fn full_size_checkpoint_matches_the_reference_at_tiny_and_small() {
     assert_eq!(weights.names().len(), 2710);
 
     let device = Device::flex();
-    let loader = Loader::new(&weights, &device);
+    // The CPU settings the engine uses by default (threads split products, experts and SAM rows).
+    let loader = Loader::new(&weights, &device).with_threads(dsocr::engine::cpu_threads());
     let encoder = pollster::block_on(VisionEncoder::load(&config, &loader)).unwrap();
     let decoder = pollster::block_on(Decoder::load(&config.decoder, &loader)).unwrap();
     let reference = Fixture::open(dir.join("reference.safetensors"));
