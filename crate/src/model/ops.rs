@@ -6,15 +6,7 @@ use burn::tensor::Tensor;
 /// `linear.forward(x)` computed as one 2-D matmul over all leading dimensions: burn runs a rank-3/4
 /// input as many small batched matmuls, several times slower on the CPU (measured 2× on SAM's MLP).
 pub fn linear<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
-    let dims = x.dims();
-    if D <= 2 {
-        return linear.forward(x);
-    }
-    let rows: usize = dims[..D - 1].iter().product();
-    let y = linear.forward(x.reshape([rows, dims[D - 1]]));
-    let mut out = dims;
-    out[D - 1] = y.dims()[1];
-    y.reshape(out)
+    as_rows(x, |x| linear.forward(x))
 }
 
 /// Products with at most this many rows (a decoding step's) cost what reading the weights costs,
@@ -26,19 +18,16 @@ const MATVEC_MAX_ROWS: usize = 16;
 /// weights is the whole cost; one core reads memory at about half the machine's bandwidth (measured
 /// here: 13 GB/s for one core, 26 for two). Other inputs, and `threads <= 1`, go to [`linear`].
 pub fn linear_par<const D: usize>(linear: &Linear, x: Tensor<D>, threads: usize) -> Tensor<D> {
-    let dims = x.dims();
-    let rows: usize = dims[..D - 1].iter().product();
-    if threads <= 1 || rows > MATVEC_MAX_ROWS {
-        return self::linear(linear, x);
-    }
-    let y = matmul_par(x.reshape([rows, dims[D - 1]]), linear.weight.val(), threads);
-    let y = match &linear.bias {
-        Some(bias) => y + bias.val().unsqueeze_dim(0),
-        None => y,
-    };
-    let mut out = dims;
-    out[D - 1] = y.dims()[1];
-    y.reshape(out)
+    as_rows(x, |x| {
+        if threads <= 1 || x.dims()[0] > MATVEC_MAX_ROWS {
+            return linear.forward(x);
+        }
+        let y = matmul_par(x, linear.weight.val(), threads);
+        match &linear.bias {
+            Some(bias) => y + bias.val().unsqueeze_dim(0),
+            None => y,
+        }
+    })
 }
 
 /// `x · w` for `x` `(rows, k)` and `w` `(k, n)`: each thread multiplies by its own block of `w`'s
@@ -56,15 +45,21 @@ pub fn matmul_par(x: Tensor<2>, w: Tensor<2>, threads: usize) -> Tensor<2> {
 /// `f` (row-wise: each output row depends on its input row only) over `x`'s rows, in `threads`
 /// blocks of rows side by side. Why: burn's CPU backend runs elementwise ops (GELU's erf) on one thread.
 pub fn rows_par<const D: usize>(x: Tensor<D>, threads: usize, f: impl Fn(Tensor<2>) -> Tensor<2> + Sync) -> Tensor<D> {
+    as_rows(x, |x| {
+        let rows = x.dims()[0];
+        let block = rows.div_ceil(threads.max(1));
+        if threads <= 1 || block >= rows {
+            return f(x);
+        }
+        Tensor::cat(map_par(blocks(rows, block), |r| f(x.clone().slice([r]))), 0)
+    })
+}
+
+/// `f` on `x` seen as a matrix `(rows, last axis)`; its result keeps `x`'s leading dimensions.
+fn as_rows<const D: usize>(x: Tensor<D>, f: impl FnOnce(Tensor<2>) -> Tensor<2>) -> Tensor<D> {
     let dims = x.dims();
     let rows: usize = dims[..D - 1].iter().product();
-    let x = x.reshape([rows, dims[D - 1]]);
-    let block = rows.div_ceil(threads.max(1));
-    let y = if threads <= 1 || block >= rows {
-        f(x)
-    } else {
-        Tensor::cat(map_par(blocks(rows, block), |r| f(x.clone().slice([r]))), 0)
-    };
+    let y = f(x.reshape([rows, dims[D - 1]]));
     let mut out = dims;
     out[D - 1] = y.dims()[1];
     y.reshape(out)
