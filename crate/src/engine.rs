@@ -53,6 +53,14 @@ impl Default for EngineOptions {
     }
 }
 
+impl EngineOptions {
+    /// The settings a GPU wants: weights within its binding limit `max_tensor_bytes`, the routed
+    /// experts stacked, and no host threads of the model's own.
+    pub fn gpu(max_tensor_bytes: usize) -> Self {
+        Self { max_tensor_bytes, stacked_experts: true, threads: 1, ..Self::default() }
+    }
+}
+
 /// For a process that runs the model on the CPU (call once, first thing): glibc's allocator otherwise
 /// serves every block over 128 KiB — each op's output — from a fresh `mmap`, paid for in page faults
 /// and zeroing, and hands it back when freed. This keeps blocks up to 32 MiB in the heap for reuse.
@@ -89,9 +97,8 @@ pub fn wgpu_max_tensor_bytes(setup: &burn::tensor::wgpu::WgpuSetup) -> usize {
 /// Where and how [`Engine::load`] runs the model, and whom it tells about progress.
 #[cfg(all(feature = "hub", not(target_arch = "wasm32")))]
 pub struct LoadOptions<'p> {
-    /// Default: burn's default device (`BURN_DEVICE` picks one at run time). For a GPU also set
-    /// `engine.max_tensor_bytes` to its binding limit, `engine.stacked_experts` and
-    /// `engine.threads = 1` (the CLI does).
+    /// Default: burn's default device (`BURN_DEVICE` picks one at run time). For a GPU set `engine`
+    /// to [`EngineOptions::gpu`] with its binding limit (the CLI does).
     pub device: Device,
     /// Float type of weights and activations: f16/bf16 halve the memory where the device has them.
     pub dtype: burn::tensor::FloatDType,
@@ -145,8 +152,9 @@ impl Engine {
         // Check every name and shape up front: a wrong file fails fast, naming the tensor.
         checkpoint.check(&expected_tensors(&config))?;
         let tokenizer = Tokenizer::from_json(tokenizer_json)?;
-        let mut loader =
-            Loader::new(checkpoint, device).with_max_tensor_bytes(options.max_tensor_bytes).with_stacked_experts(options.stacked_experts)
+        let mut loader = Loader::new(checkpoint, device)
+            .with_max_tensor_bytes(options.max_tensor_bytes)
+            .with_stacked_experts(options.stacked_experts)
             .with_threads(options.threads);
         if let Some(progress) = progress {
             loader = loader.with_progress(progress);

@@ -234,7 +234,7 @@ impl Dsocr {
                 let _ = callback.call1(&JsValue::NULL, &progress_event(name, loaded as f64, Some(total as f64)));
             }
         };
-        let options = EngineOptions { max_tensor_bytes, stacked_experts: true, threads: 1, ..EngineOptions::default() };
+        let options = EngineOptions::gpu(max_tensor_bytes);
         let engine = Engine::from_checkpoint(&config, &checkpoint, &tokenizer, &device, options, Some(&progress)).await.map_err(from_error)?;
         Ok(Dsocr { engine, adapter })
     }

@@ -123,17 +123,17 @@ fn parse_task(task: &str) -> Result<Task, String> {
     })
 }
 
-/// The compute device and the largest tensor it can bind (the wgpu device's storage-binding limit).
-fn device(arg: DeviceArg) -> Result<(Device, usize), String> {
+/// The compute device and the engine settings it wants (a GPU's include its binding limit).
+fn device(arg: DeviceArg) -> Result<(Device, EngineOptions), String> {
     match arg {
-        DeviceArg::Cpu => Ok((Device::flex(), usize::MAX)),
+        DeviceArg::Cpu => Ok((Device::flex(), EngineOptions::default())),
         #[cfg(feature = "wgpu")]
         DeviceArg::Wgpu => {
             let (device, setup) = pollster::block_on(Device::wgpu_options().init_with_setup_async())
                 .map_err(|e| format!("no usable GPU adapter (wgpu): {e:?}"))?;
             let max = dsocr::engine::wgpu_max_tensor_bytes(&setup);
             eprintln!("dsocr: GPU {} ({:?}), largest binding {} MiB", setup.adapter.get_info().name, setup.backend, max >> 20);
-            Ok((device, max))
+            Ok((device, EngineOptions::gpu(max)))
         }
         #[cfg(not(feature = "wgpu"))]
         DeviceArg::Wgpu => Err("this dsocr was built without the `wgpu` feature".into()),
@@ -242,8 +242,7 @@ fn run(args: &OcrArgs) -> Result<bool, String> {
         },
         ..GenerationOptions::default()
     };
-    let (device, max_tensor_bytes) = device(args.device)?;
-    let gpu = matches!(args.device, DeviceArg::Wgpu);
+    let (device, engine) = device(args.device)?;
     let dtype = match args.dtype {
         DtypeArg::F32 => FloatDType::F32,
         DtypeArg::F16 => FloatDType::F16,
@@ -265,7 +264,7 @@ fn run(args: &OcrArgs) -> Result<bool, String> {
     let options = LoadOptions {
         device,
         dtype,
-        engine: EngineOptions { max_tensor_bytes, stacked_experts: gpu, threads: if gpu { 1 } else { EngineOptions::default().threads }, ..EngineOptions::default() },
+        engine,
         on_download: Some(&mut on_download),
         on_load: Some(&on_load),
     };
