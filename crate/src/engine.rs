@@ -17,6 +17,7 @@ use crate::image::{DecodeLimits, PreprocessOptions, decode, make_views, normaliz
 use crate::model::layout::image_token_count;
 use crate::model::{Decoder, VisionEncoder};
 use crate::output::{OcrResult, Timings, clean_markdown, parse_grounding, strip_eos};
+use crate::quant::Recipe;
 use crate::text::prompt::IMAGE_TOKEN_ID;
 use crate::text::{Task, Tokenizer, prompt_ids};
 use crate::weights::{Checkpoint, LoadProgress, Loader, expected_tensors};
@@ -39,6 +40,13 @@ pub struct EngineOptions {
     /// (GELU). Default: the CPU's thread count (rayon's pool; 1 in wasm32). Set 1 for a GPU (the
     /// CLI and browser do).
     pub threads: usize,
+    /// Quantize a float checkpoint's weights as they are loaded (`Recipe::preset(Preset::Q4, None)`
+    /// …): the same numbers as loading the checkpoint `dsocr quantize` writes with that recipe.
+    pub quantize: Option<Recipe>,
+    /// Keep quantized weights packed on the host and multiply them with the crate's CPU kernels
+    /// (the CPU backend; default). Off, quantized weights are dequantized onto the device when
+    /// loaded (GPUs, until they have kernels of their own).
+    pub host_kernels: bool,
 }
 
 impl Default for EngineOptions {
@@ -49,15 +57,17 @@ impl Default for EngineOptions {
             max_tensor_bytes: usize::MAX,
             stacked_experts: false,
             threads: cpu_threads(),
+            quantize: None,
+            host_kernels: true,
         }
     }
 }
 
 impl EngineOptions {
     /// The settings a GPU wants: weights within its binding limit `max_tensor_bytes`, the routed
-    /// experts stacked, and no host threads of the model's own.
+    /// experts stacked, no host threads of the model's own, quantized weights on the device.
     pub fn gpu(max_tensor_bytes: usize) -> Self {
-        Self { max_tensor_bytes, stacked_experts: true, threads: 1, ..Self::default() }
+        Self { max_tensor_bytes, stacked_experts: true, threads: 1, host_kernels: false, ..Self::default() }
     }
 }
 
@@ -149,13 +159,25 @@ impl Engine {
         progress: Option<LoadProgress<'_>>,
     ) -> Result<Self> {
         let config = Config::from_json(config_json)?;
+        let stored = Recipe::from_config_json(config_json)?;
+        if let (Some(stored), Some(wanted)) = (&stored, &options.quantize) {
+            if stored != wanted {
+                return Err(crate::error::Error::InvalidArgument(format!(
+                    "the checkpoint is already quantized ({}); load it without a quantization option",
+                    stored.preset.map_or("custom recipe", |p| p.name())
+                )));
+            }
+        }
         // Check every name and shape up front: a wrong file fails fast, naming the tensor.
-        checkpoint.check(&expected_tensors(&config))?;
+        checkpoint.check(&expected_tensors(&config), stored.as_ref())?;
         let tokenizer = Tokenizer::from_json(tokenizer_json)?;
         let mut loader = Loader::new(checkpoint, device)
             .with_max_tensor_bytes(options.max_tensor_bytes)
             .with_stacked_experts(options.stacked_experts)
-            .with_threads(options.threads);
+            .with_threads(options.threads)
+            .with_stored_recipe(stored)
+            .with_quantize(options.quantize.clone())
+            .with_host_kernels(options.host_kernels);
         if let Some(progress) = progress {
             loader = loader.with_progress(progress);
         }
@@ -194,27 +216,22 @@ impl Engine {
         Self::load_dir(&dir, &device, engine, on_load).await
     }
 
-    /// Loads a checkpoint directory in the hub layout (`config.json`, `*.safetensors`, `tokenizer.json`).
+    /// Loads a checkpoint directory in the hub layout: `config.json`, `tokenizer.json` and either the
+    /// single `model-00001-of-000001.safetensors` / `model.safetensors` or the shards named by
+    /// `model.safetensors.index.json` (each checked against the size and sha256 the index records).
     #[cfg(not(target_arch = "wasm32"))]
     pub async fn load_dir(dir: &std::path::Path, device: &Device, options: EngineOptions, progress: Option<LoadProgress<'_>>) -> Result<Self> {
         let read = |name: &str| std::fs::read(dir.join(name)).map_err(|e| Error::Io(format!("{}: {e}", dir.join(name).display())));
         let config = String::from_utf8(read("config.json")?).map_err(|e| Error::Config(e.to_string()))?;
-        let weights_path = find_weights(dir)?;
-        let file = std::fs::File::open(&weights_path).map_err(|e| Error::Io(format!("{}: {e}", weights_path.display())))?;
-        // SAFETY: the file is opened read-only and only read during loading; a concurrent truncation
-        // by another process is the one hazard, as with any memory map.
-        let weights = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::Io(format!("{}: {e}", weights_path.display())))?;
-        let checkpoint = Checkpoint::parse(&weights)?;
-        // Drop each tensor's mapped pages once converted: peak memory is then the weights on the
-        // device, not those plus the 6.7 GB file.
-        #[cfg(unix)]
-        let checkpoint = checkpoint.with_release(Box::new(|offset, len| {
-            // SAFETY: the map is read-only and backed by an unchanging file: a dropped page is read
-            // again from the file if it is touched later (the rounding to page boundaries may cover
-            // a neighbour's bytes; they come back the same way).
-            let _ = unsafe { weights.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) };
-        }));
-        Self::from_checkpoint(&config, &checkpoint, &read("tokenizer.json")?, device, options, progress).await
+        let tokenizer = read("tokenizer.json")?;
+        let files = crate::weights::native::map_checkpoint(dir)?;
+        let checkpoint = files.checkpoint()?;
+        Self::from_checkpoint(&config, &checkpoint, &tokenizer, device, options, progress).await
+    }
+
+    /// The vision encoder (for tests and tools that compare stages).
+    pub fn encoder(&self) -> &VisionEncoder {
+        &self.encoder
     }
 
     /// The decoder (for tests and tools that drive generation themselves).
@@ -327,17 +344,4 @@ fn finish_name(finish: FinishReason) -> &'static str {
 
 fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1000.0
-}
-
-/// The checkpoint's single safetensors file (`model-00001-of-000001.safetensors` on the hub,
-/// `model.safetensors` in re-saved copies).
-#[cfg(not(target_arch = "wasm32"))]
-fn find_weights(dir: &std::path::Path) -> Result<std::path::PathBuf> {
-    for name in ["model-00001-of-000001.safetensors", "model.safetensors"] {
-        let path = dir.join(name);
-        if path.is_file() {
-            return Ok(path);
-        }
-    }
-    Err(Error::Io(format!("{}: no model-00001-of-000001.safetensors or model.safetensors", dir.display())))
 }

@@ -22,6 +22,12 @@ pub enum Error {
     /// The safetensors container itself is malformed (bad header, truncated data).
     #[error("invalid safetensors data: {0}")]
     Safetensors(String),
+    /// A file of a sharded checkpoint is missing, truncated, corrupt or disagrees with the index.
+    #[error("{file}: {message}")]
+    Shard { file: String, message: String },
+    /// An error about a tensor, with the checkpoint file that holds it.
+    #[error("{file}: {source}")]
+    InFile { file: String, source: Box<Error> },
     #[error("tensor `{name}` is missing from the checkpoint")]
     MissingTensor { name: String },
     #[error("tensor `{name}` has shape {found:?}, expected {expected:?}")]

@@ -7,6 +7,8 @@
 //! This crate compiles for `wasm32-unknown-unknown`: shared code does no file I/O, spawns no
 //! threads and never blocks on GPU readback; file access lives at the edges (tests, CLI).
 
+#[cfg(all(feature = "cli", not(target_arch = "wasm32")))]
+pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -16,6 +18,7 @@ pub mod hub;
 pub mod image;
 pub mod model;
 pub mod output;
+pub mod quant;
 pub mod text;
 #[cfg(target_arch = "wasm32")]
 pub mod wasm;

@@ -2,6 +2,7 @@
 //! compares our outputs with it, reporting the worst element by index when they disagree.
 
 pub mod parity;
+pub mod quant;
 
 use std::path::{Path, PathBuf};
 

@@ -43,7 +43,7 @@ fn every_tensor_of_the_tiny_checkpoints_reads_by_name_with_its_shape() {
         let bytes = read_fixture(&dir.join("model.safetensors"));
         let checkpoint = Checkpoint::parse(&bytes).unwrap();
         let expected = expected_tensors(&config);
-        let unknown = checkpoint.check(&expected).unwrap();
+        let unknown = checkpoint.check(&expected, None).unwrap();
         assert!(unknown.is_empty(), "{name}: tensors the model does not know: {unknown:?}");
         assert_eq!(checkpoint.names().len(), expected.len(), "{name}");
         for spec in &expected {
@@ -67,7 +67,7 @@ fn a_checkpoint_for_another_config_is_rejected_naming_the_tensor() {
     let a = read_fixture(&checkpoint_dir("tiny-a").join("model.safetensors"));
     let b_config = load_config(&checkpoint_dir("tiny-b"));
     let checkpoint = Checkpoint::parse(&a).unwrap();
-    match checkpoint.check(&expected_tensors(&b_config)) {
+    match checkpoint.check(&expected_tensors(&b_config), None) {
         Err(Error::ShapeMismatch { name, expected, found }) => {
             assert_eq!(name, "model.sam_model.patch_embed.proj.weight");
             assert_eq!((expected[0], found[0]), (48, 32));
@@ -115,7 +115,7 @@ fn a_ranged_checkpoint_reads_every_tensor_as_the_whole_file_does() {
     let (opened, requests) = ranged(bytes.clone(), WINDOW);
     let ranged = opened.unwrap();
     let expected = expected_tensors(&config);
-    assert!(ranged.check(&expected).unwrap().is_empty());
+    assert!(ranged.check(&expected, None).unwrap().is_empty());
     let mut largest = 0;
     for spec in &expected {
         let a = block_on(whole.f32_values(&spec.name, &spec.shape)).unwrap();

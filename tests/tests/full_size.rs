@@ -29,7 +29,7 @@ fn full_size_checkpoint_matches_the_reference_at_tiny_and_small() {
     let file = std::fs::File::open(dir.join("model-00001-of-000001.safetensors")).unwrap();
     let bytes = unsafe { memmap2::Mmap::map(&file) }.unwrap();
     let weights = Checkpoint::parse(&bytes).unwrap();
-    let unknown = weights.check(&expected_tensors(&config)).unwrap();
+    let unknown = weights.check(&expected_tensors(&config), None).unwrap();
     assert!(unknown.is_empty(), "{unknown:?}");
     assert_eq!(weights.names().len(), 2710);
 

@@ -2,7 +2,7 @@
 //! (reference: `deepencoder.VitModel`, checkpoint `model.vision_model.*`; spec §4).
 
 use burn::module::{Module, Param};
-use burn::nn::{LayerNorm, Linear};
+use burn::nn::LayerNorm;
 use burn::tensor::activation::sigmoid;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -12,7 +12,7 @@ use super::grid_cache::GridCache;
 use crate::config::ClipConfig;
 use crate::error::Result;
 use crate::image::resample::resize_bicubic_f32;
-use super::ops;
+use crate::quant::QLinear;
 use crate::weights::Loader;
 
 #[derive(Module, Debug)]
@@ -36,11 +36,11 @@ struct ClipPositions {
 #[derive(Module, Debug)]
 struct ClipLayer {
     layer_norm1: LayerNorm,
-    qkv_proj: Linear,
-    out_proj: Linear,
+    qkv_proj: QLinear,
+    out_proj: QLinear,
     layer_norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: QLinear,
+    fc2: QLinear,
     heads: usize,
 }
 
@@ -54,11 +54,11 @@ impl Clip {
             let q = format!("{p}.transformer.layers.{i}");
             layers.push(ClipLayer {
                 layer_norm1: l.layer_norm(&format!("{q}.layer_norm1"), w, eps).await?,
-                qkv_proj: l.linear(&format!("{q}.self_attn.qkv_proj"), w, 3 * w, true).await?,
-                out_proj: l.linear(&format!("{q}.self_attn.out_proj"), w, w, true).await?,
+                qkv_proj: l.qlinear(&format!("{q}.self_attn.qkv_proj"), w, 3 * w, true).await?,
+                out_proj: l.qlinear(&format!("{q}.self_attn.out_proj"), w, w, true).await?,
                 layer_norm2: l.layer_norm(&format!("{q}.layer_norm2"), w, eps).await?,
-                fc1: l.linear(&format!("{q}.mlp.fc1"), w, c.ffn_hidden_size, true).await?,
-                fc2: l.linear(&format!("{q}.mlp.fc2"), c.ffn_hidden_size, w, true).await?,
+                fc1: l.qlinear(&format!("{q}.mlp.fc1"), w, c.ffn_hidden_size, true).await?,
+                fc2: l.qlinear(&format!("{q}.mlp.fc2"), c.ffn_hidden_size, w, true).await?,
                 heads: c.heads,
             });
         }
@@ -108,18 +108,18 @@ impl ClipPositions {
 impl ClipLayer {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let h = x.clone() + self.attention(self.layer_norm1.forward(x));
-        let y = ops::linear(&self.fc1, self.layer_norm2.forward(h.clone()));
-        h + ops::linear(&self.fc2, quick_gelu(y))
+        let y = self.fc1.forward(self.layer_norm2.forward(h.clone()));
+        h + self.fc2.forward(quick_gelu(y))
     }
 
     /// Full bidirectional attention; `qkv_proj` output is `[q | k | v]`, each head-major.
     fn attention(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, n, c] = x.dims();
         let hd = c / self.heads;
-        let qkv = ops::linear(&self.qkv_proj, x).reshape([b, n, 3, self.heads, hd]).permute([2, 0, 3, 1, 4]);
+        let qkv = self.qkv_proj.forward(x).reshape([b, n, 3, self.heads, hd]).permute([2, 0, 3, 1, 4]);
         let take = |i: usize| qkv.clone().slice([i..i + 1]).reshape([b, self.heads, n, hd]);
         let out = attention(take(0), take(1), take(2), None, None, AttentionModuleOptions::default());
-        ops::linear(&self.out_proj, out.swap_dims(1, 2).reshape([b, n, c]))
+        self.out_proj.forward(out.swap_dims(1, 2).reshape([b, n, c]))
     }
 }
 

@@ -3,7 +3,7 @@
 //! `model.layers.*`, `model.norm`, `lm_head`; spec §6).
 
 use burn::module::Module;
-use burn::nn::{Linear, RmsNorm, RmsNormConfig};
+use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
@@ -12,7 +12,7 @@ use super::moe::{Mlp, Moe};
 use super::vocab::{EmbeddingShards, LmHeadShards};
 use crate::config::DecoderConfig;
 use crate::error::{Error, Result};
-use super::ops;
+use crate::quant::QLinear;
 use crate::weights::Loader;
 
 /// Keys (after RoPE) and values of every layer for the tokens seen so far.
@@ -58,15 +58,13 @@ struct DecoderLayer {
 
 #[derive(Module, Debug)]
 struct SelfAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: QLinear,
+    k_proj: QLinear,
+    v_proj: QLinear,
+    o_proj: QLinear,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
-    /// See [`Loader::with_threads`].
-    threads: usize,
 }
 
 /// Rotate-half ("NeoX") rotary embedding: `inv_freq[i] = θ^(−2i/d)` (spec §6.3).
@@ -90,14 +88,13 @@ impl Decoder {
             layers.push(DecoderLayer {
                 input_layernorm: rms_norm(l, &format!("{p}.input_layernorm.weight"), h, c.rms_norm_eps).await?,
                 self_attn: SelfAttention {
-                    q_proj: l.linear(&format!("{p}.self_attn.q_proj"), h, q_out, false).await?,
-                    k_proj: l.linear(&format!("{p}.self_attn.k_proj"), h, kv_out, false).await?,
-                    v_proj: l.linear(&format!("{p}.self_attn.v_proj"), h, kv_out, false).await?,
-                    o_proj: l.linear(&format!("{p}.self_attn.o_proj"), q_out, h, false).await?,
+                    q_proj: l.qlinear(&format!("{p}.self_attn.q_proj"), h, q_out, false).await?,
+                    k_proj: l.qlinear(&format!("{p}.self_attn.k_proj"), h, kv_out, false).await?,
+                    v_proj: l.qlinear(&format!("{p}.self_attn.v_proj"), h, kv_out, false).await?,
+                    o_proj: l.qlinear(&format!("{p}.self_attn.o_proj"), q_out, h, false).await?,
                     heads: c.num_attention_heads,
                     kv_heads: c.num_key_value_heads,
                     head_dim: c.head_dim,
-                    threads: l.threads(),
                 },
                 post_attention_layernorm: rms_norm(l, &format!("{p}.post_attention_layernorm.weight"), h, c.rms_norm_eps).await?,
                 mlp,
@@ -231,9 +228,9 @@ impl SelfAttention {
         let [b, s, _] = x.dims();
         let hd = self.head_dim;
         let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, hd]).swap_dims(1, 2);
-        let q = rotate(split(ops::linear_par(&self.q_proj, x.clone(), self.threads), self.heads), cos, sin);
-        let k = rotate(split(ops::linear_par(&self.k_proj, x.clone(), self.threads), self.kv_heads), cos, sin);
-        let v = split(ops::linear_par(&self.v_proj, x, self.threads), self.kv_heads);
+        let q = rotate(split(self.q_proj.forward(x.clone()), self.heads), cos, sin);
+        let k = rotate(split(self.k_proj.forward(x.clone()), self.kv_heads), cos, sin);
+        let v = split(self.v_proj.forward(x), self.kv_heads);
         let (k, v) = match cache.take() {
             Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
             None => (k, v),
@@ -249,7 +246,7 @@ impl SelfAttention {
         };
         let options = AttentionModuleOptions { scale: None, softcap: None, is_causal };
         let out = attention(q, k, v, mask, None, options);
-        ops::linear_par(&self.o_proj, out.swap_dims(1, 2).reshape([b, s, self.heads * hd]), self.threads)
+        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, self.heads * hd]))
     }
 }
 

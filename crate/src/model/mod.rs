@@ -2,7 +2,7 @@
 //! `projector`, `layout`) and the MoE language model (`decoder`, `moe`).
 
 mod grid_cache;
-mod ops;
+pub(crate) mod ops;
 mod readback;
 pub mod clip;
 pub mod decoder;

@@ -10,14 +10,15 @@ use super::readback::read_i64;
 use crate::config::DecoderConfig;
 use crate::error::{Error, Result};
 use super::ops;
+use crate::quant::QLinear;
 use crate::weights::Loader;
 
 /// `down(silu(gate(x)) ⊙ up(x))`, no biases (`DeepseekV2MLP`).
 #[derive(Module, Debug)]
 pub struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: QLinear,
+    up_proj: QLinear,
+    down_proj: QLinear,
     /// See [`Loader::with_threads`].
     threads: usize,
 }
@@ -25,9 +26,9 @@ pub struct Mlp {
 impl Mlp {
     pub async fn load(l: &Loader<'_, '_>, prefix: &str, hidden: usize, width: usize) -> Result<Self> {
         Ok(Self {
-            gate_proj: l.linear(&format!("{prefix}.gate_proj"), hidden, width, false).await?,
-            up_proj: l.linear(&format!("{prefix}.up_proj"), hidden, width, false).await?,
-            down_proj: l.linear(&format!("{prefix}.down_proj"), width, hidden, false).await?,
+            gate_proj: l.qlinear(&format!("{prefix}.gate_proj"), hidden, width, false).await?,
+            up_proj: l.qlinear(&format!("{prefix}.up_proj"), hidden, width, false).await?,
+            down_proj: l.qlinear(&format!("{prefix}.down_proj"), width, hidden, false).await?,
             threads: l.threads(),
         })
     }
@@ -37,8 +38,8 @@ impl Mlp {
     }
 
     fn forward_threads<const D: usize>(&self, x: Tensor<D>, t: usize) -> Tensor<D> {
-        let hidden = silu(ops::linear_par(&self.gate_proj, x.clone(), t)) * ops::linear_par(&self.up_proj, x, t);
-        ops::linear_par(&self.down_proj, hidden, t)
+        let hidden = silu(self.gate_proj.forward_threads(x.clone(), t)) * self.up_proj.forward_threads(x, t);
+        self.down_proj.forward_threads(hidden, t)
     }
 }
 

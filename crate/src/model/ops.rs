@@ -56,7 +56,7 @@ pub fn rows_par<const D: usize>(x: Tensor<D>, threads: usize, f: impl Fn(Tensor<
 }
 
 /// `f` on `x` seen as a matrix `(rows, last axis)`; its result keeps `x`'s leading dimensions.
-fn as_rows<const D: usize>(x: Tensor<D>, f: impl FnOnce(Tensor<2>) -> Tensor<2>) -> Tensor<D> {
+pub fn as_rows<const D: usize>(x: Tensor<D>, f: impl FnOnce(Tensor<2>) -> Tensor<2>) -> Tensor<D> {
     let dims = x.dims();
     let rows: usize = dims[..D - 1].iter().product();
     let y = f(x.reshape([rows, dims[D - 1]]));

@@ -3,7 +3,7 @@
 
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
-use burn::nn::{LayerNorm, Linear};
+use burn::nn::LayerNorm;
 use burn::tensor::activation::gelu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -14,6 +14,7 @@ use crate::config::SamConfig;
 use crate::error::Result;
 use crate::image::resample::{resize_bicubic_f32, resize_linear_rows_f32};
 use super::ops;
+use crate::quant::QLinear;
 use crate::weights::Loader;
 
 /// Largest attention score block (elements) materialised at once: global attention at 1280 px is
@@ -59,8 +60,8 @@ struct SamBlock {
     norm1: LayerNorm,
     attn: SamAttention,
     norm2: LayerNorm,
-    lin1: Linear,
-    lin2: Linear,
+    lin1: QLinear,
+    lin2: QLinear,
     /// 0 for global attention, else the window side.
     window: usize,
     /// See [`Loader::with_threads`]: the MLP runs on that many blocks of rows side by side
@@ -70,8 +71,8 @@ struct SamBlock {
 
 #[derive(Module, Debug)]
 struct SamAttention {
-    qkv: Linear,
-    proj: Linear,
+    qkv: QLinear,
+    proj: QLinear,
     heads: usize,
     #[module(skip)]
     rel_pos: RelativePositions,
@@ -100,8 +101,8 @@ impl Sam {
             blocks.push(SamBlock {
                 norm1: l.layer_norm(&format!("{q}.norm1"), w, c.layer_norm_eps).await?,
                 attn: SamAttention {
-                    qkv: l.linear(&format!("{q}.attn.qkv"), w, 3 * w, true).await?,
-                    proj: l.linear(&format!("{q}.attn.proj"), w, w, true).await?,
+                    qkv: l.qlinear(&format!("{q}.attn.qkv"), w, 3 * w, true).await?,
+                    proj: l.qlinear(&format!("{q}.attn.proj"), w, w, true).await?,
                     heads: c.heads,
                     rel_pos: RelativePositions {
                         h: l.host(&format!("{q}.attn.rel_pos_h"), &[rows, hd]).await?,
@@ -112,8 +113,8 @@ impl Sam {
                     },
                 },
                 norm2: l.layer_norm(&format!("{q}.norm2"), w, c.layer_norm_eps).await?,
-                lin1: l.linear(&format!("{q}.mlp.lin1"), w, c.mlp_dim(), true).await?,
-                lin2: l.linear(&format!("{q}.mlp.lin2"), c.mlp_dim(), w, true).await?,
+                lin1: l.qlinear(&format!("{q}.mlp.lin1"), w, c.mlp_dim(), true).await?,
+                lin2: l.qlinear(&format!("{q}.mlp.lin2"), c.mlp_dim(), w, true).await?,
                 window: if c.is_global_block(b) { 0 } else { c.window_size },
                 threads: l.threads(),
             });
@@ -180,15 +181,15 @@ impl SamBlock {
             // real tokens only (padding with the bias) and proj after the padding is cut off: the same
             // numbers, with up to 42% fewer tokens through both projections (512 px: 32² of 42²).
             let [b, h, w, c] = x.dims();
-            let qkv = ops::linear(&self.attn.qkv, x);
-            let (windows, padded) = window_partition(qkv, self.window, self.attn.qkv.bias.as_ref().map(|p| p.val()));
+            let qkv = self.attn.qkv.forward(x);
+            let (windows, padded) = window_partition(qkv, self.window, self.attn.qkv.bias());
             let y = window_unpartition(self.attn.attend(windows), self.window, padded, [b, h, w, c]);
-            ops::linear(&self.attn.proj, y)
+            self.attn.proj.forward(y)
         } else {
             self.attn.forward(x)
         };
         let x = shortcut + x;
-        let y = ops::rows_par(self.norm2.forward(x.clone()), self.threads, |x| ops::linear(&self.lin2, gelu(ops::linear(&self.lin1, x))));
+        let y = ops::rows_par(self.norm2.forward(x.clone()), self.threads, |x| self.lin2.forward_threads(gelu(self.lin1.forward_threads(x, 1)), 1));
         x + y
     }
 }
@@ -225,7 +226,7 @@ fn window_unpartition(windows: Tensor<4>, ws: usize, [hp, wp]: [usize; 2], [b, h
 impl SamAttention {
     /// Multi-head attention over a `(B, h, w, C)` grid with decomposed relative positions.
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        ops::linear(&self.proj, self.attend(ops::linear(&self.qkv, x)))
+        self.proj.forward(self.attend(self.qkv.forward(x)))
     }
 
     /// The attention between the projections: `(B, h, w, 3C)` qkv → `(B, h, w, C)` before `proj`.

@@ -1,134 +1,285 @@
-//! Reading tensors by their original names from a safetensors checkpoint, either held in memory (a
-//! memory map natively, fetched bytes for small files) or read piece by piece through a
-//! [`RangeFetch`] (HTTP Range requests in the browser), so that the real 6.7 GB file never has to
-//! sit whole in wasm32's 4 GiB address space. No file I/O here.
+//! A checkpoint: one safetensors file (the original upload) or the Hugging Face sharded layout
+//! (`model-0000i-of-0000N.safetensors` + `model.safetensors.index.json`), read by original tensor
+//! name. Tensors of a quantized checkpoint are found under their packed names (see `quant`), and a
+//! tensor too large for one shard is stored as row slices `NAME.rows.START-END` in consecutive
+//! shards, which are read as one tensor. No file I/O here.
 
-use std::cell::RefCell;
-use std::future::Future;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
-use std::pin::Pin;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use safetensors::Dtype;
-use safetensors::tensor::{Metadata, TensorInfo};
+use serde::{Deserialize, Serialize};
 
 use super::names::{OPTIONAL_TENSORS, TensorSpec};
+use super::shard::{RangeFetch, Shard, widen};
 use crate::error::{Error, Result};
+use crate::quant::{Bits, PackedMatrix, QuantSpec, Recipe, ScaleDtype, packed_names};
 
-/// A boxed future that need not be `Send` (browser futures are not).
-pub type LocalBoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+/// The marker of a row slice of a tensor split across shards: `NAME.rows.START-END`.
+pub const ROWS_MARK: &str = ".rows.";
 
-/// Reads byte ranges of a checkpoint file (e.g. with HTTP Range requests).
-pub trait RangeFetch {
-    /// Bytes `start..end` of the file (exactly `end - start` of them).
-    fn fetch(&self, start: u64, end: u64) -> LocalBoxFuture<'_, Result<Vec<u8>>>;
+/// The index file of a sharded checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// `model.safetensors.index.json`: which file holds which tensor, and (written by dsocr) each
+/// shard's size and sha256.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardIndex {
+    #[serde(default)]
+    pub metadata: IndexMetadata,
+    pub weight_map: BTreeMap<String, String>,
 }
 
-/// How much a ranged checkpoint reads ahead per request: tensors are small and mostly stored in the
-/// order they are loaded, so one request usually serves many of them.
-pub const DEFAULT_WINDOW_BYTES: usize = 32 << 20;
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct IndexMetadata {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_size: Option<u64>,
+    /// File name → its size and sha256 (absent in indexes written by other tools).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub shards: BTreeMap<String, ShardMeta>,
+}
 
-/// Largest header we accept (the real checkpoint's is ≈ 0.3 MB).
-const MAX_HEADER_BYTES: u64 = 100 << 20;
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardMeta {
+    pub size: u64,
+    pub sha256: String,
+}
 
-/// A parsed safetensors container.
+impl ShardIndex {
+    pub fn parse(text: &str) -> Result<Self> {
+        let index: Self = serde_json::from_str(text).map_err(|e| Error::Shard { file: INDEX_FILE.into(), message: e.to_string() })?;
+        if index.weight_map.is_empty() {
+            return Err(Error::Shard { file: INDEX_FILE.into(), message: "weight_map is empty".into() });
+        }
+        for file in index.files() {
+            // Files are names next to the index, never paths.
+            if file.is_empty() || file.contains(['/', '\\']) || file.starts_with('.') {
+                return Err(Error::Shard { file: INDEX_FILE.into(), message: format!("shard name {file:?} is not a plain file name") });
+            }
+        }
+        Ok(index)
+    }
+
+    /// The shard files, in name order.
+    pub fn files(&self) -> Vec<String> {
+        let mut files: Vec<String> = self.weight_map.values().cloned().collect();
+        files.sort();
+        files.dedup();
+        files
+    }
+
+    /// Checks a shard's bytes against the size and sha256 the index records for it (if any).
+    pub fn verify(&self, file: &str, bytes: &[u8]) -> Result<()> {
+        let Some(meta) = self.metadata.shards.get(file) else { return Ok(()) };
+        if bytes.len() as u64 != meta.size {
+            return Err(Error::Shard { file: file.into(), message: format!("is {} bytes, the index says {}", bytes.len(), meta.size) });
+        }
+        let digest = sha256_hex(bytes);
+        if !digest.eq_ignore_ascii_case(&meta.sha256) {
+            return Err(Error::Shard { file: file.into(), message: format!("sha256 is {digest}, the index says {}", meta.sha256) });
+        }
+        Ok(())
+    }
+}
+
+/// Lowercase hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A tensor as the model sees it: one stored tensor, or consecutive row slices of one.
+struct Logical {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    parts: Vec<Part>,
+}
+
+struct Part {
+    file: usize,
+    stored: String,
+    rows: Range<usize>,
+}
+
 pub struct Checkpoint<'a> {
-    metadata: Metadata,
-    data: Data<'a>,
-}
-
-enum Data<'a> {
-    Memory {
-        /// The data section (everything after the header) and its offset in the file.
-        data: &'a [u8],
-        data_start: usize,
-        /// Told `(file offset, length)` of each span once read (see [`Checkpoint::with_release`]).
-        release: Option<Box<dyn Fn(usize, usize) + 'a>>,
-    },
-    Ranged(Ranged),
-}
-
-struct Ranged {
-    fetch: Box<dyn RangeFetch>,
-    /// File offset of the data section.
-    data_start: u64,
-    window_bytes: usize,
-    /// The span of the data section fetched last, `(offset, bytes)`; replaced, not grown.
-    window: RefCell<Option<(usize, Vec<u8>)>>,
+    files: Vec<(String, Shard<'a>)>,
+    tensors: HashMap<String, Logical>,
+    data_len: usize,
 }
 
 impl<'a> Checkpoint<'a> {
-    /// Parses a whole file held in memory; tensor data is read lazily by name.
+    /// A single safetensors file held in memory.
     pub fn parse(bytes: &'a [u8]) -> Result<Self> {
-        let header_len = header_len(bytes.get(..8).ok_or_else(|| bad("file is shorter than its 8-byte header length"))?)?;
-        let data_start = usize::try_from(8 + header_len).map_err(|_| bad("header length overflows"))?;
-        let header = bytes.get(8..data_start).ok_or_else(|| bad("file ends inside the header"))?;
-        let metadata = parse_metadata(header)?;
-        let data = &bytes[data_start..];
-        if metadata.data_len() != data.len() {
-            return Err(bad(&format!("the header describes {} bytes of tensor data, the file holds {}", metadata.data_len(), data.len())));
-        }
-        Ok(Self { metadata, data: Data::Memory { data, data_start, release: None } })
+        Self::from_shards(vec![(String::new(), Shard::parse(bytes)?)])
     }
 
-    /// For a memory-mapped file: `release(file offset, length)` is called after each read so the
-    /// caller can drop those pages (natively `madvise(MADV_DONTNEED)`), so that loading does not hold
-    /// the mapped file and the converted weights in memory at once.
+    /// See [`Shard::with_release`] (single-file checkpoints; shards take theirs before
+    /// [`Checkpoint::from_shards`]).
     pub fn with_release(mut self, release: Box<dyn Fn(usize, usize) + 'a>) -> Self {
-        if let Data::Memory { release: slot, .. } = &mut self.data {
-            *slot = Some(release);
+        if self.files.len() == 1 {
+            let (name, shard) = self.files.pop().expect("one file");
+            self.files.push((name, shard.with_release(release)));
         }
         self
     }
 
-    /// Opens a checkpoint through `fetch`: reads the header now and each tensor when it is loaded,
-    /// `window_bytes` at a time (see [`DEFAULT_WINDOW_BYTES`]).
+    /// A single file read through `fetch` (see [`Shard::open`]).
     pub async fn open(fetch: Box<dyn RangeFetch>, window_bytes: usize) -> Result<Checkpoint<'static>> {
-        let header_len = header_len(&fetch.fetch(0, 8).await?)?;
-        let header = fetch.fetch(8, 8 + header_len).await?;
-        let metadata = parse_metadata(&header)?;
-        let ranged = Ranged { fetch, data_start: 8 + header_len, window_bytes: window_bytes.max(1), window: RefCell::new(None) };
-        Ok(Checkpoint { metadata, data: Data::Ranged(ranged) })
+        Checkpoint::from_shards(vec![(String::new(), Shard::open(fetch, window_bytes).await?)])
     }
 
-    /// Names of all tensors in the file (unordered).
+    /// Named files (shards) read as one checkpoint; with an index, every tensor it lists must be in
+    /// the file it names. Row slices (`NAME.rows.START-END`) are joined into `NAME`.
+    pub fn from_shards(files: Vec<(String, Shard<'a>)>) -> Result<Self> {
+        Self::build(files, None)
+    }
+
+    /// [`Checkpoint::from_shards`], checked against `index`.
+    pub fn from_index(files: Vec<(String, Shard<'a>)>, index: &ShardIndex) -> Result<Self> {
+        Self::build(files, Some(index))
+    }
+
+    fn build(files: Vec<(String, Shard<'a>)>, index: Option<&ShardIndex>) -> Result<Self> {
+        let mut pieces: BTreeMap<String, Vec<(usize, Part, Dtype, Vec<usize>)>> = BTreeMap::new();
+        let mut data_len = 0;
+        let shard_error = |file: &str, message: String| Error::Shard { file: file.into(), message };
+        for (f, (file, shard)) in files.iter().enumerate() {
+            data_len += shard.data_len();
+            for stored in shard.names() {
+                let info = shard.info(&stored)?;
+                if let Some(index) = index {
+                    if index.weight_map.get(&stored) != Some(file) {
+                        return Err(shard_error(file, format!("holds `{stored}`, which the index does not place there")));
+                    }
+                }
+                let (logical, rows) = match split_rows_name(&stored) {
+                    Some((logical, rows)) => (logical.to_string(), rows),
+                    None => (stored.clone(), 0..info.shape.first().copied().unwrap_or(1)),
+                };
+                let part = Part { file: f, stored: stored.clone(), rows: rows.clone() };
+                pieces.entry(logical).or_default().push((rows.start, part, info.dtype, info.shape.clone()));
+            }
+        }
+        if let Some(index) = index {
+            for (stored, file) in &index.weight_map {
+                if !files.iter().any(|(name, shard)| name == file && shard.info(stored).is_ok()) {
+                    return Err(shard_error(file, format!("lacks `{stored}`, which the index places there")));
+                }
+            }
+        }
+        let mut tensors = HashMap::new();
+        for (name, mut parts) in pieces {
+            parts.sort_by_key(|p| p.0);
+            let (_, first, dtype, shape) = &parts[0];
+            let (dtype, mut shape) = (*dtype, shape.clone());
+            let file_of = |p: &Part| files[p.file].0.clone();
+            if parts.len() > 1 || split_rows_name(&first.stored).is_some() {
+                // Row slices must tile 0..rows with one dtype and the same trailing dimensions.
+                let mut next = 0;
+                for (_, part, d, s) in &parts {
+                    let ok = *d == dtype && s.len() == shape.len() && s[1..] == shape[1..] && part.rows.start == next && s[0] == part.rows.len();
+                    if !ok {
+                        return Err(shard_error(&file_of(part), format!("`{}` does not continue `{name}` (rows from {next}, {dtype:?} {:?})", part.stored, &shape[1..])));
+                    }
+                    next = part.rows.end;
+                }
+                shape[0] = next;
+            }
+            tensors.insert(name, Logical { dtype, shape, parts: parts.into_iter().map(|p| p.1).collect() });
+        }
+        Ok(Self { files, tensors, data_len })
+    }
+
+    /// Names of all tensors (row slices joined), unordered.
     pub fn names(&self) -> Vec<String> {
-        self.metadata.tensors().into_keys().collect()
+        self.tensors.keys().cloned().collect()
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.metadata.info(name).is_some()
+        self.tensors.contains_key(name)
     }
 
-    /// Bytes of tensor data in the file (what loading reads, at most).
+    /// Bytes of tensor data in all files (what loading reads, at most).
     pub fn data_len(&self) -> usize {
-        self.metadata.data_len()
+        self.data_len
     }
 
-    /// Bytes per stored element of `name`.
+    /// Bytes per stored element of `name` (1 for packed int4 bytes).
     pub fn element_bytes(&self, name: &str) -> Result<usize> {
-        Ok(self.info(name)?.dtype.bitsize().div_ceil(8))
+        Ok(self.logical(name)?.dtype.bitsize().div_ceil(8))
     }
 
-    /// The stored shape of `name`.
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
-        Ok(self.info(name)?.shape.clone())
+        Ok(self.logical(name)?.shape.clone())
     }
 
-    /// Checks that every expected tensor is present with its shape, and returns the names in the
-    /// file that the model does not know (besides [`OPTIONAL_TENSORS`]).
-    pub fn check(&self, expected: &[TensorSpec]) -> Result<Vec<String>> {
+    pub fn dtype(&self, name: &str) -> Result<Dtype> {
+        Ok(self.logical(name)?.dtype)
+    }
+
+    /// Whether weight `name` is stored quantized (its packed values are present instead of it).
+    pub fn is_packed(&self, name: &str) -> bool {
+        !self.contains(name) && packed_names(name).is_some_and(|(values, _)| self.contains(&values))
+    }
+
+    /// Checks that every expected tensor is present with its shape — a weight the recipe quantizes
+    /// may instead be present as packed values and scales of the shapes `recipe` implies — and
+    /// returns the names in the file that the model does not know (besides [`OPTIONAL_TENSORS`]).
+    pub fn check(&self, expected: &[TensorSpec], recipe: Option<&Recipe>) -> Result<Vec<String>> {
+        let mut known: std::collections::HashSet<String> = expected.iter().map(|s| s.name.clone()).collect();
         for spec in expected {
-            let found = self.shape(&spec.name)?;
-            if found != spec.shape {
-                return Err(Error::ShapeMismatch { name: spec.name.clone(), expected: spec.shape.clone(), found });
+            if self.is_packed(&spec.name) {
+                let (values, scales) = packed_names(&spec.name).expect("is_packed checked the name");
+                let quant = recipe.and_then(|r| r.spec_for(&spec.name)).ok_or_else(|| {
+                    Error::Unsupported(format!("`{}` is stored quantized but config.json's quantization_config gives it no scheme", spec.name))
+                })?;
+                let ([rows, cols], true) = (<[usize; 2]>::try_from(spec.shape.clone()).unwrap_or([0, 0]), spec.shape.len() == 2) else {
+                    return Err(Error::Unsupported(format!("`{}` is not a matrix and cannot be quantized", spec.name)));
+                };
+                let value_dtype = match quant.bits {
+                    Bits::Q4 => Dtype::U8,
+                    Bits::Q8 => Dtype::I8,
+                };
+                let scale_dtype = match quant.scale {
+                    ScaleDtype::F16 => Dtype::F16,
+                    ScaleDtype::F32 => Dtype::F32,
+                };
+                self.check_one(&values, value_dtype, &[rows, quant.row_bytes(cols)])?;
+                self.check_one(&scales, scale_dtype, &[rows, quant.groups(cols)])?;
+                known.insert(values);
+                known.insert(scales);
+            } else {
+                let found = self.shape(&spec.name).map_err(|e| self.in_file(&spec.name, e))?;
+                if found != spec.shape {
+                    return Err(self.in_file(&spec.name, Error::ShapeMismatch { name: spec.name.clone(), expected: spec.shape.clone(), found }));
+                }
             }
         }
-        let known: std::collections::HashSet<&str> = expected.iter().map(|s| s.name.as_str()).collect();
         let mut unknown: Vec<String> =
             self.names().into_iter().filter(|n| !known.contains(n.as_str()) && !OPTIONAL_TENSORS.contains(&n.as_str())).collect();
         unknown.sort();
         Ok(unknown)
+    }
+
+    fn check_one(&self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<()> {
+        let found = self.logical(name)?;
+        if found.shape != shape {
+            return Err(self.in_file(name, Error::ShapeMismatch { name: name.into(), expected: shape.to_vec(), found: found.shape.clone() }));
+        }
+        if found.dtype != dtype {
+            return Err(self.in_file(name, Error::UnsupportedDtype { name: name.into(), dtype: format!("{:?} (expected {dtype:?})", found.dtype) }));
+        }
+        Ok(())
+    }
+
+    /// `error` about tensor `name`, naming the file that holds it (sharded checkpoints).
+    fn in_file(&self, name: &str, error: Error) -> Error {
+        let file = self.tensors.get(name).and_then(|t| t.parts.first()).map(|p| self.files[p.file].0.clone());
+        match file {
+            Some(file) if !file.is_empty() => Error::InFile { file, source: Box::new(error) },
+            _ => error,
+        }
     }
 
     /// The values of a floating-point tensor as f32 (bf16 and f16 widen exactly), after checking
@@ -141,23 +292,35 @@ impl<'a> Checkpoint<'a> {
     /// Rows `rows` (along the first axis) of a floating-point tensor as f32, after checking that its
     /// shape is `shape`. Reads only those rows' bytes.
     pub async fn f32_rows(&self, name: &str, shape: &[usize], rows: Range<usize>) -> Result<Vec<f32>> {
-        let info = self.info(name)?;
-        if info.shape != shape {
-            return Err(Error::ShapeMismatch { name: name.into(), expected: shape.to_vec(), found: info.shape.clone() });
+        let logical = self.logical(name)?;
+        if logical.shape != shape {
+            return Err(self.in_file(name, Error::ShapeMismatch { name: name.into(), expected: shape.to_vec(), found: logical.shape.clone() }));
         }
-        let element = match info.dtype {
-            Dtype::F32 => 4,
-            Dtype::BF16 | Dtype::F16 => 2,
-            other => return Err(Error::UnsupportedDtype { name: name.into(), dtype: format!("{other:?}") }),
-        };
-        let total_rows = shape.first().copied().unwrap_or(1);
-        if rows.start > rows.end || rows.end > total_rows {
-            return Err(Error::InvalidArgument(format!("rows {rows:?} of `{name}` with {total_rows} rows")));
+        let dtype = logical.dtype;
+        if !matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+            return Err(self.in_file(name, Error::UnsupportedDtype { name: name.into(), dtype: format!("{dtype:?}") }));
         }
-        let row_bytes = element * shape.iter().skip(1).product::<usize>();
-        let start = info.data_offsets.0 + rows.start * row_bytes;
-        let dtype = info.dtype;
-        self.read(start..start + rows.len() * row_bytes, |bytes| widen(dtype, bytes)).await
+        let mut out = Vec::with_capacity(rows.len() * shape.iter().skip(1).product::<usize>());
+        self.each_part(name, rows, |bytes| out.extend(widen(dtype, bytes))).await?;
+        Ok(out)
+    }
+
+    /// The stored bytes of rows `rows` of `name`, whatever its dtype.
+    pub async fn raw_rows(&self, name: &str, rows: Range<usize>) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.each_part(name, rows, |bytes| out.extend_from_slice(bytes)).await?;
+        Ok(out)
+    }
+
+    /// Rows `rows` of quantized weight `name` (`(rows, cols)` in the original checkpoint), from its
+    /// packed values and scales, as `spec` (the checkpoint's recipe) lays them out.
+    pub async fn packed_rows(&self, name: &str, spec: QuantSpec, cols: usize, rows: Range<usize>) -> Result<PackedMatrix> {
+        let (values, scales) = packed_names(name).ok_or_else(|| Error::MissingTensor { name: name.into() })?;
+        let data = self.raw_rows(&values, rows.clone()).await?;
+        let scale_dtype = self.dtype(&scales)?;
+        let mut widened = Vec::new();
+        self.each_part(&scales, rows.clone(), |bytes| widened.extend(widen(scale_dtype, bytes))).await?;
+        PackedMatrix::from_parts(spec, rows.len(), cols, data, widened).map_err(|e| self.in_file(&values, e))
     }
 
     /// Loads `name` as a float tensor of rank `D` on `device` (the device's float dtype), checking its shape.
@@ -166,87 +329,42 @@ impl<'a> Checkpoint<'a> {
         Ok(Tensor::from_data(TensorData::new(values, shape), device))
     }
 
-    fn info(&self, name: &str) -> Result<&TensorInfo> {
-        self.metadata.info(name).ok_or_else(|| Error::MissingTensor { name: name.into() })
+    fn logical(&self, name: &str) -> Result<&Logical> {
+        self.tensors.get(name).ok_or_else(|| Error::MissingTensor { name: name.into() })
     }
 
-    /// Hands `f` the bytes `span` of the data section.
-    async fn read<T>(&self, span: Range<usize>, f: impl FnOnce(&[u8]) -> T) -> Result<T> {
-        match &self.data {
-            Data::Memory { data, data_start, release } => {
-                let value = f(&data[span.clone()]);
-                if let Some(release) = release {
-                    release(data_start + span.start, span.len());
-                }
-                Ok(value)
+    /// Hands `f` the stored bytes of rows `rows` of `name`, part by part in row order.
+    async fn each_part(&self, name: &str, rows: Range<usize>, mut f: impl FnMut(&[u8])) -> Result<()> {
+        let logical = self.logical(name)?;
+        let total = logical.shape.first().copied().unwrap_or(1);
+        if rows.start > rows.end || rows.end > total {
+            return Err(Error::InvalidArgument(format!("rows {rows:?} of `{name}` with {total} rows")));
+        }
+        for part in &logical.parts {
+            let (from, to) = (rows.start.max(part.rows.start), rows.end.min(part.rows.end));
+            if from >= to {
+                continue;
             }
-            Data::Ranged(ranged) => {
-                ranged.ensure(span.clone(), self.metadata.data_len()).await?;
-                let window = ranged.window.borrow();
-                let (offset, bytes) = window.as_ref().expect("ensure() filled the window");
-                Ok(f(&bytes[span.start - offset..span.end - offset]))
-            }
+            let (file, shard) = &self.files[part.file];
+            let local = from - part.rows.start..to - part.rows.start;
+            shard.rows(&part.stored, local, &mut f).await.map_err(|e| match file.is_empty() {
+                true => e,
+                false => Error::InFile { file: file.clone(), source: Box::new(e) },
+            })?;
         }
-    }
-}
-
-impl Ranged {
-    /// Makes the window cover `span`, fetching `span` plus read-ahead (up to `data_len`) on a miss.
-    async fn ensure(&self, span: Range<usize>, data_len: usize) -> Result<()> {
-        let hit = matches!(&*self.window.borrow(), Some((offset, bytes)) if *offset <= span.start && span.end <= offset + bytes.len());
-        if hit {
-            return Ok(());
-        }
-        // Drop the old window before fetching the next: one window in memory at a time.
-        self.window.borrow_mut().take();
-        let end = span.end.max(span.start.saturating_add(self.window_bytes).min(data_len));
-        let (from, to) = (self.data_start + span.start as u64, self.data_start + end as u64);
-        let bytes = self.fetch.fetch(from, to).await?;
-        if bytes.len() != end - span.start {
-            return Err(Error::Download(format!("asked for bytes {from}..{to}, got {}", bytes.len())));
-        }
-        *self.window.borrow_mut() = Some((span.start, bytes));
         Ok(())
     }
 }
 
-fn bad(message: &str) -> Error {
-    Error::Safetensors(message.into())
+/// `NAME.rows.START-END` → (`NAME`, `START..END`).
+fn split_rows_name(stored: &str) -> Option<(&str, Range<usize>)> {
+    let at = stored.rfind(ROWS_MARK)?;
+    let (start, end) = stored[at + ROWS_MARK.len()..].split_once('-')?;
+    let (start, end) = (start.parse().ok()?, end.parse().ok()?);
+    (start < end).then_some((&stored[..at], start..end))
 }
 
-/// The little-endian u64 header length at the start of a safetensors file.
-fn header_len(prefix: &[u8]) -> Result<u64> {
-    let bytes: [u8; 8] = prefix.try_into().map_err(|_| bad("file is shorter than its 8-byte header length"))?;
-    let n = u64::from_le_bytes(bytes);
-    if n > MAX_HEADER_BYTES {
-        return Err(bad(&format!("header of {n} bytes is implausibly large")));
-    }
-    Ok(n)
-}
-
-/// Parses and validates the JSON header (offsets contiguous and matching each tensor's size).
-fn parse_metadata(header: &[u8]) -> Result<Metadata> {
-    let text = std::str::from_utf8(header).map_err(|e| bad(&format!("header is not UTF-8: {e}")))?;
-    let metadata = serde_json::from_str::<Metadata>(text).map_err(|e| bad(&format!("header: {e}")))?;
-    // Every later read trusts the offsets: they must tile the data section exactly.
-    let mut next = 0;
-    for name in metadata.offset_keys() {
-        let info = metadata.info(&name).expect("a listed name");
-        let (start, end) = info.data_offsets;
-        let bits = info.shape.iter().try_fold(info.dtype.bitsize(), |n, &d| n.checked_mul(d));
-        if start != next || bits.is_none_or(|b| b % 8 != 0 || end.checked_sub(start) != Some(b / 8)) {
-            return Err(bad(&format!("tensor `{name}`: offsets {start}..{end} do not match its shape and dtype")));
-        }
-        next = end;
-    }
-    Ok(metadata)
-}
-
-fn widen(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
-    match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        _ => unreachable!("dtype checked by the caller"),
-    }
+/// The stored name of rows `rows` of `name` when it is split across shards.
+pub fn rows_name(name: &str, rows: &Range<usize>) -> String {
+    format!("{name}{ROWS_MARK}{}-{}", rows.start, rows.end)
 }

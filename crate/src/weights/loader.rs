@@ -10,7 +10,8 @@ use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::Checkpoint;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::quant::{PackedMatrix, QLinear, Recipe};
 
 /// Called with `(bytes loaded, bytes in the checkpoint)` after each tensor.
 pub type LoadProgress<'p> = &'p dyn Fn(u64, u64);
@@ -24,11 +25,94 @@ pub struct Loader<'c, 'b> {
     threads: usize,
     progress: Option<LoadProgress<'c>>,
     loaded: Cell<u64>,
+    /// The checkpoint's own `quantization_config` (how its packed tensors are laid out).
+    stored: Option<Recipe>,
+    /// Quantize float tensors as they are read (load-time quantization).
+    quantize: Option<Recipe>,
+    /// Keep quantized matrices packed on the host for the CPU kernels (else dequantize them onto
+    /// the device).
+    host_kernels: bool,
+}
+
+/// A weight matrix as read: float values, or packed (stored so, or quantized at load time).
+pub enum Matrix {
+    Dense(Vec<f32>),
+    Packed(PackedMatrix),
+}
+
+impl Matrix {
+    /// Float values, row-major (packed ones dequantized).
+    pub fn into_dense(self) -> Vec<f32> {
+        match self {
+            Matrix::Dense(values) => values,
+            Matrix::Packed(packed) => packed.dequantize(),
+        }
+    }
 }
 
 impl<'c, 'b> Loader<'c, 'b> {
     pub fn new(checkpoint: &'c Checkpoint<'b>, device: &Device) -> Self {
-        Self { checkpoint, device: device.clone(), max_tensor_bytes: usize::MAX, stacked_experts: false, threads: 1, progress: None, loaded: Cell::new(0) }
+        Self { checkpoint, device: device.clone(), max_tensor_bytes: usize::MAX, stacked_experts: false, threads: 1, progress: None, loaded: Cell::new(0), stored: None, quantize: None, host_kernels: false }
+    }
+
+    /// The checkpoint's recipe (from its `config.json`), needed to read its packed tensors.
+    pub fn with_stored_recipe(mut self, recipe: Option<Recipe>) -> Self {
+        self.stored = recipe;
+        self
+    }
+
+    /// Quantize float weights as they are read, by `recipe` (same bytes as the converter writes).
+    pub fn with_quantize(mut self, recipe: Option<Recipe>) -> Self {
+        self.quantize = recipe;
+        self
+    }
+
+    /// Keep quantized matrices packed on the host and multiply them with the CPU kernels: for the
+    /// CPU backend. Off (the default), they are dequantized onto the device.
+    pub fn with_host_kernels(mut self, on: bool) -> Self {
+        self.host_kernels = on;
+        self
+    }
+
+    pub fn host_kernels(&self) -> bool {
+        self.host_kernels
+    }
+
+    /// Rows `rows` of the `(rows, cols)` matrix `name`: packed when the checkpoint stores it so or
+    /// the load-time recipe quantizes it, else float.
+    pub async fn matrix_rows(&self, name: &str, [total, cols]: [usize; 2], rows: std::ops::Range<usize>) -> Result<Matrix> {
+        if self.checkpoint.is_packed(name) {
+            let spec = self.stored.as_ref().and_then(|r| r.spec_for(name)).ok_or_else(|| {
+                Error::Unsupported(format!("`{name}` is stored quantized but config.json's quantization_config gives it no scheme"))
+            })?;
+            let packed = self.checkpoint.packed_rows(name, spec, cols, rows).await?;
+            self.count_bytes(packed.data.len() + packed.scales.len() * 2);
+            return Ok(Matrix::Packed(packed));
+        }
+        let values = self.checkpoint.f32_rows(name, &[total, cols], rows.clone()).await?;
+        self.count(name, values.len());
+        Ok(match self.quantize.as_ref().and_then(|r| r.spec_for(name)) {
+            Some(spec) => Matrix::Packed(PackedMatrix::quantize(&values, rows.len(), cols, spec)),
+            None => Matrix::Dense(values),
+        })
+    }
+
+    /// The whole `(rows, cols)` matrix `name` (see [`Loader::matrix_rows`]).
+    pub async fn matrix(&self, name: &str, shape: [usize; 2]) -> Result<Matrix> {
+        self.matrix_rows(name, shape, 0..shape[0]).await
+    }
+
+    /// The matrix packed on the host when it is quantized and this loader keeps packed matrices
+    /// (`None`: load it as float, e.g. with [`Loader::row_shards`]).
+    pub async fn packed_on_host(&self, name: &str, shape: [usize; 2]) -> Result<Option<PackedMatrix>> {
+        let quantized = self.checkpoint.is_packed(name) || self.quantize.as_ref().and_then(|r| r.spec_for(name)).is_some();
+        if !(self.host_kernels && quantized) {
+            return Ok(None);
+        }
+        Ok(match self.matrix(name, shape).await? {
+            Matrix::Packed(packed) => Some(packed),
+            Matrix::Dense(_) => None,
+        })
     }
 
     /// Build MoE layers with their routed experts stacked per tensor, for decoding without reading
@@ -90,15 +174,34 @@ impl<'c, 'b> Loader<'c, 'b> {
         Ok(Param::from_tensor(self.tensor(name, shape).await?))
     }
 
-    /// A Linear weight `prefix.weight` (PyTorch `(out, in)`) as host values in burn's `[in, out]` layout.
+    /// A Linear weight `prefix.weight` (PyTorch `(out, in)`) as host values in burn's `[in, out]` layout
+    /// (dequantized if quantized).
     pub async fn linear_weight_host(&self, prefix: &str, d_in: usize, d_out: usize) -> Result<Vec<f32>> {
-        let w = self.host(&format!("{prefix}.weight"), &[d_out, d_in]).await?;
+        let w = self.matrix(&format!("{prefix}.weight"), [d_out, d_in]).await?.into_dense();
         Ok(transpose(&w, d_out, d_in))
     }
 
-    /// `prefix.weight` (PyTorch `(out, in)`, stored transposed as burn's `[in, out]`) and optional `prefix.bias`.
+    /// A linear layer that may be quantized: packed on the host when this loader keeps packed
+    /// matrices and the weight is quantized, else a float `Linear` (dequantized if need be).
+    pub async fn qlinear(&self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<QLinear> {
+        let name = format!("{prefix}.weight");
+        match self.matrix(&name, [d_out, d_in]).await? {
+            Matrix::Packed(packed) if self.host_kernels => {
+                let bias = if bias { Some(self.tensor(&format!("{prefix}.bias"), [d_out]).await?) } else { None };
+                Ok(QLinear::packed(packed, bias, self.threads))
+            }
+            matrix => Ok(QLinear::dense(self.dense_linear(prefix, matrix.into_dense(), d_in, d_out, bias).await?, self.threads)),
+        }
+    }
+
+    /// `prefix.weight` (PyTorch `(out, in)`, stored transposed as burn's `[in, out]`) and optional
+    /// `prefix.bias`, in float (dequantized if quantized).
     pub async fn linear(&self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Linear> {
-        let w = self.host(&format!("{prefix}.weight"), &[d_out, d_in]).await?;
+        let w = self.matrix(&format!("{prefix}.weight"), [d_out, d_in]).await?.into_dense();
+        self.dense_linear(prefix, w, d_in, d_out, bias).await
+    }
+
+    async fn dense_linear(&self, prefix: &str, w: Vec<f32>, d_in: usize, d_out: usize, bias: bool) -> Result<Linear> {
         let mut linear = LinearConfig::new(d_in, d_out).with_bias(bias).init(&self.device);
         linear.weight = Param::from_tensor(self.transposed(&w, d_out, d_in));
         if bias {
@@ -116,8 +219,7 @@ impl<'c, 'b> Loader<'c, 'b> {
         let mut start = 0;
         while start < rows {
             let end = (start + per_shard).min(rows);
-            let values = self.checkpoint.f32_rows(name, &[rows, cols], start..end).await?;
-            self.count(name, values.len());
+            let values = self.matrix_rows(name, [rows, cols], start..end).await?.into_dense();
             shards.push(if transpose {
                 self.transposed(&values, end - start, cols)
             } else {
@@ -160,8 +262,11 @@ impl<'c, 'b> Loader<'c, 'b> {
     }
 
     fn count(&self, name: &str, elements: usize) {
-        let element_bytes = self.checkpoint.element_bytes(name).unwrap_or(4) as u64;
-        self.loaded.set(self.loaded.get() + elements as u64 * element_bytes);
+        self.count_bytes(elements * self.checkpoint.element_bytes(name).unwrap_or(4));
+    }
+
+    fn count_bytes(&self, bytes: usize) {
+        self.loaded.set(self.loaded.get() + bytes as u64);
         if let Some(progress) = self.progress {
             progress(self.loaded.get(), self.checkpoint.data_len() as u64);
         }

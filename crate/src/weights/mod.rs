@@ -1,9 +1,18 @@
-//! Weights: the original checkpoint's tensor names and shapes, and reading them from safetensors.
+//! Weights: the original checkpoint's tensor names and shapes, and reading them from one safetensors
+//! file or a sharded (possibly quantized) checkpoint.
 
 mod checkpoint;
 mod loader;
 mod names;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod native;
+mod shard;
+#[cfg(not(target_arch = "wasm32"))]
+mod writer;
 
-pub use checkpoint::{Checkpoint, DEFAULT_WINDOW_BYTES, LocalBoxFuture, RangeFetch};
-pub use loader::{LoadProgress, Loader};
+pub use checkpoint::{Checkpoint, INDEX_FILE, IndexMetadata, ROWS_MARK, ShardIndex, ShardMeta, rows_name, sha256_hex};
+pub use loader::{LoadProgress, Loader, Matrix};
 pub use names::{TensorSpec, expected_tensors, OPTIONAL_TENSORS};
+pub use shard::{DEFAULT_WINDOW_BYTES, LocalBoxFuture, RangeFetch, Shard};
+#[cfg(not(target_arch = "wasm32"))]
+pub use writer::{DEFAULT_SHARD_BYTES, ShardWriter, write_atomic};

@@ -2,8 +2,12 @@
 //!
 //! ```sh
 //! python tests/reference/generate.py --ref-code CODE --full-reference /work/full-ckpt --bench --threads 2
-//! cargo run --release -p dsocr-tests --bin bench -- /work/full-ckpt [tokens]
+//! cargo run --release -p dsocr-tests --bin bench -- /work/full-ckpt [tokens] [f32,q4,q8]
 //! ```
+//! With several schemes (quantized at load time), each is loaded and measured in turn and decoding
+//! is printed as a ratio to the first, beside this machine's memory bandwidth bound (measured read
+//! bandwidth ÷ bytes of weights a decoding step reads). Peak memory is the process's: measure one
+//! scheme per run for it.
 //! Prints encoder forward time at Tiny/Small/Base, time to first token (encoder + prefill) and decode
 //! tokens/s at Tiny/Small, each beside the reference's (`reference_timings.json`) as a ratio
 //! (reference / ours: above 1 means dsocr is faster).
@@ -16,38 +20,61 @@ use burn::tensor::{Device, Tensor, TensorData};
 use dsocr::generate::{GenerationOptions, RepeatGuard, generate};
 use dsocr::image::{DecodeLimits, PreprocessOptions, decode, make_views, normalize};
 use dsocr::model::layout::image_token_count;
-use dsocr::model::{Decoder, VisionEncoder};
-use dsocr::text::{Task, Tokenizer, prompt_ids};
-use dsocr::weights::{Checkpoint, Loader};
-use dsocr::{Config, Mode};
+use dsocr::text::{Task, prompt_ids};
+use dsocr::quant::{Preset, Recipe};
+use dsocr::weights::expected_tensors;
+use dsocr::{Config, Engine, EngineOptions, Mode};
 use dsocr_tests::fixtures_dir;
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let dir = PathBuf::from(args.next().expect("usage: bench <full checkpoint dir> [tokens]"));
+    let dir = PathBuf::from(args.next().expect("usage: bench <full checkpoint dir> [tokens] [f32,q4,q8]"));
     let tokens: usize = args.next().map_or(16, |t| t.parse().expect("tokens"));
+    let schemes: Vec<String> = args.next().unwrap_or_else(|| "f32".into()).split(',').map(String::from).collect();
     let reference: serde_json::Value = std::fs::read(dir.join("reference_timings.json"))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
 
     dsocr::engine::tune_allocator(); // as the CLI does
-    let t = Instant::now();
     let config = Config::from_json(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    let file = std::fs::File::open(dir.join("model-00001-of-000001.safetensors")).unwrap();
-    let bytes = unsafe { memmap2::Mmap::map(&file) }.unwrap();
-    let weights = Checkpoint::parse(&bytes).unwrap();
-    let device = Device::flex();
-    let loader = Loader::new(&weights, &device).with_threads(dsocr::engine::cpu_threads());
-    let encoder = pollster::block_on(VisionEncoder::load(&config, &loader)).unwrap();
-    let decoder = pollster::block_on(Decoder::load(&config.decoder, &loader)).unwrap();
-    let tokenizer = Tokenizer::from_json(&std::fs::read(dir.join("tokenizer.json")).unwrap()).unwrap();
-    println!("load: {:.1} s (f32 weights on flex, {} threads)", t.elapsed().as_secs_f64(), rayon_threads());
+    let bandwidth = read_bandwidth();
+    println!("memory read bandwidth: {:.1} GB/s ({} threads)", bandwidth / 1e9, rayon_threads());
+    let mut decode_rates: Vec<(String, f64)> = Vec::new();
+    for scheme in &schemes {
+        let recipe = match scheme.as_str() {
+            "f32" => None,
+            other => Some(Recipe::preset(Preset::parse(other).unwrap(), None).unwrap()),
+        };
+        let per_token = bytes_per_token(&config, recipe.as_ref());
+        let t = Instant::now();
+        let options = EngineOptions { quantize: recipe, ..EngineOptions::default() };
+        let engine = pollster::block_on(Engine::load_dir(&dir, &Device::flex(), options, None)).unwrap();
+        println!("== {scheme}: load {:.1} s; weights read per decoded token {:.0} MB → bandwidth bound {:.1} tokens/s", t.elapsed().as_secs_f64(), per_token / 1e6, bandwidth / per_token);
+        let rate = bench_model(&engine, &reference, tokens, scheme == "f32");
+        println!("{scheme} decode: {:.0} % of the bandwidth bound", 100.0 * rate / (bandwidth / per_token));
+        decode_rates.push((scheme.clone(), rate));
+    }
+    if let Some((first, base)) = decode_rates.first().cloned() {
+        for (scheme, rate) in &decode_rates[1..] {
+            println!("decode {scheme} / {first}: {:.2}x", rate / base);
+        }
+    }
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status")
+        && let Some(line) = status.lines().find(|l| l.starts_with("VmHWM"))
+    {
+        println!("peak memory: {}", line.trim_start_matches("VmHWM:").trim());
+    }
+}
 
+/// Encoder, encoder+prefill and decoding figures of one loaded model; returns Small's decode rate.
+fn bench_model(engine: &Engine, reference: &serde_json::Value, tokens: usize, with_reference: bool) -> f64 {
+    let device = Device::flex();
+    let (encoder, decoder, tokenizer) = (engine.encoder(), engine.decoder(), engine.tokenizer());
     let page = decode(&std::fs::read(fixtures_dir().join("images/page.png")).unwrap(), &DecodeLimits::default()).unwrap();
     println!("{:<28} {:>10} {:>12} {:>8}", "measure", "dsocr", "reference", "ratio");
     let row = |label: String, ours: f64, key: &str, higher_is_better: bool| {
-        let theirs = reference.get(key).and_then(|v| v.as_f64());
+        let theirs = reference.get(key).and_then(|v| v.as_f64()).filter(|_| with_reference);
         let ratio = theirs.map(|r| if higher_is_better { ours / r } else { r / ours });
         println!(
             "{label:<28} {ours:>10.3} {:>12} {:>8}",
@@ -55,6 +82,7 @@ fn main() {
             ratio.map_or("-".into(), |v| format!("{v:.2}x"))
         );
     };
+    let mut last_rate = 0.0;
     for (name, mode) in [("tiny", Mode::Tiny), ("small", Mode::Small), ("base", Mode::Base)] {
         let views = make_views(&page, mode, &PreprocessOptions::default()).unwrap();
         let (values, shape) = normalize(&[&views.global], true);
@@ -67,12 +95,12 @@ fn main() {
             continue;
         }
         let count = image_token_count(mode.image_size(), 0, [1, 1]);
-        let ids = prompt_ids(&tokenizer, &Task::Markdown.prompt(), &[count]).unwrap();
+        let ids = prompt_ids(tokenizer, &Task::Markdown.prompt(), &[count]).unwrap();
         let run = |n: usize| {
             let images = encoder.embed_image(pixels(), None);
             let embeds = decoder.embed_prompt(&ids, 128815, Some(images), &device).unwrap();
             let options = GenerationOptions { max_new_tokens: n, repeat_guard: RepeatGuard::hf(), ..GenerationOptions::default() };
-            pollster::block_on(generate(&decoder, embeds, &ids, &options, |_| ControlFlow::Continue(()))).unwrap()
+            pollster::block_on(generate(decoder, embeds, &ids, &options, |_| ControlFlow::Continue(()))).unwrap()
         };
         let t = Instant::now();
         let _ = run(1);
@@ -83,12 +111,45 @@ fn main() {
         let decode_s = t.elapsed().as_secs_f64() - first;
         let rate = (out.tokens.len().saturating_sub(1)) as f64 / decode_s.max(1e-9);
         row(format!("{name} decode (tokens/s)"), rate, &format!("{name}.decode_tokens_per_s"), true);
+        last_rate = rate;
     }
-    if let Ok(status) = std::fs::read_to_string("/proc/self/status")
-        && let Some(line) = status.lines().find(|l| l.starts_with("VmHWM"))
-    {
-        println!("peak memory: {}", line.trim_start_matches("VmHWM:").trim());
+    last_rate
+}
+
+/// Bytes of weights one decoding step reads: every attention projection, the dense MLP, `top_k`
+/// routed experts and the shared experts of each MoE layer, lm_head (f32 when `recipe` is None).
+fn bytes_per_token(config: &Config, recipe: Option<&Recipe>) -> f64 {
+    let d = &config.decoder;
+    let experts_read = d.num_experts_per_tok as f64 / d.n_routed_experts.max(1) as f64;
+    expected_tensors(config)
+        .iter()
+        .filter(|t| t.shape.len() == 2 && (t.name.starts_with("model.layers.") || t.name == "lm_head.weight"))
+        .map(|t| {
+            let (rows, cols) = (t.shape[0], t.shape[1]);
+            let bytes = match recipe.and_then(|r| r.spec_for(&t.name)) {
+                Some(spec) => spec.stored_bytes(rows, cols) as f64,
+                None => 4.0 * (rows * cols) as f64,
+            };
+            if t.name.contains(".experts.") { bytes * experts_read } else { bytes }
+        })
+        .sum()
+}
+
+/// Read bandwidth of this machine's memory on all threads (best of three passes over 2 GiB).
+fn read_bandwidth() -> f64 {
+    let words = vec![1u64; 256 << 20];
+    let threads = rayon_threads();
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let sum: u64 = std::thread::scope(|s| {
+            let handles: Vec<_> = words.chunks(words.len().div_ceil(threads)).map(|c| s.spawn(move || c.iter().fold(0u64, |a, &w| a.wrapping_add(w)))).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(sum, words.len() as u64);
+        best = best.max((words.len() * 8) as f64 / t.elapsed().as_secs_f64());
     }
+    best
 }
 
 fn rayon_threads() -> usize {

@@ -1,0 +1,73 @@
+//! A linear layer whose weight is either a float burn `Linear` (GPUs, unquantized checkpoints) or a
+//! [`PackedMatrix`] kept on the host and multiplied by the CPU kernels ([`super::kernels`]).
+
+use std::sync::Arc;
+
+use burn::module::{Module, Param};
+use burn::nn::Linear;
+use burn::tensor::{Tensor, TensorData};
+
+use super::scheme::PackedMatrix;
+
+#[derive(Module, Debug)]
+pub struct QLinear {
+    dense: Option<Linear>,
+    /// PyTorch-layout `(out, in)` packed weight; shared, never copied.
+    #[module(skip)]
+    packed: Option<Arc<PackedMatrix>>,
+    bias: Option<Param<Tensor<1>>>,
+    /// Threads of the packed kernels (see `Loader::with_threads`).
+    threads: usize,
+}
+
+impl QLinear {
+    pub fn dense(linear: Linear, threads: usize) -> Self {
+        Self { dense: Some(linear), packed: None, bias: None, threads }
+    }
+
+    pub fn packed(weight: PackedMatrix, bias: Option<Tensor<1>>, threads: usize) -> Self {
+        Self { dense: None, packed: Some(Arc::new(weight)), bias: bias.map(Param::from_tensor), threads }
+    }
+
+    /// The bias, if the layer has one.
+    pub fn bias(&self) -> Option<Tensor<1>> {
+        match &self.dense {
+            Some(linear) => linear.bias.as_ref().map(|b| b.val()),
+            None => self.bias.as_ref().map(|b| b.val()),
+        }
+    }
+
+    pub fn is_packed(&self) -> bool {
+        self.packed.is_some()
+    }
+
+    /// `x · Wᵀ + b` over the last axis, all leading dimensions as rows of one product (see
+    /// `model::ops::linear`), on the layer's threads.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        self.forward_threads(x, self.threads)
+    }
+
+    /// [`QLinear::forward`] on `threads` threads (1 inside work already spread over threads).
+    pub fn forward_threads<const D: usize>(&self, x: Tensor<D>, threads: usize) -> Tensor<D> {
+        match (&self.dense, &self.packed) {
+            (Some(linear), _) => crate::model::ops::linear_par(linear, x, threads),
+            (None, Some(packed)) => crate::model::ops::as_rows(x, |x| self.packed_product(packed, x, threads)),
+            (None, None) => unreachable!("a QLinear is built dense or packed"),
+        }
+    }
+
+    /// The packed product on the host: only the activations travel (this path runs on the CPU
+    /// backend, where reading a tensor is a copy).
+    fn packed_product(&self, w: &PackedMatrix, x: Tensor<2>, threads: usize) -> Tensor<2> {
+        let [m, k] = x.dims();
+        debug_assert_eq!(k, w.cols);
+        let device = x.device();
+        let input = x.into_data().convert::<f32>();
+        let values = input.as_slice::<f32>().expect("converted to f32");
+        let y = Tensor::<2>::from_data(TensorData::new(w.matmul(values, m, threads), [m, w.rows]), &device);
+        match &self.bias {
+            Some(bias) => y + bias.val().unsqueeze_dim(0),
+            None => y,
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! Quantized weights: the packed int4/int8 format ([`scheme`]), which tensor gets what
+//! ([`recipe`]), CPU kernels that multiply with packed weights directly ([`kernels`]), the layer
+//! the model uses in place of a float `Linear` ([`linear`]) and, natively, the converter that writes
+//! a quantized sharded checkpoint ([`convert`]).
+//!
+//! On the CPU the weights stay packed in memory and the kernels read them; on GPUs they are, for
+//! now, dequantized to the device's float type when loaded (same numbers, float memory).
+
+pub mod kernels;
+pub mod linear;
+pub mod recipe;
+pub mod scheme;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod convert;
+
+pub use linear::QLinear;
+pub use recipe::{DEFAULT_GROUP, Preset, QuantizationConfig, Recipe, Role, packed_names};
+pub use scheme::{Bits, GROUP_SIZES, PackedMatrix, QuantSpec, ScaleDtype};

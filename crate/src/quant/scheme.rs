@@ -1,0 +1,366 @@
+//! The packed int4/int8 matrix format: symmetric quantization with one scale per group of
+//! consecutive input (K) values of a row, and the one quantize/dequantize pair everything uses.
+//!
+//! A matrix is PyTorch's `(out, in)` = `(rows, cols)`. Each row is cut into groups of `group`
+//! consecutive columns (the last may be shorter). For a group with values `w` and `amax = max|w|`:
+//! `scale = amax / qmax` rounded to the scale dtype (upwards when rounding would clip), `q =
+//! round(w / scale)` (half away from zero) in `[-qmax, qmax]`, and `w ≈ scale · q`.
+//! * `q8`: `qmax = 127`, one `i8` per value, the row's values in order.
+//! * `q4`: `qmax = 7`, two values per byte stored as `q + 8` (`1..=15`; `8` pads). Within a group
+//!   of `L` values, byte `i` holds value `i` in its low nibble and value `i + ⌈L/2⌉` in its high
+//!   nibble (llama.cpp's Q4_0 order): unpacking a group is two contiguous runs, which vectorises.
+
+use std::fmt;
+
+use crate::error::{Error, Result};
+
+/// Bits per quantized value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Bits {
+    Q4,
+    Q8,
+}
+
+impl Bits {
+    pub fn count(self) -> u32 {
+        match self {
+            Bits::Q4 => 4,
+            Bits::Q8 => 8,
+        }
+    }
+
+    /// Largest |q|: the symmetric range is `[-qmax, qmax]`.
+    pub fn qmax(self) -> f32 {
+        match self {
+            Bits::Q4 => 7.0,
+            Bits::Q8 => 127.0,
+        }
+    }
+
+    pub fn from_count(bits: u64) -> Result<Self> {
+        match bits {
+            4 => Ok(Bits::Q4),
+            8 => Ok(Bits::Q8),
+            other => Err(Error::Unsupported(format!("{other}-bit quantization (4 and 8 are supported)"))),
+        }
+    }
+}
+
+/// How the scales are stored in the checkpoint (in memory they are always f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ScaleDtype {
+    F16,
+    F32,
+}
+
+impl ScaleDtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            ScaleDtype::F16 => "float16",
+            ScaleDtype::F32 => "float32",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "float16" => Ok(ScaleDtype::F16),
+            "float32" => Ok(ScaleDtype::F32),
+            other => Err(Error::Unsupported(format!("scale dtype {other:?} (float16 or float32)"))),
+        }
+    }
+
+    /// `v` as this dtype would store it, rounded up in magnitude when plain rounding lands below `v`
+    /// (so `scale · qmax ≥ amax` always holds and no value clips).
+    fn round_up(self, v: f32) -> f32 {
+        match self {
+            ScaleDtype::F32 => v,
+            ScaleDtype::F16 => {
+                let h = half::f16::from_f32(v);
+                if h.to_f32() >= v || !h.is_finite() { h.to_f32() } else { half::f16::from_bits(h.to_bits() + 1).to_f32() }
+            }
+        }
+    }
+}
+
+/// One tensor's quantization: bits, group size along K, scale dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct QuantSpec {
+    pub bits: Bits,
+    pub group: usize,
+    pub scale: ScaleDtype,
+}
+
+/// Group sizes the format allows.
+pub const GROUP_SIZES: [usize; 3] = [32, 64, 128];
+
+impl QuantSpec {
+    pub fn new(bits: Bits, group: usize, scale: ScaleDtype) -> Result<Self> {
+        if !GROUP_SIZES.contains(&group) {
+            return Err(Error::InvalidArgument(format!("group size {group} (one of 32, 64, 128)")));
+        }
+        Ok(Self { bits, group, scale })
+    }
+
+    /// Groups per row of `cols` values.
+    pub fn groups(&self, cols: usize) -> usize {
+        cols.div_ceil(self.group)
+    }
+
+    /// Packed bytes per row of `cols` values.
+    pub fn row_bytes(&self, cols: usize) -> usize {
+        match self.bits {
+            Bits::Q8 => cols,
+            Bits::Q4 => (cols / self.group) * (self.group / 2) + (cols % self.group).div_ceil(2),
+        }
+    }
+
+    /// Bytes of a `(rows, cols)` matrix in the checkpoint: packed values plus scales.
+    pub fn stored_bytes(&self, rows: usize, cols: usize) -> usize {
+        let scale = match self.scale {
+            ScaleDtype::F16 => 2,
+            ScaleDtype::F32 => 4,
+        };
+        rows * (self.row_bytes(cols) + self.groups(cols) * scale)
+    }
+}
+
+impl fmt::Display for QuantSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "q{} g{} {}", self.bits.count(), self.group, self.scale.name())
+    }
+}
+
+/// A quantized `(rows, cols)` matrix held packed, scales widened to f32.
+#[derive(Clone, PartialEq)]
+pub struct PackedMatrix {
+    pub spec: QuantSpec,
+    pub rows: usize,
+    pub cols: usize,
+    /// `rows × spec.row_bytes(cols)` bytes (see the module docs).
+    pub data: Vec<u8>,
+    /// `rows × spec.groups(cols)` scales.
+    pub scales: Vec<f32>,
+}
+
+impl fmt::Debug for PackedMatrix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PackedMatrix({}×{}, {})", self.rows, self.cols, self.spec)
+    }
+}
+
+impl PackedMatrix {
+    /// Quantizes row-major `(rows, cols)` values.
+    pub fn quantize(values: &[f32], rows: usize, cols: usize, spec: QuantSpec) -> Self {
+        debug_assert_eq!(values.len(), rows * cols);
+        let (row_bytes, groups) = (spec.row_bytes(cols), spec.groups(cols));
+        let mut data = vec![0u8; rows * row_bytes];
+        let mut scales = vec![0f32; rows * groups];
+        let qmax = spec.bits.qmax();
+        let mut q = vec![0i8; spec.group];
+        for r in 0..rows {
+            let row = &values[r * cols..(r + 1) * cols];
+            let out = &mut data[r * row_bytes..(r + 1) * row_bytes];
+            let mut offset = 0;
+            for (g, chunk) in row.chunks(spec.group).enumerate() {
+                let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let scale = spec.scale.round_up(amax / qmax);
+                scales[r * groups + g] = scale;
+                let inverse = if scale > 0.0 && scale.is_finite() { 1.0 / scale } else { 0.0 };
+                for (qi, &v) in q.iter_mut().zip(chunk) {
+                    // Multiply by the reciprocal: the same op in every path (converter, load time).
+                    *qi = (v * inverse).round().clamp(-qmax, qmax) as i8;
+                }
+                let q = &q[..chunk.len()];
+                offset += pack_group(spec.bits, q, &mut out[offset..]);
+            }
+        }
+        Self { spec, rows, cols, data, scales }
+    }
+
+    /// Builds a matrix from stored bytes and scales, checking their sizes.
+    pub fn from_parts(spec: QuantSpec, rows: usize, cols: usize, data: Vec<u8>, scales: Vec<f32>) -> Result<Self> {
+        if data.len() != rows * spec.row_bytes(cols) || scales.len() != rows * spec.groups(cols) {
+            return Err(Error::InvalidArgument(format!(
+                "packed {rows}×{cols} matrix ({spec}) needs {} bytes and {} scales, got {} and {}",
+                rows * spec.row_bytes(cols),
+                rows * spec.groups(cols),
+                data.len(),
+                scales.len()
+            )));
+        }
+        Ok(Self { spec, rows, cols, data, scales })
+    }
+
+    pub fn row_bytes(&self) -> usize {
+        self.spec.row_bytes(self.cols)
+    }
+
+    pub fn groups(&self) -> usize {
+        self.spec.groups(self.cols)
+    }
+
+    /// Row `r` dequantized into `out` (`cols` values).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let (rb, groups, g) = (self.row_bytes(), self.groups(), self.spec.group);
+        let bytes = &self.data[r * rb..(r + 1) * rb];
+        let scales = &self.scales[r * groups..(r + 1) * groups];
+        let mut offset = 0;
+        for (gi, chunk) in out[..self.cols].chunks_mut(g).enumerate() {
+            offset += unpack_group(self.spec.bits, &bytes[offset..], chunk);
+            let s = scales[gi];
+            for v in chunk.iter_mut() {
+                *v *= s;
+            }
+        }
+    }
+
+    /// The whole matrix dequantized, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        for (r, row) in out.chunks_mut(self.cols.max(1)).enumerate().take(self.rows) {
+            self.dequantize_row(r, row);
+        }
+        out
+    }
+
+    /// Rows `rows` as their own matrix (same spec).
+    pub fn slice_rows(&self, rows: std::ops::Range<usize>) -> Self {
+        let (rb, groups) = (self.row_bytes(), self.groups());
+        Self {
+            spec: self.spec,
+            rows: rows.len(),
+            cols: self.cols,
+            data: self.data[rows.start * rb..rows.end * rb].to_vec(),
+            scales: self.scales[rows.start * groups..rows.end * groups].to_vec(),
+        }
+    }
+
+    /// Bytes held in memory.
+    pub fn memory_bytes(&self) -> usize {
+        self.data.len() + self.scales.len() * 4
+    }
+}
+
+/// Packs one group's values `q` into `out`; returns the bytes written.
+fn pack_group(bits: Bits, q: &[i8], out: &mut [u8]) -> usize {
+    match bits {
+        Bits::Q8 => {
+            for (o, &v) in out.iter_mut().zip(q) {
+                *o = v as u8;
+            }
+            q.len()
+        }
+        Bits::Q4 => {
+            let half = q.len().div_ceil(2);
+            for i in 0..half {
+                let lo = (q[i] + 8) as u8;
+                let hi = q.get(i + half).map_or(8, |&v| (v + 8) as u8);
+                out[i] = lo | (hi << 4);
+            }
+            half
+        }
+    }
+}
+
+/// Unpacks one group of `out.len()` values (unscaled, as f32) from `bytes`; returns the bytes read.
+#[inline(always)]
+pub(crate) fn unpack_group(bits: Bits, bytes: &[u8], out: &mut [f32]) -> usize {
+    match bits {
+        Bits::Q8 => {
+            for (o, &b) in out.iter_mut().zip(bytes) {
+                *o = b as i8 as f32;
+            }
+            out.len()
+        }
+        Bits::Q4 => {
+            let half = out.len().div_ceil(2);
+            let (lo, hi) = out.split_at_mut(half);
+            let bytes = &bytes[..half];
+            for (o, &b) in lo.iter_mut().zip(bytes) {
+                *o = (b & 15) as f32 - 8.0;
+            }
+            for (o, &b) in hi.iter_mut().zip(bytes) {
+                *o = (b >> 4) as f32 - 8.0;
+            }
+            half
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        // A small deterministic generator with outliers now and then.
+        let mut x = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..n)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                let v = (x as f32 / u32::MAX as f32) * 2.0 - 1.0;
+                if i % 97 == 0 { v * 20.0 } else { v }
+            })
+            .collect()
+    }
+
+    /// Every value comes back within half a step of its group's scale, for both widths, every
+    /// group size, both scale dtypes, and columns that leave a ragged (odd) last group.
+    #[test]
+    fn round_trip_within_half_a_step() {
+        for bits in [Bits::Q4, Bits::Q8] {
+            for group in GROUP_SIZES {
+                for scale in [ScaleDtype::F16, ScaleDtype::F32] {
+                    for (rows, cols) in [(3, 48), (5, 101), (2, 256), (1, 7), (4, 130)] {
+                        let spec = QuantSpec::new(bits, group, scale).unwrap();
+                        let v = values(rows * cols, (rows * cols + group) as u32);
+                        let p = PackedMatrix::quantize(&v, rows, cols, spec);
+                        assert_eq!(p.data.len(), rows * spec.row_bytes(cols));
+                        let back = p.dequantize();
+                        for r in 0..rows {
+                            for c in 0..cols {
+                                let s = p.scales[r * p.groups() + c / group];
+                                let err = (back[r * cols + c] - v[r * cols + c]).abs();
+                                assert!(err <= s * 0.5 * (1.0 + 1e-5), "{spec} {rows}×{cols} ({r},{c}): error {err} > scale/2 = {}", s / 2.0);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The group's largest value is representable (scale rounded up, never clipped), and zero rows
+    /// stay zero.
+    #[test]
+    fn extremes() {
+        let spec = QuantSpec::new(Bits::Q4, 32, ScaleDtype::F16).unwrap();
+        let mut v = vec![0.0f32; 64];
+        v[3] = 0.123_456;
+        v[40] = -1.0e-3;
+        let p = PackedMatrix::quantize(&v, 1, 64, spec);
+        let back = p.dequantize();
+        assert!((back[3] - v[3]).abs() <= p.scales[0] / 2.0);
+        assert!(p.scales[0] * 7.0 >= 0.123_456);
+        assert_eq!(back[0], 0.0);
+        let zeros = PackedMatrix::quantize(&[0.0; 40], 1, 40, spec);
+        assert!(zeros.dequantize().iter().all(|&x| x == 0.0));
+    }
+
+    /// Byte layout: q4 group byte i = value i (low nibble) and value i + ⌈L/2⌉ (high), offset by 8.
+    #[test]
+    fn q4_layout() {
+        let spec = QuantSpec::new(Bits::Q4, 32, ScaleDtype::F32).unwrap();
+        // 35 columns: one group of 32 (16 bytes) and a tail of 3 (2 bytes, last high nibble padded).
+        let mut v: Vec<f32> = (0..35).map(|i| ((i % 15) as f32 - 7.0) / 7.0).collect();
+        v[0] = 1.0; // amax 1 in both groups → scale 1/7
+        v[32] = 1.0;
+        let p = PackedMatrix::quantize(&v, 1, 35, spec);
+        assert_eq!(p.data.len(), 18);
+        let q = |i: usize| ((v[i] * 7.0).round() as i8 + 8) as u8;
+        assert_eq!(p.data[1], q(1) | (q(17) << 4));
+        assert_eq!(p.data[16], q(32) | (q(34) << 4));
+        assert_eq!(p.data[17], q(33) | (8 << 4));
+    }
+}
