@@ -30,6 +30,8 @@ fn code_of(e: &Error) -> &'static str {
         Error::Safetensors(_) | Error::MissingTensor { .. } | Error::ShapeMismatch { .. } | Error::UnsupportedDtype { .. } => {
             "BAD_CHECKPOINT"
         }
+        Error::Shard { .. } => "BAD_CHECKPOINT",
+        Error::InFile { source, .. } => code_of(source),
         Error::ImageFormat(_) | Error::ImageDecode(_) | Error::ImageTooLarge { .. } => "BAD_IMAGE",
         Error::InvalidArgument(_) => "BAD_ARGUMENT",
         Error::Tokenizer(_) => "BAD_TOKENIZER",

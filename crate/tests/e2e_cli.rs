@@ -261,3 +261,35 @@ fn e2e_cli_detects_a_corrupted_download() {
     assert!(!home.join("hub/models--test--corrupt/snapshots/main/model-00001-of-000001.safetensors").exists());
     std::fs::remove_dir_all(&home).unwrap();
 }
+
+/// `dsocr quantize` writes a checkpoint that `dsocr ocr` reads, and `--quantize` on the float
+/// checkpoint gives the same tokens; bad arguments fail with exit code 2 and a message.
+#[test]
+fn e2e_cli_quantize_then_ocr() {
+    let out_dir = std::env::temp_dir().join(format!("dsocr-e2e-quantize-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let (model, out) = (checkpoint_dir("tiny-a").display().to_string(), out_dir.display().to_string());
+    let quantize = run(&["quantize", &model, "--scheme", "q4", "--out", &out, "--shard-mib", "2"]);
+    assert!(quantize.status.success(), "{}", String::from_utf8_lossy(&quantize.stderr));
+    let stderr = String::from_utf8_lossy(&quantize.stderr);
+    assert!(stderr.contains("shards") && stderr.contains("quantized"), "{stderr}");
+    let page = image("page");
+    let ocr = |extra: &[&str]| {
+        let mut args = vec!["ocr", page.as_str(), "--mode", "tiny", "--max-new-tokens", "8", "--repeat-guard", "hf", "--format", "json"];
+        args.extend_from_slice(extra);
+        let out = run(&args);
+        assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+        json(&out)["results"][0]["token_ids"].clone()
+    };
+    let converted = ocr(&["--model", &out]);
+    assert_eq!(converted, ocr(&["--model", &model, "--quantize", "q4"]), "load-time q4 equals the converted checkpoint");
+    assert_eq!(converted.as_array().unwrap().len(), 8);
+    // Quantizing an already quantized checkpoint at load time with another recipe is refused.
+    let refused = run(&["ocr", &image("page"), "--model", &out, "--quantize", "q8", "--mode", "tiny"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("already quantized"));
+    let bad_group = run(&["quantize", &model, "--scheme", "q4", "--group", "48", "--out", &out]);
+    assert_eq!(bad_group.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad_group.stderr).contains("group size 48"));
+    let _ = std::fs::remove_dir_all(out_dir);
+}

@@ -37,6 +37,12 @@ fn main() {
     let page = std::fs::read(fixtures_dir().join("images/page.png")).unwrap();
     let config = dsocr::Config::from_json(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
 
+    for preset in [Preset::Q4, Preset::Q8] {
+        for group in dsocr::quant::GROUP_SIZES {
+            let bytes = Recipe::preset(preset, Some(group)).unwrap().stored_bytes(&config);
+            println!("size {} g{group}: {bytes} bytes ({:.3} GB)", preset.name(), bytes as f64 / 1e9);
+        }
+    }
     let float_engine = load(&dir, None, threads);
     let float: Vec<_> = modes.iter().map(|m| run_page(&float_engine, &page, mode(m), tokens)).collect();
     drop(float_engine);
