@@ -60,4 +60,12 @@ pub enum Error {
     ContextOverflow { length: usize, limit: usize },
 }
 
+impl Error {
+    /// `error`, naming the checkpoint file it concerns (kept as is when the name is empty: a
+    /// single-file checkpoint opened from memory has none).
+    pub fn in_file(file: &str, error: Error) -> Error {
+        if file.is_empty() { error } else { Error::InFile { file: file.into(), source: Box::new(error) } }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, Error>;

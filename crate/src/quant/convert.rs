@@ -4,10 +4,8 @@
 
 use std::path::Path;
 
-use safetensors::Dtype;
-
 use super::recipe::{Recipe, packed_names};
-use super::scheme::{Bits, PackedMatrix, ScaleDtype};
+use super::scheme::{PackedMatrix, ScaleDtype};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::weights::{Checkpoint, ShardIndex, ShardWriter, expected_tensors, write_atomic};
@@ -59,16 +57,12 @@ pub fn convert(
                     data.extend_from_slice(&packed.data);
                     scales.extend(packed.scales);
                 }
-                let value_dtype = match q.bits {
-                    Bits::Q4 => Dtype::U8,
-                    Bits::Q8 => Dtype::I8,
+                writer.add(&values_name, q.value_dtype(), &[rows, q.row_bytes(cols)], data)?;
+                let scale_bytes = match q.scale {
+                    ScaleDtype::F16 => scales.iter().flat_map(|&s| half::f16::from_f32(s).to_le_bytes()).collect(),
+                    ScaleDtype::F32 => scales.iter().flat_map(|&s| s.to_le_bytes()).collect(),
                 };
-                writer.add(&values_name, value_dtype, &[rows, q.row_bytes(cols)], data)?;
-                let (scale_dtype, scale_bytes) = match q.scale {
-                    ScaleDtype::F16 => (Dtype::F16, scales.iter().flat_map(|&s| half::f16::from_f32(s).to_le_bytes()).collect()),
-                    ScaleDtype::F32 => (Dtype::F32, scales.iter().flat_map(|&s| s.to_le_bytes()).collect()),
-                };
-                writer.add(&scales_name, scale_dtype, &[rows, q.groups(cols)], scale_bytes)?;
+                writer.add(&scales_name, q.scale_dtype(), &[rows, q.groups(cols)], scale_bytes)?;
                 quantized += 1;
             }
             (Some(_), _) => return Err(Error::Unsupported(format!("`{name}` is not a matrix and cannot be quantized"))),

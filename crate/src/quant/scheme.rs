@@ -114,6 +114,22 @@ impl QuantSpec {
         }
     }
 
+    /// How the packed values are stored: `U8` (q4 nibble pairs) or `I8` (q8).
+    pub fn value_dtype(&self) -> safetensors::Dtype {
+        match self.bits {
+            Bits::Q4 => safetensors::Dtype::U8,
+            Bits::Q8 => safetensors::Dtype::I8,
+        }
+    }
+
+    /// How the scales are stored.
+    pub fn scale_dtype(&self) -> safetensors::Dtype {
+        match self.scale {
+            ScaleDtype::F16 => safetensors::Dtype::F16,
+            ScaleDtype::F32 => safetensors::Dtype::F32,
+        }
+    }
+
     /// Bytes of a `(rows, cols)` matrix in the checkpoint: packed values plus scales.
     pub fn stored_bytes(&self, rows: usize, cols: usize) -> usize {
         let scale = match self.scale {

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::names::{OPTIONAL_TENSORS, TensorSpec};
 use super::shard::{RangeFetch, Shard, widen};
 use crate::error::{Error, Result};
-use crate::quant::{Bits, PackedMatrix, QuantSpec, Recipe, ScaleDtype, packed_names};
+use crate::quant::{PackedMatrix, QuantSpec, Recipe, packed_names};
 
 /// The marker of a row slice of a tensor split across shards: `NAME.rows.START-END`.
 pub const ROWS_MARK: &str = ".rows.";
@@ -86,7 +86,12 @@ impl ShardIndex {
 /// Lowercase hex sha256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    hex(&Sha256::digest(bytes))
+}
+
+/// Lowercase hex of a digest.
+pub fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A tensor as the model sees it: one stored tensor, or consecutive row slices of one.
@@ -237,16 +242,8 @@ impl<'a> Checkpoint<'a> {
                 let ([rows, cols], true) = (<[usize; 2]>::try_from(spec.shape.clone()).unwrap_or([0, 0]), spec.shape.len() == 2) else {
                     return Err(Error::Unsupported(format!("`{}` is not a matrix and cannot be quantized", spec.name)));
                 };
-                let value_dtype = match quant.bits {
-                    Bits::Q4 => Dtype::U8,
-                    Bits::Q8 => Dtype::I8,
-                };
-                let scale_dtype = match quant.scale {
-                    ScaleDtype::F16 => Dtype::F16,
-                    ScaleDtype::F32 => Dtype::F32,
-                };
-                self.check_one(&values, value_dtype, &[rows, quant.row_bytes(cols)])?;
-                self.check_one(&scales, scale_dtype, &[rows, quant.groups(cols)])?;
+                self.check_one(&values, quant.value_dtype(), &[rows, quant.row_bytes(cols)])?;
+                self.check_one(&scales, quant.scale_dtype(), &[rows, quant.groups(cols)])?;
                 known.insert(values);
                 known.insert(scales);
             } else {
@@ -275,10 +272,9 @@ impl<'a> Checkpoint<'a> {
 
     /// `error` about tensor `name`, naming the file that holds it (sharded checkpoints).
     fn in_file(&self, name: &str, error: Error) -> Error {
-        let file = self.tensors.get(name).and_then(|t| t.parts.first()).map(|p| self.files[p.file].0.clone());
-        match file {
-            Some(file) if !file.is_empty() => Error::InFile { file, source: Box::new(error) },
-            _ => error,
+        match self.tensors.get(name).and_then(|t| t.parts.first()) {
+            Some(part) => Error::in_file(&self.files[part.file].0, error),
+            None => error,
         }
     }
 
@@ -347,10 +343,7 @@ impl<'a> Checkpoint<'a> {
             }
             let (file, shard) = &self.files[part.file];
             let local = from - part.rows.start..to - part.rows.start;
-            shard.rows(&part.stored, local, &mut f).await.map_err(|e| match file.is_empty() {
-                true => e,
-                false => Error::InFile { file: file.clone(), source: Box::new(e) },
-            })?;
+            shard.rows(&part.stored, local, &mut f).await.map_err(|e| Error::in_file(file, e))?;
         }
         Ok(())
     }

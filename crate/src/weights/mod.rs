@@ -10,7 +10,7 @@ mod shard;
 #[cfg(not(target_arch = "wasm32"))]
 mod writer;
 
-pub use checkpoint::{Checkpoint, INDEX_FILE, IndexMetadata, ROWS_MARK, ShardIndex, ShardMeta, rows_name, sha256_hex};
+pub use checkpoint::{Checkpoint, INDEX_FILE, IndexMetadata, ROWS_MARK, ShardIndex, ShardMeta, hex, rows_name, sha256_hex};
 pub use loader::{LoadProgress, Loader, Matrix};
 pub use names::{TensorSpec, expected_tensors, OPTIONAL_TENSORS};
 pub use shard::{DEFAULT_WINDOW_BYTES, LocalBoxFuture, RangeFetch, Shard};

@@ -56,10 +56,7 @@ impl MappedCheckpoint {
     pub fn checkpoint(&self) -> Result<Checkpoint<'_>> {
         let mut shards = Vec::with_capacity(self.files.len());
         for (file, map) in &self.files {
-            let shard = Shard::parse(map).map_err(|e| match file.is_empty() {
-                true => e,
-                false => Error::InFile { file: file.clone(), source: Box::new(e) },
-            })?;
+            let shard = Shard::parse(map).map_err(|e| Error::in_file(file, e))?;
             shards.push((file.clone(), shard.with_release(Box::new(move |offset, len| release(map, offset, len)))));
         }
         match &self.index {
