@@ -140,6 +140,14 @@ impl Recipe {
         }
     }
 
+    /// The spec a checkpoint stored quantized by `recipe` (its `quantization_config`) gives `name`,
+    /// whose packed tensors it holds: an error when the config gives it none.
+    pub fn stored_spec(recipe: Option<&Recipe>, name: &str) -> Result<QuantSpec> {
+        recipe.and_then(|r| r.spec_for(name)).ok_or_else(|| {
+            Error::Unsupported(format!("`{name}` is stored quantized but config.json's quantization_config gives it no scheme"))
+        })
+    }
+
     /// The spec of checkpoint tensor `name` (`None`: float).
     pub fn spec_for(&self, name: &str) -> Option<QuantSpec> {
         Role::of(name).and_then(|role| self.spec(role))

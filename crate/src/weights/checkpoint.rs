@@ -236,9 +236,7 @@ impl<'a> Checkpoint<'a> {
         for spec in expected {
             if self.is_packed(&spec.name) {
                 let (values, scales) = packed_names(&spec.name).expect("is_packed checked the name");
-                let quant = recipe.and_then(|r| r.spec_for(&spec.name)).ok_or_else(|| {
-                    Error::Unsupported(format!("`{}` is stored quantized but config.json's quantization_config gives it no scheme", spec.name))
-                })?;
+                let quant = Recipe::stored_spec(recipe, &spec.name)?;
                 let ([rows, cols], true) = (<[usize; 2]>::try_from(spec.shape.clone()).unwrap_or([0, 0]), spec.shape.len() == 2) else {
                     return Err(Error::Unsupported(format!("`{}` is not a matrix and cannot be quantized", spec.name)));
                 };

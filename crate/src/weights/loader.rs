@@ -10,7 +10,7 @@ use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::Checkpoint;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::quant::{PackedMatrix, QLinear, Recipe};
 
 /// Called with `(bytes loaded, bytes in the checkpoint)` after each tensor.
@@ -74,20 +74,13 @@ impl<'c, 'b> Loader<'c, 'b> {
         self
     }
 
-    pub fn host_kernels(&self) -> bool {
-        self.host_kernels
-    }
-
     /// Rows `rows` of the `(rows, cols)` matrix `name`: packed when the checkpoint stores it so or
     /// the load-time recipe quantizes it, else float.
     pub async fn matrix_rows(&self, name: &str, [total, cols]: [usize; 2], rows: std::ops::Range<usize>) -> Result<Matrix> {
         if self.checkpoint.is_packed(name) {
-            let spec = self.stored.as_ref().and_then(|r| r.spec_for(name)).ok_or_else(|| {
-                Error::Unsupported(format!("`{name}` is stored quantized but config.json's quantization_config gives it no scheme"))
-            })?;
-            let packed = self.checkpoint.packed_rows(name, spec, cols, rows).await?;
-            self.count_bytes(packed.data.len() + packed.scales.len() * 2);
-            return Ok(Matrix::Packed(packed));
+            let spec = Recipe::stored_spec(self.stored.as_ref(), name)?;
+            self.count_bytes(spec.stored_bytes(rows.len(), cols));
+            return Ok(Matrix::Packed(self.checkpoint.packed_rows(name, spec, cols, rows).await?));
         }
         let values = self.checkpoint.f32_rows(name, &[total, cols], rows.clone()).await?;
         self.count(name, values.len());
