@@ -130,36 +130,106 @@ unsafe fn few_rows_avx2(w: &PackedMatrix, x: &[f32], m: usize, rows: std::ops::R
     few_rows_body(w, x, m, rows, y)
 }
 
-/// For each weight row and group: unpack the group once, dot it with each input row's slice, scale.
+/// For each weight row: its full groups through [`full_groups`] (sizes known at compile time, so the
+/// unpacking and the products vectorise), a ragged last group through the generic [`dot`].
 #[inline(always)]
 fn few_rows_body(w: &PackedMatrix, x: &[f32], m: usize, rows: std::ops::Range<usize>, y: &mut [f32]) {
-    let (k, g, groups, rb) = (w.cols, w.spec.group, w.groups(), w.row_bytes());
-    let width = rows.len();
-    let mut unpacked = [0f32; 128];
-    let mut acc = [0f32; FEW_ROWS];
+    match (w.spec.bits, w.spec.group) {
+        (Bits::Q4, 32) => rows_with::<32, 16>(w, x, m, rows, y, unpack_q4),
+        (Bits::Q4, 64) => rows_with::<64, 32>(w, x, m, rows, y, unpack_q4),
+        (Bits::Q4, 128) => rows_with::<128, 64>(w, x, m, rows, y, unpack_q4),
+        (Bits::Q8, 32) => rows_with::<32, 32>(w, x, m, rows, y, unpack_q8),
+        (Bits::Q8, 64) => rows_with::<64, 64>(w, x, m, rows, y, unpack_q8),
+        (Bits::Q8, 128) => rows_with::<128, 128>(w, x, m, rows, y, unpack_q8),
+        _ => unreachable!("QuantSpec::new admits groups of 32, 64 and 128 only"),
+    }
+}
+
+/// `G` values per group stored in `B` bytes; `unpack` turns one group's bytes into its values.
+#[inline(always)]
+fn rows_with<const G: usize, const B: usize>(
+    w: &PackedMatrix,
+    x: &[f32],
+    m: usize,
+    rows: std::ops::Range<usize>,
+    y: &mut [f32],
+    unpack: impl Fn(&[u8; B], &mut [f32; G]),
+) {
+    let (k, groups, rb) = (w.cols, w.groups(), w.row_bytes());
+    let (full, width) = (k / G, rows.len());
+    let mut q = [0f32; G];
+    let mut tail = [0f32; G];
+    // Lane-wise sums per input row, two of them (even and odd groups) so consecutive groups do not
+    // wait on each other's additions; reduced once per row.
+    let mut acc = [[[0f32; LANES]; 2]; FEW_ROWS];
     for (j, r) in rows.enumerate() {
         let bytes = &w.data[r * rb..(r + 1) * rb];
         let scales = &w.scales[r * groups..(r + 1) * groups];
-        acc[..m].fill(0.0);
-        let mut offset = 0;
-        for (gi, &s) in scales.iter().enumerate() {
-            let start = gi * g;
-            let len = g.min(k - start);
-            let q = &mut unpacked[..len];
-            offset += unpack(w.spec.bits, &bytes[offset..], q);
+        for a in &mut acc[..m] {
+            *a = [[0.0; LANES]; 2];
+        }
+        for (gi, &s) in scales[..full].iter().enumerate() {
+            let packed: &[u8; B] = bytes[gi * B..(gi + 1) * B].try_into().expect("B bytes");
+            unpack(packed, &mut q);
             for (i, a) in acc[..m].iter_mut().enumerate() {
-                *a += s * dot(&x[i * k + start..i * k + start + len], q);
+                let xs: &[f32; G] = x[i * k + gi * G..i * k + (gi + 1) * G].try_into().expect("G values");
+                // Four independent partial sums over the group's chunks of LANES values.
+                let mut parts = [[0f32; LANES]; 4];
+                for c in 0..G / LANES {
+                    for l in 0..LANES {
+                        parts[c % 4][l] += xs[c * LANES + l] * q[c * LANES + l];
+                    }
+                }
+                let a = &mut a[gi % 2];
+                for l in 0..LANES {
+                    a[l] += s * ((parts[0][l] + parts[1][l]) + (parts[2][l] + parts[3][l]));
+                }
+            }
+        }
+        let rest = k - full * G;
+        if rest > 0 {
+            let t = &mut tail[..rest];
+            unpack_group(w.spec.bits, &bytes[full * B..], t);
+            let s = scales[full];
+            for (i, a) in acc[..m].iter_mut().enumerate() {
+                a[0][0] += s * dot(&x[i * k + full * G..(i + 1) * k], t);
             }
         }
         for i in 0..m {
-            y[i * width + j] = acc[i];
+            let [even, odd] = acc[i];
+            y[i * width + j] = reduce(std::array::from_fn(|l| even[l] + odd[l]));
         }
     }
 }
 
+/// A full q4 group: byte i holds value i (low nibble) and value i + G/2 (high), each `q + 8`.
 #[inline(always)]
-fn unpack(bits: Bits, bytes: &[u8], out: &mut [f32]) -> usize {
-    unpack_group(bits, bytes, out)
+fn unpack_q4<const G: usize, const B: usize>(bytes: &[u8; B], out: &mut [f32; G]) {
+    for i in 0..B {
+        out[i] = (bytes[i] & 15) as f32 - 8.0;
+        out[i + B] = (bytes[i] >> 4) as f32 - 8.0;
+    }
+}
+
+/// A full q8 group: one `i8` per value.
+#[inline(always)]
+fn unpack_q8<const G: usize, const B: usize>(bytes: &[u8; B], out: &mut [f32; G]) {
+    for i in 0..B {
+        out[i] = bytes[i] as i8 as f32;
+    }
+}
+
+/// Pairwise sum of the lanes: 16 → 8 → 4 → 2 → 1.
+#[inline(always)]
+fn reduce(mut lanes: [f32; LANES]) -> f32 {
+    let mut n = LANES;
+    while n > 1 {
+        n /= 2;
+        for l in 0..n {
+            lanes[l] += lanes[l + n];
+        }
+    }
+    lanes[0]
 }
 
 /// `Σ a·b` with [`LANES`] independent accumulators (vectorisable without reordering a single sum).
@@ -176,15 +246,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     for (l, (&va, &vb)) in a_tail.iter().zip(b_tail).enumerate() {
         lanes[l] += va * vb;
     }
-    // Pairwise: 16 → 8 → 4 → 2 → 1.
-    let mut n = LANES;
-    while n > 1 {
-        n /= 2;
-        for l in 0..n {
-            lanes[l] += lanes[l + n];
-        }
-    }
-    lanes[0]
+    reduce(lanes)
 }
 
 #[cfg(test)]
@@ -252,5 +314,32 @@ mod tests {
         let mut plain = vec![0f32; m * rows];
         few_rows_body(&w, &x, m, 0..rows, &mut plain);
         assert_eq!(w.few_rows(&x, m, 0..rows), plain);
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+    use crate::quant::scheme::{QuantSpec, ScaleDtype};
+
+    /// Weights read per second by the decode kernel (a timing, not a check: run with --ignored).
+    #[test]
+    #[ignore = "timing"]
+    fn few_rows_throughput() {
+        for bits in [Bits::Q4, Bits::Q8] {
+            let (rows, cols) = (8 * 1280, 896);
+            let values: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+            let w = PackedMatrix::quantize(&values, rows, cols, QuantSpec::new(bits, 64, ScaleDtype::F16).unwrap());
+            let x = vec![0.5f32; cols];
+            for threads in [1, 2] {
+                let t = std::time::Instant::now();
+                let reps = 50;
+                for _ in 0..reps {
+                    std::hint::black_box(w.matmul(&x, 1, threads));
+                }
+                let s = t.elapsed().as_secs_f64() / reps as f64;
+                eprintln!("{bits:?} threads {threads}: {:.2} G weights/s, {:.1} GB/s", (rows * cols) as f64 / s / 1e9, w.memory_bytes() as f64 / s / 1e9);
+            }
+        }
     }
 }
