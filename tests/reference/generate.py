@@ -848,6 +848,36 @@ def bench_e2e(modeling, deepencoder, ckpt: pathlib.Path, tokens: int) -> None:
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB", flush=True)
 
 
+@torch.no_grad()
+def bench_load(code_dir: pathlib.Path, ckpt: pathlib.Path, dtype: str) -> None:
+    """The official loading path timed: `AutoModel.from_pretrained(..., trust_remote_code=True,
+    use_safetensors=True)` as the model card calls it, on a hub-layout folder (the checkpoint's files
+    beside the remote code), from the page cache (the weights are read once first). Compare with
+    dsocr's load (the bench binary's `load`, or `dsocr ocr` minus its `timings_ms.total`)."""
+    import resource
+    from transformers import AutoModel
+
+    repo = pathlib.Path(tempfile.mkdtemp(prefix="dsocr_hub_"))
+    for f in ckpt.iterdir():
+        if f.is_file():
+            (repo / f.name).symlink_to(f.resolve())
+    for f in REF_FILES:
+        shutil.copy(code_dir / f, repo / f)
+    index = "model.safetensors.index.json"
+    if not (repo / index).exists():  # the hub's own index names the single file of --full
+        shutil.copy(HUB_DIR / index, repo / index)
+    for f in ckpt.glob("*.safetensors"):
+        with open(f, "rb") as handle:
+            while handle.read(64 << 20):
+                pass
+    t = time.perf_counter()
+    model = AutoModel.from_pretrained(str(repo), trust_remote_code=True, use_safetensors=True, torch_dtype=getattr(torch, dtype))
+    elapsed = time.perf_counter() - t
+    params = sum(p.numel() for p in model.parameters())
+    print(f"load ({dtype}, {params / 1e9:.2f} B parameters): {elapsed:.1f} s", flush=True)
+    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ref-code", type=pathlib.Path, required=True, help="folder with the official remote code")
@@ -859,6 +889,8 @@ def main() -> int:
     parser.add_argument("--bench", action="store_true", help="with --full-reference: also time the official code")
     parser.add_argument("--bench-e2e", type=pathlib.Path, help="time whole pages with the official code on a --full checkpoint")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per page for --bench-e2e")
+    parser.add_argument("--bench-load", type=pathlib.Path, help="time the official from_pretrained on a full checkpoint folder")
+    parser.add_argument("--load-dtype", default="float32", help="torch dtype for --bench-load")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (fixtures: 1, for reproducibility)")
     args = parser.parse_args()
 
@@ -870,6 +902,9 @@ def main() -> int:
         return 0
     if args.bench_e2e:
         bench_e2e(modeling, deepencoder, args.bench_e2e, args.tokens)
+        return 0
+    if args.bench_load:
+        bench_load(args.ref_code, args.bench_load, args.load_dtype)
         return 0
     if args.full_reference:
         full_reference(modeling, deepencoder, args.full_reference, tokens=16, bench=args.bench)

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use dsocr::quant::convert::convert_dir;
-use dsocr::quant::{Preset, Recipe};
+use dsocr::quant::{Bits, PackedMatrix, Preset, QuantSpec, Recipe, ScaleDtype};
 use dsocr::weights::{INDEX_FILE, ShardIndex, ShardWriter, sha256_hex};
 use dsocr::{Engine, EngineOptions, Error, Mode};
 use dsocr_tests::quant::{gap, load, run_page};
@@ -109,6 +109,19 @@ fn sharded_float_checkpoint_equals_single_file() {
     let single = run_page(&load(&source, None, 2), &page(), Mode::Tiny, 8);
     let sharded = run_page(&load(&out, None, 2), &page(), Mode::Tiny, 8);
     assert!(single == sharded, "the sharded float checkpoint computes something else");
+    // Quantizing rows straight from their stored bytes, across the embedding's row slices in
+    // several shards, equals quantizing their float values.
+    let mapped = dsocr::weights::native::map_checkpoint(&out).unwrap();
+    let checkpoint = mapped.checkpoint().unwrap();
+    let name = "model.embed_tokens.weight";
+    let shape: [usize; 2] = tensors.tensor(name).unwrap().shape().try_into().unwrap();
+    assert!(index.weight_map.keys().filter(|k| k.starts_with(name)).count() > 2, "the embedding spans several shards");
+    for spec in [QuantSpec::new(Bits::Q4, 32, ScaleDtype::F16).unwrap(), QuantSpec::new(Bits::Q8, 128, ScaleDtype::F32).unwrap()] {
+        let rows = 1000..shape[0] - 7;
+        let direct = pollster::block_on(checkpoint.quantized_rows(name, shape, rows.clone(), spec)).unwrap();
+        let values = pollster::block_on(checkpoint.f32_rows(name, &shape, rows.clone())).unwrap();
+        assert!(direct == PackedMatrix::quantize(&values, rows.len(), shape[1], spec), "{spec}");
+    }
     let _ = std::fs::remove_dir_all(out);
 }
 

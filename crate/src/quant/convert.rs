@@ -1,5 +1,6 @@
 //! The converter behind `dsocr quantize`: a float checkpoint in, a quantized sharded checkpoint out,
-//! one tensor (a block of rows for large ones) at a time, so memory stays far below the model's size.
+//! one tensor at a time, quantized as it is read (one row of f32 per thread), so memory stays far
+//! below the model's size.
 //! Same input and recipe → same bytes and hashes.
 
 use std::path::Path;
@@ -9,9 +10,6 @@ use super::scheme::{PackedMatrix, ScaleDtype};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::weights::{Checkpoint, ShardIndex, ShardWriter, expected_tensors, write_atomic};
-
-/// Rows quantized at a time: at most this many f32 values in memory per block.
-const BLOCK_VALUES: usize = 4 << 20;
 
 /// Small files copied from the source folder when present (config.json is rewritten).
 pub const COPIED_FILES: [&str; 4] = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json"];
@@ -48,15 +46,8 @@ pub fn convert(
         match (recipe.spec_for(name), spec.shape.as_slice()) {
             (Some(q), &[rows, cols]) => {
                 let (values_name, scales_name) = packed_names(name).expect("a quantized role ends in .weight");
-                let per_block = (BLOCK_VALUES / cols.max(1)).max(1);
-                let (mut data, mut scales) = (Vec::with_capacity(rows * q.row_bytes(cols)), Vec::new());
-                for start in (0..rows).step_by(per_block) {
-                    let end = (start + per_block).min(rows);
-                    let values = pollster_ready(source.f32_rows(name, &spec.shape, start..end))?;
-                    let packed = PackedMatrix::quantize(&values, end - start, cols, q);
-                    data.extend_from_slice(&packed.data);
-                    scales.extend(packed.scales);
-                }
+                let packed = pollster_ready(source.quantized_rows(name, [rows, cols], 0..rows, q))?;
+                let PackedMatrix { data, scales, .. } = packed;
                 writer.add(&values_name, q.value_dtype(), &[rows, q.row_bytes(cols)], data)?;
                 let scale_bytes = match q.scale {
                     ScaleDtype::F16 => scales.iter().flat_map(|&s| half::f16::from_f32(s).to_le_bytes()).collect(),

@@ -168,29 +168,40 @@ impl PackedMatrix {
     /// Quantizes row-major `(rows, cols)` values.
     pub fn quantize(values: &[f32], rows: usize, cols: usize, spec: QuantSpec) -> Self {
         debug_assert_eq!(values.len(), rows * cols);
+        Self::quantize_rows(rows, cols, spec, |r, row| row.copy_from_slice(&values[r * cols..(r + 1) * cols]))
+    }
+
+    /// Quantizes the `(rows, cols)` matrix whose row `r` `fill(r, row)` writes (e.g. widened from
+    /// stored bf16): blocks of rows on the CPU's threads, one row of f32 per thread in memory.
+    pub fn quantize_rows(rows: usize, cols: usize, spec: QuantSpec, fill: impl Fn(usize, &mut [f32]) + Sync) -> Self {
         let (row_bytes, groups) = (spec.row_bytes(cols), spec.groups(cols));
         let mut data = vec![0u8; rows * row_bytes];
         let mut scales = vec![0f32; rows * groups];
-        let qmax = spec.bits.qmax();
-        let mut q = vec![0i8; spec.group];
-        for r in 0..rows {
-            let row = &values[r * cols..(r + 1) * cols];
-            let out = &mut data[r * row_bytes..(r + 1) * row_bytes];
-            let mut offset = 0;
-            for (g, chunk) in row.chunks(spec.group).enumerate() {
-                let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let scale = spec.scale.round_up(amax / qmax);
-                scales[r * groups + g] = scale;
-                let inverse = if scale > 0.0 && scale.is_finite() { 1.0 / scale } else { 0.0 };
-                for (qi, &v) in q.iter_mut().zip(chunk) {
-                    // Multiply by the reciprocal: the same op in every path (converter, load time).
-                    *qi = (v * inverse).round().clamp(-qmax, qmax) as i8;
+        if rows > 0 && cols > 0 {
+            let block = rows.div_ceil(QUANTIZE_PIECES).max(16);
+            let pieces: Vec<_> = data.chunks_mut(block * row_bytes).zip(scales.chunks_mut(block * groups)).enumerate().collect();
+            crate::model::ops::map_par(pieces, |(b, (data, scales))| {
+                let (mut row, mut q) = (vec![0f32; cols], vec![0i8; spec.group]);
+                for (i, (out, scales)) in data.chunks_mut(row_bytes).zip(scales.chunks_mut(groups)).enumerate() {
+                    fill(b * block + i, &mut row);
+                    quantize_row(&row, spec, &mut q, out, scales);
                 }
-                let q = &q[..chunk.len()];
-                offset += pack_group(spec.bits, q, &mut out[offset..]);
-            }
+            });
         }
         Self { spec, rows, cols, data, scales }
+    }
+
+    /// Matrices of the same columns and spec stacked by rows.
+    pub fn concat_rows(parts: Vec<Self>, cols: usize, spec: QuantSpec) -> Self {
+        let mut parts = parts.into_iter();
+        let mut out = parts.next().unwrap_or(Self { spec, rows: 0, cols, data: Vec::new(), scales: Vec::new() });
+        for part in parts {
+            debug_assert!(part.cols == cols && part.spec == spec);
+            out.rows += part.rows;
+            out.data.extend_from_slice(&part.data);
+            out.scales.extend_from_slice(&part.scales);
+        }
+        out
     }
 
     /// Builds a matrix from stored bytes and scales, checking their sizes.
@@ -257,6 +268,49 @@ impl PackedMatrix {
     }
 }
 
+/// Blocks of rows [`PackedMatrix::quantize_rows`] hands out (a few per thread, so they balance).
+const QUANTIZE_PIECES: usize = 64;
+
+/// Quantizes one row (see the module docs): `q` is a group's scratch, `out` the row's packed bytes,
+/// `scales` its groups' scales.
+fn quantize_row(row: &[f32], spec: QuantSpec, q: &mut [i8], out: &mut [u8], scales: &mut [f32]) {
+    let qmax = spec.bits.qmax();
+    let mut offset = 0;
+    for (chunk, slot) in row.chunks(spec.group).zip(scales) {
+        let scale = spec.scale.round_up(abs_max(chunk) / qmax);
+        *slot = scale;
+        let inverse = if scale > 0.0 && scale.is_finite() { 1.0 / scale } else { 0.0 };
+        for (qi, &v) in q.iter_mut().zip(chunk) {
+            // Multiply by the reciprocal: the same op in every path (converter, load time).
+            *qi = round_to_level(v * inverse, qmax);
+        }
+        offset += pack_group(spec.bits, &q[..chunk.len()], &mut out[offset..]);
+    }
+}
+
+/// `max |v|`, NaN counted as 0 (as `f32::max` skips it), on the bits: non-negative floats order as
+/// their bit patterns do, and an integer maximum vectorises where a float one does not.
+#[inline(always)]
+fn abs_max(values: &[f32]) -> f32 {
+    const INFINITY_BITS: u32 = 0x7f80_0000;
+    let bits = values.iter().fold(0u32, |m, v| {
+        let a = v.to_bits() & 0x7fff_ffff;
+        m.max(if a > INFINITY_BITS { 0 } else { a })
+    });
+    f32::from_bits(bits)
+}
+
+/// `x.round().clamp(-qmax, qmax) as i8` (half away from zero; NaN gives 0), written so that it
+/// vectorises on any x86-64 (`round` and `trunc` are libm calls below SSE4.1): clamped first (the
+/// same, as `qmax` is whole), then truncated by the integer conversion, whose fraction is exact.
+#[inline(always)]
+fn round_to_level(x: f32, qmax: f32) -> i8 {
+    let x = x.clamp(-qmax, qmax);
+    let t = x as i32;
+    let d = x - t as f32;
+    (t + i32::from(d >= 0.5) - i32::from(d <= -0.5)) as i8
+}
+
 /// Packs one group's values `q` into `out`; returns the bytes written.
 fn pack_group(bits: Bits, q: &[i8], out: &mut [u8]) -> usize {
     match bits {
@@ -268,10 +322,12 @@ fn pack_group(bits: Bits, q: &[i8], out: &mut [u8]) -> usize {
         }
         Bits::Q4 => {
             let half = q.len().div_ceil(2);
-            for i in 0..half {
-                let lo = (q[i] + 8) as u8;
-                let hi = q.get(i + half).map_or(8, |&v| (v + 8) as u8);
-                out[i] = lo | (hi << 4);
+            let (low, high) = q.split_at(half);
+            for ((o, &lo), &hi) in out.iter_mut().zip(low).zip(high) {
+                *o = (lo + 8) as u8 | (((hi + 8) as u8) << 4);
+            }
+            if low.len() > high.len() {
+                out[half - 1] = (low[half - 1] + 8) as u8 | (8 << 4); // odd group: the last high nibble pads
             }
             half
         }
@@ -319,6 +375,24 @@ mod tests {
                 if i % 97 == 0 { v * 20.0 } else { v }
             })
             .collect()
+    }
+
+    /// The vectorisable rounding and maximum are `f32::round` + clamp and `f32::max` exactly:
+    /// halves, values beyond the range, infinities and NaN included.
+    #[test]
+    fn rounding_and_maximum_match_std() {
+        let mut values: Vec<f32> = (-600..=600).map(|i| i as f32 * 0.25).collect();
+        values.extend([0.49999997, -0.49999997, 0.50000006, 7.5, -7.5, 6.5, 126.5, -126.5, 127.49, -0.0, 1e-30, 8388607.5, 1e7, -3e9]);
+        values.extend([f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -f32::NAN]);
+        for qmax in [Bits::Q4.qmax(), Bits::Q8.qmax()] {
+            for &v in &values {
+                assert_eq!(round_to_level(v, qmax), v.round().clamp(-qmax, qmax) as i8, "{v}");
+            }
+        }
+        for chunk in values.chunks(7).chain([&values[values.len() - 3..], &[f32::NAN][..], &[][..]]) {
+            let want = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert_eq!(abs_max(chunk).to_bits(), want.to_bits(), "{chunk:?}");
+        }
     }
 
     /// Every value comes back within half a step of its group's scale, for both widths, every

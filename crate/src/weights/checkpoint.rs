@@ -12,7 +12,8 @@ use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
 use super::names::{OPTIONAL_TENSORS, TensorSpec};
-use super::shard::{RangeFetch, Shard, widen};
+use super::shard::{RangeFetch, Shard};
+use super::values::{float_bytes, widen, widen_into, widen_par, widen_transposed_into, zeroed};
 use crate::error::{Error, Result};
 use crate::quant::{PackedMatrix, QuantSpec, Recipe, packed_names};
 
@@ -286,17 +287,58 @@ impl<'a> Checkpoint<'a> {
     /// Rows `rows` (along the first axis) of a floating-point tensor as f32, after checking that its
     /// shape is `shape`. Reads only those rows' bytes.
     pub async fn f32_rows(&self, name: &str, shape: &[usize], rows: Range<usize>) -> Result<Vec<f32>> {
+        let dtype = self.float_dtype(name, shape)?;
+        let mut out = zeroed(rows.len() * shape.iter().skip(1).product::<usize>());
+        let mut at = 0;
+        self.each_part(name, rows, |bytes| {
+            let n = bytes.len() / float_bytes(dtype).expect("a float dtype");
+            widen_par(dtype, bytes, &mut out[at..at + n]);
+            at += n;
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// Rows `rows` of the float `(rows, cols)` matrix `name` as f32 in their transpose `(cols,
+    /// rows.len())` (burn's `[in, out]` for a Linear), widened and transposed in one pass.
+    pub async fn f32_rows_transposed(&self, name: &str, shape: [usize; 2], rows: Range<usize>) -> Result<Vec<f32>> {
+        let dtype = self.float_dtype(name, &shape)?;
+        let (n, cols) = (rows.len(), shape[1]);
+        let mut out = zeroed(n * cols);
+        let mut at = 0;
+        self.each_part(name, rows, |bytes| {
+            widen_transposed_into(dtype, bytes, cols, &mut out, n, at);
+            at += bytes.len() / (cols * float_bytes(dtype).expect("a float dtype")).max(1);
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// Rows `rows` of the float `(rows, cols)` matrix `name` quantized by `spec` as they are read,
+    /// straight from the stored bytes (one row of f32 per thread in memory): the same numbers as
+    /// [`PackedMatrix::quantize`] of [`Checkpoint::f32_rows`].
+    pub async fn quantized_rows(&self, name: &str, shape: [usize; 2], rows: Range<usize>, spec: QuantSpec) -> Result<PackedMatrix> {
+        let dtype = self.float_dtype(name, &shape)?;
+        let row_bytes = shape[1] * float_bytes(dtype).expect("a float dtype");
+        let mut parts = Vec::with_capacity(1);
+        self.each_part(name, rows, |bytes| {
+            let part_rows = bytes.len() / row_bytes.max(1);
+            parts.push(PackedMatrix::quantize_rows(part_rows, shape[1], spec, |r, out| widen_into(dtype, &bytes[r * row_bytes..(r + 1) * row_bytes], out)));
+        })
+        .await?;
+        Ok(PackedMatrix::concat_rows(parts, shape[1], spec))
+    }
+
+    /// `name`'s dtype, after checking that it is a float one and that its shape is `shape`.
+    fn float_dtype(&self, name: &str, shape: &[usize]) -> Result<Dtype> {
         let logical = self.logical(name)?;
         if logical.shape != shape {
             return Err(self.in_file(name, Error::ShapeMismatch { name: name.into(), expected: shape.to_vec(), found: logical.shape.clone() }));
         }
-        let dtype = logical.dtype;
-        if !matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
-            return Err(self.in_file(name, Error::UnsupportedDtype { name: name.into(), dtype: format!("{dtype:?}") }));
+        match logical.dtype {
+            dtype @ (Dtype::F32 | Dtype::F16 | Dtype::BF16) => Ok(dtype),
+            dtype => Err(self.in_file(name, Error::UnsupportedDtype { name: name.into(), dtype: format!("{dtype:?}") })),
         }
-        let mut out = Vec::with_capacity(rows.len() * shape.iter().skip(1).product::<usize>());
-        self.each_part(name, rows, |bytes| out.extend(widen(dtype, bytes))).await?;
-        Ok(out)
     }
 
     /// The stored bytes of rows `rows` of `name`, whatever its dtype.

@@ -10,6 +10,7 @@ use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::Checkpoint;
+use super::values::transpose;
 use crate::error::Result;
 use crate::quant::{PackedMatrix, QLinear, Recipe};
 
@@ -82,12 +83,12 @@ impl<'c, 'b> Loader<'c, 'b> {
             self.count_bytes(spec.stored_bytes(rows.len(), cols));
             return Ok(Matrix::Packed(self.checkpoint.packed_rows(name, spec, cols, rows).await?));
         }
-        let values = self.checkpoint.f32_rows(name, &[total, cols], rows.clone()).await?;
-        self.count(name, values.len());
-        Ok(match self.quantize.as_ref().and_then(|r| r.spec_for(name)) {
-            Some(spec) => Matrix::Packed(PackedMatrix::quantize(&values, rows.len(), cols, spec)),
-            None => Matrix::Dense(values),
-        })
+        let matrix = match self.quantize.as_ref().and_then(|r| r.spec_for(name)) {
+            Some(spec) => Matrix::Packed(self.checkpoint.quantized_rows(name, [total, cols], rows.clone(), spec).await?),
+            None => Matrix::Dense(self.checkpoint.f32_rows(name, &[total, cols], rows.clone()).await?),
+        };
+        self.count(name, rows.len() * cols);
+        Ok(matrix)
     }
 
     /// The whole `(rows, cols)` matrix `name` (see [`Loader::matrix_rows`]).
@@ -98,8 +99,7 @@ impl<'c, 'b> Loader<'c, 'b> {
     /// The matrix packed on the host when it is quantized and this loader keeps packed matrices
     /// (`None`: load it as float, e.g. with [`Loader::row_shards`]).
     pub async fn packed_on_host(&self, name: &str, shape: [usize; 2]) -> Result<Option<PackedMatrix>> {
-        let quantized = self.checkpoint.is_packed(name) || self.quantize.as_ref().and_then(|r| r.spec_for(name)).is_some();
-        if !(self.host_kernels && quantized) {
+        if !(self.host_kernels && self.is_quantized(name)) {
             return Ok(None);
         }
         Ok(match self.matrix(name, shape).await? {
@@ -170,33 +170,44 @@ impl<'c, 'b> Loader<'c, 'b> {
     /// A Linear weight `prefix.weight` (PyTorch `(out, in)`) as host values in burn's `[in, out]` layout
     /// (dequantized if quantized).
     pub async fn linear_weight_host(&self, prefix: &str, d_in: usize, d_out: usize) -> Result<Vec<f32>> {
-        let w = self.matrix(&format!("{prefix}.weight"), [d_out, d_in]).await?.into_dense();
-        Ok(transpose(&w, d_out, d_in))
+        self.transposed_rows(&format!("{prefix}.weight"), [d_out, d_in], 0..d_out).await
+    }
+
+    /// Rows `rows` of the `(rows, cols)` matrix `name` in float, transposed to `(cols, rows.len())`:
+    /// widened and transposed in one pass, or dequantized then transposed.
+    async fn transposed_rows(&self, name: &str, [total, cols]: [usize; 2], rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        if self.is_quantized(name) {
+            let n = rows.len();
+            return Ok(transpose(&self.matrix_rows(name, [total, cols], rows).await?.into_dense(), n, cols));
+        }
+        let values = self.checkpoint.f32_rows_transposed(name, [total, cols], rows).await?;
+        self.count(name, values.len());
+        Ok(values)
+    }
+
+    /// Whether `name` is stored packed or quantized at load time.
+    fn is_quantized(&self, name: &str) -> bool {
+        self.checkpoint.is_packed(name) || self.quantize.as_ref().and_then(|r| r.spec_for(name)).is_some()
     }
 
     /// A linear layer that may be quantized: packed on the host when this loader keeps packed
     /// matrices and the weight is quantized, else a float `Linear` (dequantized if need be).
     pub async fn qlinear(&self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<QLinear> {
-        let name = format!("{prefix}.weight");
-        match self.matrix(&name, [d_out, d_in]).await? {
-            Matrix::Packed(packed) if self.host_kernels => {
+        match self.packed_on_host(&format!("{prefix}.weight"), [d_out, d_in]).await? {
+            Some(packed) => {
                 let bias = if bias { Some(self.tensor(&format!("{prefix}.bias"), [d_out]).await?) } else { None };
                 Ok(QLinear::packed(packed, bias, self.threads))
             }
-            matrix => Ok(QLinear::dense(self.dense_linear(prefix, matrix.into_dense(), d_in, d_out, bias).await?, self.threads)),
+            None => Ok(QLinear::dense(self.linear(prefix, d_in, d_out, bias).await?, self.threads)),
         }
     }
 
     /// `prefix.weight` (PyTorch `(out, in)`, stored transposed as burn's `[in, out]`) and optional
     /// `prefix.bias`, in float (dequantized if quantized).
     pub async fn linear(&self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Linear> {
-        let w = self.matrix(&format!("{prefix}.weight"), [d_out, d_in]).await?.into_dense();
-        self.dense_linear(prefix, w, d_in, d_out, bias).await
-    }
-
-    async fn dense_linear(&self, prefix: &str, w: Vec<f32>, d_in: usize, d_out: usize, bias: bool) -> Result<Linear> {
+        let w = self.linear_weight_host(prefix, d_in, d_out).await?;
         let mut linear = LinearConfig::new(d_in, d_out).with_bias(bias).init(&self.device);
-        linear.weight = Param::from_tensor(self.transposed(&w, d_out, d_in));
+        linear.weight = Param::from_tensor(Tensor::from_data(TensorData::new(w, [d_in, d_out]), &self.device));
         if bias {
             linear.bias = Some(self.param(&format!("{prefix}.bias"), [d_out]).await?);
         }
@@ -212,10 +223,11 @@ impl<'c, 'b> Loader<'c, 'b> {
         let mut start = 0;
         while start < rows {
             let end = (start + per_shard).min(rows);
-            let values = self.matrix_rows(name, [rows, cols], start..end).await?.into_dense();
             shards.push(if transpose {
-                self.transposed(&values, end - start, cols)
+                let values = self.transposed_rows(name, [rows, cols], start..end).await?;
+                Tensor::from_data(TensorData::new(values, [cols, end - start]), &self.device)
             } else {
+                let values = self.matrix_rows(name, [rows, cols], start..end).await?.into_dense();
                 Tensor::from_data(TensorData::new(values, [end - start, cols]), &self.device)
             });
             start = end;
@@ -248,12 +260,6 @@ impl<'c, 'b> Loader<'c, 'b> {
         Ok(conv)
     }
 
-    /// `(rows, cols)` row-major values uploaded as their `(cols, rows)` transpose (on the host, so
-    /// matmuls see a contiguous weight).
-    fn transposed(&self, values: &[f32], rows: usize, cols: usize) -> Tensor<2> {
-        Tensor::from_data(TensorData::new(transpose(values, rows, cols), [cols, rows]), &self.device)
-    }
-
     fn count(&self, name: &str, elements: usize) {
         self.count_bytes(elements * self.checkpoint.element_bytes(name).unwrap_or(4));
     }
@@ -264,15 +270,4 @@ impl<'c, 'b> Loader<'c, 'b> {
             progress(self.loaded.get(), self.checkpoint.data_len() as u64);
         }
     }
-}
-
-/// `(rows, cols)` row-major → `(cols, rows)` row-major.
-fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0.0f32; values.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            t[c * rows + r] = values[r * cols + c];
-        }
-    }
-    t
 }

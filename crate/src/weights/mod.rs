@@ -7,6 +7,7 @@ mod names;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod native;
 mod shard;
+mod values;
 #[cfg(not(target_arch = "wasm32"))]
 mod writer;
 

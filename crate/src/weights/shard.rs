@@ -190,13 +190,3 @@ fn parse_metadata(header: &[u8]) -> Result<Metadata> {
     }
     Ok(metadata)
 }
-
-pub(crate) fn widen(dtype: safetensors::Dtype, bytes: &[u8]) -> Vec<f32> {
-    use safetensors::Dtype;
-    match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        _ => Vec::new(), // dtype checked by the caller
-    }
-}

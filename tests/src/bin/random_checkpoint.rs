@@ -1,5 +1,5 @@
 //! Writes a full-size random-weight checkpoint in the original layout (config.json of the hub,
-//! `model-00001-of-000001.safetensors` in bf16, tokenizer.json) without PyTorch: the same
+//! `model-00001-of-000001.safetensors` in bf16, the tokenizer files) without PyTorch: the same
 //! per-tensor distributions as `tests/reference/generate.py --full` (`init_std`), another random
 //! stream. For the full-size benchmarks and accuracy figures (~6.7 GB).
 //!
@@ -67,6 +67,10 @@ fn main() {
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("config.json"), &config_json).unwrap();
     std::fs::copy(fixtures_dir().join("../../weights/tokenizer/tokenizer.json"), out.join("tokenizer.json")).unwrap();
+    // The hub's other small files, so that transformers' AutoTokenizer loads the folder too.
+    for file in ["tokenizer_config.json", "special_tokens_map.json", "processor_config.json"] {
+        std::fs::copy(hub.join(file), out.join(file)).unwrap();
+    }
 
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
