@@ -46,6 +46,7 @@ const HUGE_PAGE: usize = 2 << 20;
 
 /// Stored little-endian `dtype` values `bytes` widened into `out` (`bytes.len() / size` values;
 /// bf16 and f16 widen exactly), on one thread. Non-float dtypes are the caller's to reject.
+#[inline]
 pub(crate) fn widen_into(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
     match dtype {
         Dtype::F32 => {
