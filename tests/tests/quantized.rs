@@ -127,7 +127,10 @@ fn sharded_float_checkpoint_equals_single_file() {
 
 /// The packed CPU kernels compute what float products with the dequantized weights compute: the
 /// converted checkpoint run packed (`host_kernels`, the CPU default) against the same checkpoint
-/// dequantized into float weights at load (what GPUs do today). Only summation order differs.
+/// dequantized into float weights at load (what GPUs do today). The encoder (many rows: float
+/// GEMM on dequantized blocks) differs in summation order only: 1e-5. Decoding steps quantize
+/// their input to int8 per group (the kernels' unit tests check the exact bound); through the
+/// layers that measured 0.5 % of the logits with every greedy token equal, so: 2 % and all tokens.
 #[test]
 fn packed_kernels_equal_dequantized_weights() {
     for (checkpoint, preset) in [("tiny-a", Preset::Q4), ("tiny-b", Preset::Q8)] {
@@ -138,7 +141,7 @@ fn packed_kernels_equal_dequantized_weights() {
         let dense = run_page(&dense, &page(), Mode::Tiny, 32);
         let g = gap(&dense, &packed);
         eprintln!("{checkpoint} {} packed vs dequantized: {g}", preset.name());
-        assert!(g.encoder_max <= 1e-5 && g.logits_max <= 1e-5, "{checkpoint}: {g}");
+        assert!(g.encoder_max <= 1e-5 && g.logits_max <= 2e-2, "{checkpoint}: {g}");
         assert_eq!(packed.tokens, dense.tokens, "{checkpoint}: greedy tokens");
         let _ = std::fs::remove_dir_all(dir);
     }

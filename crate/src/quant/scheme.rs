@@ -314,7 +314,7 @@ fn quantize_row(row: &[f32], spec: QuantSpec, q: &mut [i8], out: &mut [u8], scal
 /// `max |v|`, NaN counted as 0 (as `f32::max` skips it), on the bits: non-negative floats order as
 /// their bit patterns do, and an integer maximum vectorises where a float one does not.
 #[inline(always)]
-fn abs_max(values: &[f32]) -> f32 {
+pub(super) fn abs_max(values: &[f32]) -> f32 {
     const INFINITY_BITS: u32 = 0x7f80_0000;
     let magnitude = |v: &f32| {
         let a = v.to_bits() & 0x7fff_ffff;
@@ -336,7 +336,7 @@ fn abs_max(values: &[f32]) -> f32 {
 /// vectorises on any x86-64 (`round` and `trunc` are libm calls below SSE4.1): clamped first (the
 /// same, as `qmax` is whole), then truncated by the integer conversion, whose fraction is exact.
 #[inline(always)]
-fn round_to_level(x: f32, qmax: f32) -> i8 {
+pub(super) fn round_to_level(x: f32, qmax: f32) -> i8 {
     let x = x.clamp(-qmax, qmax);
     let t = x as i32;
     let d = x - t as f32;
