@@ -157,13 +157,13 @@ mod avx2 {
 
     /// Full groups with `maddubs` (unsigned nibbles or |w| times signed inputs, pairs summed into
     /// i16 without overflow: at most 2·2·15·127 or 2·128·127), a ragged last group through the
-    /// plain [`group_lanes`]; the same lane-wise float operations as the plain build. Four q4 weight
-    /// rows at a time share each input load and keep four independent sums in flight.
+    /// plain [`group_lanes`]; the same lane-wise float operations as the plain build. Four weight
+    /// rows at a time share each input load and keep four independent sums in flight, while the
+    /// rows two blocks ahead are prefetched (decoding q4 13 → 20 tokens/s).
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn few_rows(w: &PackedMatrix, x: &QuantizedInput, rows: Range<usize>, y: &mut [f32]) {
         let mut r = rows.start;
-        // q8 rows are twice as long, and measured slower four at a time (3.7 against 7 G weights/s).
-        while w.spec.bits == Bits::Q4 && r + 4 <= rows.end {
+        while r + 4 <= rows.end {
             // SAFETY: the same CPU feature as this function.
             unsafe { block::<4>(w, x, r, r - rows.start, rows.len(), y) };
             r += 4;
@@ -185,6 +185,10 @@ mod avx2 {
             Bits::Q8 => g,
         };
         let bytes: [&[u8]; N] = std::array::from_fn(|t| &w.data[(r + t) * rb..(r + t + 1) * rb]);
+        // The next block's bytes, fetched a few lines per group: a matrix is short runs of rows
+        // (an expert's is 0.6 MB), too short for the hardware prefetcher to ramp up on.
+        let next = w.data.as_ptr().wrapping_add((r + 2 * N) * rb);
+        let ahead = (N * rb).div_ceil(full.max(1)).next_multiple_of(64);
         let scales: [&[f32]; N] = std::array::from_fn(|t| &w.scales[(r + t) * groups..(r + t + 1) * groups]);
         for i in 0..x.m {
             let xrow = &x.q[i * k..(i + 1) * k];
@@ -193,6 +197,12 @@ mod avx2 {
             let mut acc = [_mm256_setzero_ps(); N];
             for gi in 0..full {
                 let xq = &xrow[gi * g..(gi + 1) * g];
+                if i == 0 {
+                    for line in (0..ahead).step_by(64) {
+                        // A hint only: prefetching never faults, past the end of the data included.
+                        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(gi * ahead + line) as *const i8);
+                    }
+                }
                 for t in 0..N {
                     let wb = &bytes[t][gi * group_bytes..(gi + 1) * group_bytes];
                     // SAFETY: `wb` and `xq` hold exactly one full group, `sums[gi]` eight i32.
