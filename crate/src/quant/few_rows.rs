@@ -180,10 +180,7 @@ mod avx2 {
     unsafe fn block<const N: usize>(w: &PackedMatrix, x: &QuantizedInput, r: usize, column: usize, width: usize, y: &mut [f32]) {
         let (k, g, groups, rb) = (w.cols, w.spec.group, w.groups(), w.row_bytes());
         let full = k / g;
-        let group_bytes = match w.spec.bits {
-            Bits::Q4 => g / 2,
-            Bits::Q8 => g,
-        };
+        let group_bytes = w.spec.row_bytes(g);
         let bytes: [&[u8]; N] = std::array::from_fn(|t| &w.data[(r + t) * rb..(r + t + 1) * rb]);
         // The next block's bytes, fetched a few lines per group: a matrix is short runs of rows
         // (an expert's is 0.6 MB), too short for the hardware prefetcher to ramp up on.

@@ -150,10 +150,11 @@ mod tests {
                                     (0..cols).map(|c| (dense[r * cols + c].abs() * (x[i * cols + c] - xq[i * cols + c]).abs()) as f64).sum::<f64>()
                                 })
                                 .collect();
-                            for (n, (b, (f, e))) in bound.iter().zip(float.iter().zip(reference(&w, &xq, m))).enumerate() {
+                            let exact = reference(&w, &xq, m);
+                            for (n, (b, (f, e))) in bound.iter().zip(float.iter().zip(&exact)).enumerate() {
                                 assert!((f - e).abs() <= b + 1e-9, "quantized input at {n}");
                             }
-                            (reference(&w, &xq, m), bound)
+                            (exact, bound)
                         } else {
                             (float.clone(), vec![0.0; m * rows])
                         };

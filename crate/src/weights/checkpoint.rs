@@ -287,11 +287,11 @@ impl<'a> Checkpoint<'a> {
     /// Rows `rows` (along the first axis) of a floating-point tensor as f32, after checking that its
     /// shape is `shape`. Reads only those rows' bytes.
     pub async fn f32_rows(&self, name: &str, shape: &[usize], rows: Range<usize>) -> Result<Vec<f32>> {
-        let dtype = self.float_dtype(name, shape)?;
+        let (dtype, size) = self.float_dtype(name, shape)?;
         let mut out = zeroed(rows.len() * shape.iter().skip(1).product::<usize>());
         let mut at = 0;
         self.each_part(name, rows, |bytes| {
-            let n = bytes.len() / float_bytes(dtype).expect("a float dtype");
+            let n = bytes.len() / size;
             widen_par(dtype, bytes, &mut out[at..at + n]);
             at += n;
         })
@@ -302,13 +302,13 @@ impl<'a> Checkpoint<'a> {
     /// Rows `rows` of the float `(rows, cols)` matrix `name` as f32 in their transpose `(cols,
     /// rows.len())` (burn's `[in, out]` for a Linear), widened and transposed in one pass.
     pub async fn f32_rows_transposed(&self, name: &str, shape: [usize; 2], rows: Range<usize>) -> Result<Vec<f32>> {
-        let dtype = self.float_dtype(name, &shape)?;
+        let (dtype, size) = self.float_dtype(name, &shape)?;
         let (n, cols) = (rows.len(), shape[1]);
         let mut out = zeroed(n * cols);
         let mut at = 0;
         self.each_part(name, rows, |bytes| {
             widen_transposed_into(dtype, bytes, cols, &mut out, n, at);
-            at += bytes.len() / (cols * float_bytes(dtype).expect("a float dtype")).max(1);
+            at += bytes.len() / (cols * size).max(1);
         })
         .await?;
         Ok(out)
@@ -318,8 +318,8 @@ impl<'a> Checkpoint<'a> {
     /// straight from the stored bytes (one row of f32 per thread in memory): the same numbers as
     /// [`PackedMatrix::quantize`] of [`Checkpoint::f32_rows`].
     pub async fn quantized_rows(&self, name: &str, shape: [usize; 2], rows: Range<usize>, spec: QuantSpec) -> Result<PackedMatrix> {
-        let dtype = self.float_dtype(name, &shape)?;
-        let row_bytes = shape[1] * float_bytes(dtype).expect("a float dtype");
+        let (dtype, size) = self.float_dtype(name, &shape)?;
+        let row_bytes = shape[1] * size;
         let mut parts = Vec::with_capacity(1);
         self.each_part(name, rows, |bytes| {
             let part_rows = bytes.len() / row_bytes.max(1);
@@ -329,15 +329,16 @@ impl<'a> Checkpoint<'a> {
         Ok(PackedMatrix::concat_rows(parts, shape[1], spec))
     }
 
-    /// `name`'s dtype, after checking that it is a float one and that its shape is `shape`.
-    fn float_dtype(&self, name: &str, shape: &[usize]) -> Result<Dtype> {
+    /// `name`'s dtype and bytes per value, after checking that it is a float one and that its shape
+    /// is `shape`.
+    fn float_dtype(&self, name: &str, shape: &[usize]) -> Result<(Dtype, usize)> {
         let logical = self.logical(name)?;
         if logical.shape != shape {
             return Err(self.in_file(name, Error::ShapeMismatch { name: name.into(), expected: shape.to_vec(), found: logical.shape.clone() }));
         }
-        match logical.dtype {
-            dtype @ (Dtype::F32 | Dtype::F16 | Dtype::BF16) => Ok(dtype),
-            dtype => Err(self.in_file(name, Error::UnsupportedDtype { name: name.into(), dtype: format!("{dtype:?}") })),
+        match float_bytes(logical.dtype) {
+            Some(size) => Ok((logical.dtype, size)),
+            None => Err(self.in_file(name, Error::UnsupportedDtype { name: name.into(), dtype: format!("{:?}", logical.dtype) })),
         }
     }
 
