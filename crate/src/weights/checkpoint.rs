@@ -7,13 +7,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Bytes, Device, Tensor, TensorData};
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
 use super::names::{OPTIONAL_TENSORS, TensorSpec};
 use super::shard::{RangeFetch, Shard};
-use super::values::{float_bytes, widen, widen_into, widen_par, widen_transposed_into, zeroed};
+use super::values::{Half, Value, convert_par, convert_transposed_into, float_bytes, narrow_into, widen, widen_into, zeroed};
 use crate::error::{Error, Result};
 use crate::quant::{PackedMatrix, QuantSpec, Recipe, packed_names};
 
@@ -287,27 +287,62 @@ impl<'a> Checkpoint<'a> {
     /// Rows `rows` (along the first axis) of a floating-point tensor as f32, after checking that its
     /// shape is `shape`. Reads only those rows' bytes.
     pub async fn f32_rows(&self, name: &str, shape: &[usize], rows: Range<usize>) -> Result<Vec<f32>> {
+        self.rows_as(name, shape, rows, widen_into).await
+    }
+
+    /// Rows `rows` of the float `(rows, cols)` matrix `name` as f32 in their transpose `(cols,
+    /// rows.len())` (burn's `[in, out]` for a Linear), widened and transposed in one pass.
+    pub async fn f32_rows_transposed(&self, name: &str, shape: [usize; 2], rows: Range<usize>) -> Result<Vec<f32>> {
+        self.rows_transposed_as(name, shape, rows, widen_into).await
+    }
+
+    /// [`Checkpoint::f32_rows`] (`transposed`: [`Checkpoint::f32_rows_transposed`]) as tensor data
+    /// in `half`'s float type, or f32 when `None`: a half type stored as it is copied, never widened.
+    pub(crate) async fn float_data(&self, name: &str, shape: &[usize], rows: Range<usize>, transposed: bool, half: Option<Half>) -> Result<TensorData> {
+        let mut out_shape = shape.to_vec();
+        out_shape[0] = rows.len();
+        if transposed {
+            out_shape.reverse();
+        }
+        let matrix = <[usize; 2]>::try_from(shape).ok().filter(|_| transposed);
+        let Some(half) = half else {
+            let values = match matrix {
+                Some(shape) => self.f32_rows_transposed(name, shape, rows).await?,
+                None => self.f32_rows(name, shape, rows).await?,
+            };
+            return Ok(TensorData::new(values, out_shape));
+        };
+        let narrow = move |dtype: Dtype, bytes: &[u8], out: &mut [u16]| narrow_into(dtype, half, bytes, out);
+        let bits = match matrix {
+            Some(shape) => self.rows_transposed_as(name, shape, rows, narrow).await?,
+            None => self.rows_as(name, shape, rows, narrow).await?,
+        };
+        Ok(TensorData::from_bytes(Bytes::from_elems(bits), out_shape, half.dtype()))
+    }
+
+    /// Rows `rows` of float tensor `name` (shape checked) converted by `convert`, on all cores.
+    async fn rows_as<T: Value>(&self, name: &str, shape: &[usize], rows: Range<usize>, convert: impl Fn(Dtype, &[u8], &mut [T]) + Sync) -> Result<Vec<T>> {
         let (dtype, size) = self.float_dtype(name, shape)?;
         let mut out = zeroed(rows.len() * shape.iter().skip(1).product::<usize>());
         let mut at = 0;
         self.each_part(name, rows, |bytes| {
             let n = bytes.len() / size;
-            widen_par(dtype, bytes, &mut out[at..at + n]);
+            convert_par(dtype, bytes, &mut out[at..at + n], |bytes, out| convert(dtype, bytes, out));
             at += n;
         })
         .await?;
         Ok(out)
     }
 
-    /// Rows `rows` of the float `(rows, cols)` matrix `name` as f32 in their transpose `(cols,
-    /// rows.len())` (burn's `[in, out]` for a Linear), widened and transposed in one pass.
-    pub async fn f32_rows_transposed(&self, name: &str, shape: [usize; 2], rows: Range<usize>) -> Result<Vec<f32>> {
+    /// Rows `rows` of the float `(rows, cols)` matrix `name` converted by `convert` and transposed
+    /// to `(cols, rows.len())` in one pass.
+    async fn rows_transposed_as<T: Value>(&self, name: &str, shape: [usize; 2], rows: Range<usize>, convert: impl Fn(Dtype, &[u8], &mut [T]) + Sync) -> Result<Vec<T>> {
         let (dtype, size) = self.float_dtype(name, &shape)?;
         let (n, cols) = (rows.len(), shape[1]);
         let mut out = zeroed(n * cols);
         let mut at = 0;
         self.each_part(name, rows, |bytes| {
-            widen_transposed_into(dtype, bytes, cols, &mut out, n, at);
+            convert_transposed_into(dtype, bytes, cols, &mut out, n, at, |bytes, out| convert(dtype, bytes, out));
             at += bytes.len() / (cols * size).max(1);
         })
         .await?;

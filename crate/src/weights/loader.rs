@@ -10,7 +10,7 @@ use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::Checkpoint;
-use super::values::transpose;
+use super::values::{Half, transpose};
 use crate::error::Result;
 use crate::quant::{PackedMatrix, QLinear, Recipe};
 
@@ -33,6 +33,8 @@ pub struct Loader<'c, 'b> {
     /// Keep quantized matrices packed on the host for the CPU kernels (else dequantize them onto
     /// the device).
     host_kernels: bool,
+    /// The device's float type when it is a half one: float tensors are built in it directly.
+    half: Option<Half>,
 }
 
 /// A weight matrix as read: float values, or packed (stored so, or quantized at load time).
@@ -53,7 +55,8 @@ impl Matrix {
 
 impl<'c, 'b> Loader<'c, 'b> {
     pub fn new(checkpoint: &'c Checkpoint<'b>, device: &Device) -> Self {
-        Self { checkpoint, device: device.clone(), max_tensor_bytes: usize::MAX, stacked_experts: false, threads: 1, progress: None, loaded: Cell::new(0), stored: None, quantize: None, host_kernels: false }
+        let half = Half::of(device);
+        Self { checkpoint, device: device.clone(), max_tensor_bytes: usize::MAX, stacked_experts: false, threads: 1, progress: None, loaded: Cell::new(0), stored: None, quantize: None, host_kernels: false, half }
     }
 
     /// The checkpoint's recipe (from its `config.json`), needed to read its packed tensors.
@@ -158,9 +161,12 @@ impl<'c, 'b> Loader<'c, 'b> {
         Ok(values)
     }
 
+    /// A float tensor in the device's float type, shape-checked.
     pub async fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<D>> {
-        let values = self.host(name, &shape).await?;
-        Ok(Tensor::from_data(TensorData::new(values, shape), &self.device))
+        let rows = shape.first().copied().unwrap_or(1);
+        let data = self.checkpoint.float_data(name, &shape, 0..rows, false, self.half).await?;
+        self.count(name, shape.iter().product());
+        Ok(Tensor::from_data(data, &self.device))
     }
 
     pub async fn param<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Param<Tensor<D>>> {
@@ -185,6 +191,30 @@ impl<'c, 'b> Loader<'c, 'b> {
         Ok(values)
     }
 
+    /// [`Loader::transposed_rows`] as tensor data in the device's float type (a half type straight
+    /// from the stored values when it is not quantized).
+    async fn transposed_data(&self, name: &str, [total, cols]: [usize; 2], rows: std::ops::Range<usize>) -> Result<TensorData> {
+        let n = rows.len();
+        if self.is_quantized(name) || self.half.is_none() {
+            return Ok(TensorData::new(self.transposed_rows(name, [total, cols], rows).await?, [cols, n]));
+        }
+        let data = self.checkpoint.float_data(name, &[total, cols], rows, true, self.half).await?;
+        self.count(name, n * cols);
+        Ok(data)
+    }
+
+    /// Rows `rows` of the `(rows, cols)` matrix `name` as tensor data in the device's float type
+    /// (dequantized if quantized).
+    async fn rows_data(&self, name: &str, [total, cols]: [usize; 2], rows: std::ops::Range<usize>) -> Result<TensorData> {
+        let n = rows.len();
+        if self.is_quantized(name) {
+            return Ok(TensorData::new(self.matrix_rows(name, [total, cols], rows).await?.into_dense(), [n, cols]));
+        }
+        let data = self.checkpoint.float_data(name, &[total, cols], rows, false, self.half).await?;
+        self.count(name, n * cols);
+        Ok(data)
+    }
+
     /// Whether `name` is stored packed or quantized at load time.
     fn is_quantized(&self, name: &str) -> bool {
         self.checkpoint.is_packed(name) || self.quantize.as_ref().and_then(|r| r.spec_for(name)).is_some()
@@ -205,9 +235,9 @@ impl<'c, 'b> Loader<'c, 'b> {
     /// `prefix.weight` (PyTorch `(out, in)`, stored transposed as burn's `[in, out]`) and optional
     /// `prefix.bias`, in float (dequantized if quantized).
     pub async fn linear(&self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Linear> {
-        let w = self.linear_weight_host(prefix, d_in, d_out).await?;
+        let w = self.transposed_data(&format!("{prefix}.weight"), [d_out, d_in], 0..d_out).await?;
         let mut linear = LinearConfig::new(d_in, d_out).with_bias(bias).init(&self.device);
-        linear.weight = Param::from_tensor(Tensor::from_data(TensorData::new(w, [d_in, d_out]), &self.device));
+        linear.weight = Param::from_tensor(Tensor::from_data(w, &self.device));
         if bias {
             linear.bias = Some(self.param(&format!("{prefix}.bias"), [d_out]).await?);
         }
@@ -224,11 +254,9 @@ impl<'c, 'b> Loader<'c, 'b> {
         while start < rows {
             let end = (start + per_shard).min(rows);
             shards.push(if transpose {
-                let values = self.transposed_rows(name, [rows, cols], start..end).await?;
-                Tensor::from_data(TensorData::new(values, [cols, end - start]), &self.device)
+                Tensor::from_data(self.transposed_data(name, [rows, cols], start..end).await?, &self.device)
             } else {
-                let values = self.matrix_rows(name, [rows, cols], start..end).await?.into_dense();
-                Tensor::from_data(TensorData::new(values, [end - start, cols]), &self.device)
+                Tensor::from_data(self.rows_data(name, [rows, cols], start..end).await?, &self.device)
             });
             start = end;
         }

@@ -3,8 +3,11 @@
 //! ```sh
 //! python tests/reference/generate.py --ref-code CODE --full-reference /work/full-ckpt --bench --threads 2
 //! cargo run --release -p dsocr-tests --bin bench -- /work/full-ckpt [tokens] [f32,q4,q8]
+//! cargo run --release -p dsocr-tests --bin bench -- /work/full-ckpt 0 bf16   # loading only
 //! ```
-//! With several schemes (quantized at load time), each is loaded and measured in turn and decoding
+//! `0` tokens only loads (the time to compare with `generate.py --bench-load`); `bf16` / `f16`, alone
+//! in the list, load the float weights in that type. With several schemes (quantized at load time),
+//! each is loaded and measured in turn and decoding
 //! is printed as a ratio to the first, beside this machine's memory bandwidth bound (measured read
 //! bandwidth ÷ bytes of weights a decoding step reads). Peak memory is the process's: measure one
 //! scheme per run for it.
@@ -16,7 +19,7 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, FloatDType, Tensor, TensorData};
 use dsocr::generate::{GenerationOptions, RepeatGuard, generate};
 use dsocr::image::{DecodeLimits, PreprocessOptions, decode, make_views, normalize};
 use dsocr::model::layout::image_token_count;
@@ -38,18 +41,31 @@ fn main() {
 
     dsocr::engine::tune_allocator(); // as the CLI does
     let config = Config::from_json(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    let bandwidth = read_bandwidth();
-    println!("memory read bandwidth: {:.1} GB/s ({} threads)", bandwidth / 1e9, rayon_threads());
+    let load_only = tokens == 0;
+    let bandwidth = if load_only { f64::NAN } else { read_bandwidth() };
+    if !load_only {
+        println!("memory read bandwidth: {:.1} GB/s ({} threads)", bandwidth / 1e9, rayon_threads());
+    }
+    let mut device = Device::flex();
     let mut decode_rates: Vec<(String, f64)> = Vec::new();
     for scheme in &schemes {
         let recipe = match scheme.as_str() {
             "f32" => None,
+            "bf16" | "f16" => {
+                assert_eq!(schemes.len(), 1, "bf16 / f16 go alone: a device's float type is set once");
+                device.configure(if scheme == "bf16" { FloatDType::BF16 } else { FloatDType::F16 }).unwrap();
+                None
+            }
             other => Some(Recipe::preset(Preset::parse(other).unwrap(), None).unwrap()),
         };
         let per_token = bytes_per_token(&config, recipe.as_ref());
         let t = Instant::now();
         let options = EngineOptions { quantize: recipe, ..EngineOptions::default() };
-        let engine = pollster::block_on(Engine::load_dir(&dir, &Device::flex(), options, None)).unwrap();
+        let engine = pollster::block_on(Engine::load_dir(&dir, &device, options, None)).unwrap();
+        if load_only {
+            println!("== {scheme}: load {:.2} s", t.elapsed().as_secs_f64());
+            continue;
+        }
         println!("== {scheme}: load {:.1} s; weights read per decoded token {:.0} MB → bandwidth bound {:.1} tokens/s", t.elapsed().as_secs_f64(), per_token / 1e6, bandwidth / per_token);
         let rate = bench_model(&engine, &reference, tokens, scheme == "f32");
         println!("{scheme} decode: {:.0} % of the bandwidth bound", 100.0 * rate / (bandwidth / per_token));
