@@ -181,96 +181,143 @@ mod avx2 {
         let (k, g, groups, rb) = (w.cols, w.spec.group, w.groups(), w.row_bytes());
         let full = k / g;
         let group_bytes = w.spec.row_bytes(g);
-        let bytes: [&[u8]; N] = std::array::from_fn(|t| &w.data[(r + t) * rb..(r + t + 1) * rb]);
+        assert!(w.data.len() >= (r + N) * rb && w.scales.len() >= (r + N) * groups && x.q.len() >= x.m * k && x.sums.len() >= x.m * groups);
         // The next block's bytes, fetched a few lines per group: a matrix is short runs of rows
         // (an expert's is 0.6 MB), too short for the hardware prefetcher to ramp up on.
         let next = w.data.as_ptr().wrapping_add((r + 2 * N) * rb);
         let ahead = (N * rb).div_ceil(full.max(1)).next_multiple_of(64);
-        let scales: [&[f32]; N] = std::array::from_fn(|t| &w.scales[(r + t) * groups..(r + t + 1) * groups]);
+        let rows = Rows { data: w.data[r * rb..].as_ptr(), row_bytes: rb, scales: w.scales[r * groups..].as_ptr(), groups, full, next, ahead };
         for i in 0..x.m {
+            let input = Input { q: x.q[i * k..].as_ptr(), sums: x.sums[i * groups..].as_ptr(), scales: x.scales[i * groups..].as_ptr(), prefetch: i == 0 };
+            // SAFETY: the asserts above cover every full group of rows r..r + N and of input row i;
+            // the same CPU feature as this function.
+            let acc: [__m256; N] = unsafe {
+                match (w.spec.bits, g) {
+                    (Bits::Q4, 32) => q4_groups::<N, 16>(&rows, &input),
+                    (Bits::Q4, 64) => q4_groups::<N, 32>(&rows, &input),
+                    (Bits::Q4, _) => q4_groups::<N, 64>(&rows, &input), // 128 (QuantSpec allows 32, 64, 128)
+                    (Bits::Q8, 32) => q8_groups::<N, 32>(&rows, &input),
+                    (Bits::Q8, 64) => q8_groups::<N, 64>(&rows, &input),
+                    (Bits::Q8, _) => q8_groups::<N, 128>(&rows, &input),
+                }
+            };
             let xrow = &x.q[i * k..(i + 1) * k];
             let sums = &x.sums[i * groups..(i + 1) * groups];
             let xscales = &x.scales[i * groups..(i + 1) * groups];
-            let mut acc = [_mm256_setzero_ps(); N];
-            for gi in 0..full {
-                let xq = &xrow[gi * g..(gi + 1) * g];
-                if i == 0 {
-                    for line in (0..ahead).step_by(64) {
-                        // A hint only: prefetching never faults, past the end of the data included.
-                        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(gi * ahead + line) as *const i8);
-                    }
-                }
-                for t in 0..N {
-                    let wb = &bytes[t][gi * group_bytes..(gi + 1) * group_bytes];
-                    // SAFETY: `wb` and `xq` hold exactly one full group, `sums[gi]` eight i32.
-                    let lanes = unsafe {
-                        match w.spec.bits {
-                            Bits::Q4 => {
-                                let sum = _mm256_loadu_si256(sums[gi].as_ptr() as *const __m256i);
-                                _mm256_sub_epi32(lanes_q4(wb, xq), _mm256_slli_epi32(sum, 3))
-                            }
-                            Bits::Q8 => lanes_q8(wb, xq),
-                        }
-                    };
-                    let scale = _mm256_set1_ps(scales[t][gi] * xscales[gi]);
-                    acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(_mm256_cvtepi32_ps(lanes), scale));
-                }
-            }
             for t in 0..N {
                 let mut out = [0f32; LANES];
                 // SAFETY: `out` holds eight f32.
                 unsafe { _mm256_storeu_ps(out.as_mut_ptr(), acc[t]) };
                 if full < groups {
-                    let (lanes, _) = group_lanes(w.spec.bits, &bytes[t][full * group_bytes..], &xrow[full * g..], &sums[full]);
-                    add_scaled(&mut out, &lanes, scales[t][full] * xscales[full]);
+                    let bytes = &w.data[(r + t) * rb..(r + t + 1) * rb];
+                    let (lanes, _) = group_lanes(w.spec.bits, &bytes[full * group_bytes..], &xrow[full * g..], &sums[full]);
+                    add_scaled(&mut out, &lanes, w.scales[(r + t) * groups + full] * xscales[full]);
                 }
                 y[i * width + column + t] = reduce(out);
             }
         }
     }
 
-    /// `Σ nibble · x` by lane of one full q4 group (`xq.len()` = 32, 64 or 128 values in
-    /// `xq.len() / 2` bytes: byte `i` holds value `i` low and value `i + len/2` high).
-    #[target_feature(enable = "avx2")]
-    unsafe fn lanes_q4(wb: &[u8], xq: &[i8]) -> __m256i {
-        let half = wb.len();
-        debug_assert!(xq.len() == 2 * half && half % 16 == 0);
-        let (wp, xp) = (wb.as_ptr(), xq.as_ptr());
-        let ones = _mm256_set1_epi16(1);
-        // SAFETY (loads): every offset + width stays inside `wb` / `xq` (lengths asserted above).
-        unsafe {
-            if half == 16 {
-                let mask = _mm_set1_epi8(15);
-                let v = _mm_loadu_si128(wp as *const __m128i);
-                let nibbles = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_and_si128(v, mask));
-                let x = _mm256_loadu_si256(xp as *const __m256i);
-                return _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles, x), ones);
+    /// A block of weight rows: their packed bytes and scales, and what to prefetch.
+    struct Rows {
+        data: *const u8,
+        row_bytes: usize,
+        scales: *const f32,
+        groups: usize,
+        full: usize,
+        next: *const u8,
+        ahead: usize,
+    }
+
+    /// One input row: int8 values, per-lane sums and scales per group.
+    struct Input {
+        q: *const i8,
+        sums: *const [i32; LANES],
+        scales: *const f32,
+        prefetch: bool,
+    }
+
+    impl Rows {
+        #[inline(always)]
+        fn prefetch(&self, gi: usize) {
+            for line in (0..self.ahead).step_by(64) {
+                // A hint only: prefetching never faults, past the end of the data included.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(self.next.wrapping_add(gi * self.ahead + line) as *const i8) };
             }
-            let mask = _mm256_set1_epi8(15);
-            let mut acc = _mm256_setzero_si256();
-            for c in (0..half).step_by(32) {
-                let v = _mm256_loadu_si256(wp.add(c) as *const __m256i);
-                let low = _mm256_maddubs_epi16(_mm256_and_si256(v, mask), _mm256_loadu_si256(xp.add(c) as *const __m256i));
-                let high = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), _mm256_loadu_si256(xp.add(half + c) as *const __m256i));
-                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_add_epi16(low, high), ones));
-            }
-            acc
         }
     }
 
-    /// `Σ w · x` by lane of one full q8 group (32, 64 or 128 values): `|w| · (x with w's sign)`.
+    /// Lane sums of the full q4 groups (`2 · HALF` values in `HALF` bytes: byte `j` holds value
+    /// `j` low and `j + HALF` high) of `N` rows against one input row, scaled and summed per lane
+    /// in the order of [`super::add_scaled`]. Input loads are shared by the rows, all pointers are
+    /// raw (bounds checked once by the caller), the group size is a constant (loops unrolled).
     #[target_feature(enable = "avx2")]
-    unsafe fn lanes_q8(wb: &[u8], xq: &[i8]) -> __m256i {
-        debug_assert!(wb.len() == xq.len() && wb.len() % 32 == 0);
+    #[inline]
+    unsafe fn q4_groups<const N: usize, const HALF: usize>(rows: &Rows, x: &Input) -> [__m256; N] {
+        let mask = _mm256_set1_epi8(15);
         let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_si256();
-        for c in (0..wb.len()).step_by(32) {
-            // SAFETY: `c + 32 ≤ len` for both slices (asserted above).
+        let mut acc = [_mm256_setzero_ps(); N];
+        for gi in 0..rows.full {
+            if x.prefetch {
+                rows.prefetch(gi);
+            }
+            // SAFETY (loads): group `gi < full` of each row and of the input is inside the data the
+            // caller checked.
             unsafe {
-                let w = _mm256_loadu_si256(wb.as_ptr().add(c) as *const __m256i);
-                let x = _mm256_loadu_si256(xq.as_ptr().add(c) as *const __m256i);
-                let p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
-                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+                let sum8 = _mm256_slli_epi32(_mm256_loadu_si256(x.sums.add(gi) as *const __m256i), 3);
+                let xscale = *x.scales.add(gi);
+                let xg = x.q.add(gi * 2 * HALF);
+                for t in 0..N {
+                    let wg = rows.data.add(t * rows.row_bytes + gi * HALF);
+                    let lanes = if HALF == 16 {
+                        let m = _mm_set1_epi8(15);
+                        let v = _mm_loadu_si128(wg as *const __m128i);
+                        let nibbles = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles, _mm256_loadu_si256(xg as *const __m256i)), ones)
+                    } else {
+                        let mut lanes = _mm256_setzero_si256();
+                        for c in (0..HALF).step_by(32) {
+                            let v = _mm256_loadu_si256(wg.add(c) as *const __m256i);
+                            let low = _mm256_maddubs_epi16(_mm256_and_si256(v, mask), _mm256_loadu_si256(xg.add(c) as *const __m256i));
+                            let high = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), _mm256_loadu_si256(xg.add(HALF + c) as *const __m256i));
+                            lanes = _mm256_add_epi32(lanes, _mm256_madd_epi16(_mm256_add_epi16(low, high), ones));
+                        }
+                        lanes
+                    };
+                    let scale = _mm256_set1_ps(*rows.scales.add(t * rows.groups + gi) * xscale);
+                    acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(lanes, sum8)), scale));
+                }
+            }
+        }
+        acc
+    }
+
+    /// [`q4_groups`] for q8 groups of `G` values: `|w| · (x with w's sign)`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn q8_groups<const N: usize, const G: usize>(rows: &Rows, x: &Input) -> [__m256; N] {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); N];
+        for gi in 0..rows.full {
+            if x.prefetch {
+                rows.prefetch(gi);
+            }
+            // SAFETY (loads): as in `q4_groups`.
+            unsafe {
+                let xscale = *x.scales.add(gi);
+                let xg = x.q.add(gi * G);
+                for t in 0..N {
+                    let wg = rows.data.add(t * rows.row_bytes + gi * G);
+                    let mut lanes = _mm256_setzero_si256();
+                    for c in (0..G).step_by(32) {
+                        let w = _mm256_loadu_si256(wg.add(c) as *const __m256i);
+                        let xv = _mm256_loadu_si256(xg.add(c) as *const __m256i);
+                        let p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(xv, w));
+                        lanes = _mm256_add_epi32(lanes, _mm256_madd_epi16(p, ones));
+                    }
+                    let scale = _mm256_set1_ps(*rows.scales.add(t * rows.groups + gi) * xscale);
+                    acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(_mm256_cvtepi32_ps(lanes), scale));
+                }
             }
         }
         acc

@@ -284,8 +284,8 @@ mod tests {
                 narrow_into(*dtype, target, bytes, &mut bits);
                 let cast = TensorData::new(widen(*dtype, bytes), [values.len()]).convert_dtype(target.dtype());
                 let want: Vec<u16> = match target.dtype() {
-                    DType::F16 => cast.to_vec::<half::f16>().unwrap().iter().map(|v| v.to_bits()).collect(),
-                    _ => cast.to_vec::<half::bf16>().unwrap().iter().map(|v| v.to_bits()).collect(),
+                    DType::F16 => cast.try_to_vec::<half::f16>().unwrap().iter().map(|v| v.to_bits()).collect(),
+                    _ => cast.try_to_vec::<half::bf16>().unwrap().iter().map(|v| v.to_bits()).collect(),
                 };
                 assert_eq!(bits, want, "{dtype:?} -> {target:?}");
             }
