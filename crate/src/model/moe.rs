@@ -10,7 +10,7 @@ use super::readback::read_i64;
 use crate::config::DecoderConfig;
 use crate::error::{Error, Result};
 use super::ops;
-use crate::quant::QLinear;
+use crate::quant::{PackedMatrix, QLinear};
 use crate::weights::Loader;
 
 /// `down(silu(gate(x)) ⊙ up(x))`, no biases (`DeepseekV2MLP`).
@@ -38,6 +38,17 @@ impl Mlp {
     }
 
     fn forward_threads<const D: usize>(&self, x: Tensor<D>, t: usize) -> Tensor<D> {
+        if let (Some(g), Some(u), Some(d)) = (self.gate_proj.packed_weight(), self.up_proj.packed_weight(), self.down_proj.packed_weight()) {
+            // All three packed (the CPU): one host pass, only the input and output are tensors.
+            return ops::as_rows(x, |x| {
+                let [m, k] = x.dims();
+                let device = x.device();
+                let input = x.into_data().convert::<f32>();
+                let values = input.as_slice::<f32>().expect("converted to f32");
+                debug_assert_eq!(k, g.cols);
+                Tensor::from_data(TensorData::new(PackedMatrix::mlp(g, u, d, values, m, t), [m, d.rows]), &device)
+            });
+        }
         let hidden = silu(self.gate_proj.forward_threads(x.clone(), t)) * self.up_proj.forward_threads(x, t);
         self.down_proj.forward_threads(hidden, t)
     }

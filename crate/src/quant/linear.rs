@@ -41,6 +41,11 @@ impl QLinear {
         self.packed.is_some()
     }
 
+    /// The packed weight, when the layer multiplies on the host (no bias).
+    pub fn packed_weight(&self) -> Option<&PackedMatrix> {
+        self.packed.as_deref().filter(|_| self.bias.is_none())
+    }
+
     /// `x · Wᵀ + b` over the last axis, all leading dimensions as rows of one product (see
     /// `model::ops::linear`), on the layer's threads.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
