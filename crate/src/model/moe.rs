@@ -208,17 +208,11 @@ impl ExpertStack {
         let (mut gate, mut up, mut down) = (Vec::new(), Vec::new(), Vec::new());
         for first in (0..count).step_by(per_shard) {
             let n = per_shard.min(count - first);
-            let (mut g, mut u, mut dn) = (Vec::new(), Vec::new(), Vec::new());
-            for e in first..first + n {
-                let p = format!("{prefix}.experts.{e}");
-                g.extend(l.linear_weight_host(&format!("{p}.gate_proj"), hidden, width).await?);
-                u.extend(l.linear_weight_host(&format!("{p}.up_proj"), hidden, width).await?);
-                dn.extend(l.linear_weight_host(&format!("{p}.down_proj"), width, hidden).await?);
-            }
-            let upload = |values: Vec<f32>, shape: [usize; 3]| Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), l.device()));
-            gate.push(upload(g, [n, hidden, width]));
-            up.push(upload(u, [n, hidden, width]));
-            down.push(upload(dn, [n, width, hidden]));
+            let names = |proj: &str| (first..first + n).map(|e| format!("{prefix}.experts.{e}.{proj}.weight")).collect::<Vec<_>>();
+            let upload = |data: TensorData| Param::from_tensor(Tensor::from_data(data, l.device()));
+            gate.push(upload(l.stacked_transposed(&names("gate_proj"), [width, hidden]).await?));
+            up.push(upload(l.stacked_transposed(&names("up_proj"), [width, hidden]).await?));
+            down.push(upload(l.stacked_transposed(&names("down_proj"), [hidden, width]).await?));
         }
         Ok(Self { gate, up, down, per_shard })
     }

@@ -173,12 +173,6 @@ impl<'c, 'b> Loader<'c, 'b> {
         Ok(Param::from_tensor(self.tensor(name, shape).await?))
     }
 
-    /// A Linear weight `prefix.weight` (PyTorch `(out, in)`) as host values in burn's `[in, out]` layout
-    /// (dequantized if quantized).
-    pub async fn linear_weight_host(&self, prefix: &str, d_in: usize, d_out: usize) -> Result<Vec<f32>> {
-        self.transposed_rows(&format!("{prefix}.weight"), [d_out, d_in], 0..d_out).await
-    }
-
     /// Rows `rows` of the `(rows, cols)` matrix `name` in float, transposed to `(cols, rows.len())`:
     /// widened and transposed in one pass, or dequantized then transposed.
     async fn transposed_rows(&self, name: &str, [total, cols]: [usize; 2], rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
@@ -213,6 +207,18 @@ impl<'c, 'b> Loader<'c, 'b> {
         let data = self.checkpoint.float_data(name, &[total, cols], rows, false, self.half).await?;
         self.count(name, n * cols);
         Ok(data)
+    }
+
+    /// The `(d_out, d_in)` weights `names` transposed and stacked: `(names.len(), d_in, d_out)`
+    /// tensor data in the device's float type (half types straight from the stored values).
+    pub async fn stacked_transposed(&self, names: &[String], [d_out, d_in]: [usize; 2]) -> Result<TensorData> {
+        let dtype = self.half.map_or(burn::tensor::DType::F32, Half::dtype);
+        let mut bytes = Vec::with_capacity(names.len() * d_in * d_out * dtype.size());
+        for name in names {
+            let data = self.transposed_data(name, [d_out, d_in], 0..d_out).await?.convert_dtype(dtype);
+            bytes.extend_from_slice(data.as_bytes());
+        }
+        Ok(TensorData::from_bytes_vec(bytes, [names.len(), d_in, d_out], dtype))
     }
 
     /// Whether `name` is stored packed or quantized at load time.
