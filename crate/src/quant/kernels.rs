@@ -135,6 +135,7 @@ fn sigmoid(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::few_rows::{Simd, few_rows_on};
     use crate::quant::scheme::{Bits, GROUP_SIZES, QuantSpec, ScaleDtype};
 
     fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -241,8 +242,8 @@ mod tests {
         }
     }
 
-    /// The SIMD build and the plain one give the same bits, for both widths, every group size and
-    /// a ragged last group.
+    /// Every SIMD build this CPU runs and the plain one give the same bits, for both widths, every
+    /// group size and a ragged last group.
     #[test]
     fn simd_builds_agree_bit_for_bit() {
         for bits in [Bits::Q4, Bits::Q8] {
@@ -251,10 +252,13 @@ mod tests {
                 let (rows, cols, m) = (24, 200 + group / 2 + 1, 3);
                 let w = PackedMatrix::quantize(&values(rows * cols, 7), rows, cols, spec);
                 let input = QuantizedInput::new(&values(m * cols, 8), m, cols, group);
-                let (mut plain, mut chosen) = (vec![0f32; m * rows], vec![0f32; m * rows]);
+                let mut plain = vec![0f32; m * rows];
                 crate::quant::few_rows::few_rows_portable(&w, &input, 0..rows, &mut plain);
-                few_rows(&w, &input, 0..rows, &mut chosen);
-                assert_eq!(chosen, plain, "{spec}");
+                for &simd in Simd::available() {
+                    let mut built = vec![0f32; m * rows];
+                    few_rows_on(simd, &w, &input, 0..rows, &mut built);
+                    assert_eq!(built, plain, "{spec} {simd:?}");
+                }
             }
         }
     }
@@ -263,6 +267,7 @@ mod tests {
 #[cfg(test)]
 mod speed {
     use super::*;
+    use crate::quant::few_rows::{Simd, few_rows_on};
     use crate::quant::scheme::{Bits, QuantSpec, ScaleDtype};
 
     /// Weights read per second by the decode kernel (a timing, not a check: run with --ignored).
@@ -283,6 +288,18 @@ mod speed {
                 }
                 let s = t.elapsed().as_secs_f64() / reps as f64;
                 eprintln!("{bits:?} {rows}x{cols} threads {threads}: {:.2} G weights/s, {:.1} GB/s", (rows * cols) as f64 / s / 1e9, w.memory_bytes() as f64 / s / 1e9);
+            }
+            let input = QuantizedInput::new(&x, 1, cols, 64);
+            for &simd in Simd::available() {
+                let mut y = vec![0f32; rows];
+                let t = std::time::Instant::now();
+                let reps = 20;
+                for _ in 0..reps {
+                    few_rows_on(simd, &w, &input, 0..rows, &mut y);
+                    std::hint::black_box(&y);
+                }
+                let s = t.elapsed().as_secs_f64() / reps as f64;
+                eprintln!("  {simd:?}, one thread: {:.2} G weights/s", (rows * cols) as f64 / s / 1e9);
             }
         }
     }
