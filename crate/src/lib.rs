@@ -19,6 +19,8 @@ pub mod image;
 pub mod model;
 pub mod output;
 pub mod quant;
+#[cfg(all(feature = "serve", not(target_arch = "wasm32")))]
+pub mod serve;
 pub mod text;
 #[cfg(target_arch = "wasm32")]
 pub mod wasm;

@@ -1,10 +1,13 @@
 //! `dsocr`: DeepSeek-OCR from the command line (feature `cli`, native only): `dsocr ocr` recognises
-//! images and PDFs, `dsocr quantize` writes a quantized sharded checkpoint.
+//! images and PDFs, `dsocr quantize` writes a quantized sharded checkpoint, `dsocr serve` (feature
+//! `serve`) answers HTTP requests.
 //!
 //! Exit codes: 0 every input recognised; 1 some inputs failed (each reported, the batch went on);
 //! 2 bad arguments or the model could not be loaded.
 
-mod ocr;
+pub(crate) mod model;
+pub(crate) mod ocr;
+pub(crate) mod pdf;
 mod progress;
 mod quantize;
 
@@ -25,6 +28,9 @@ enum Command {
     Ocr(ocr::OcrArgs),
     /// Write a quantized copy of a float checkpoint (sharded safetensors, int4/int8 weights).
     Quantize(quantize::QuantizeArgs),
+    /// Serve OCR over HTTP: REST and OpenAI-compatible endpoints, streaming, auth, limits, metrics.
+    #[cfg(feature = "serve")]
+    Serve(crate::serve::ServeArgs),
 }
 
 /// The `dsocr` binary.
@@ -33,6 +39,8 @@ pub fn main() -> ExitCode {
     let outcome = match Cli::parse().command {
         Command::Ocr(args) => ocr::run(&args),
         Command::Quantize(args) => quantize::run(&args).map(|()| true),
+        #[cfg(feature = "serve")]
+        Command::Serve(args) => crate::serve::run(args).map(|()| true),
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use super::ocr::PresetArg;
+use super::model::PresetArg;
 use super::progress::ProgressLine;
 use crate::quant::Recipe;
 use crate::quant::convert::convert_dir;

@@ -1,0 +1,185 @@
+//! The model's own thread and the bounded queue in front of it. One engine serves one request at a
+//! time (a decoding step reads every active weight, so requests take turns rather than share the
+//! cores); handlers wait on a channel of [`Event`]s and never block the async runtime.
+
+use std::ops::ControlFlow;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::http::StatusCode;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+
+use super::error::ApiError;
+use super::metrics::Metrics;
+use crate::{Engine, GenerationOptions, Mode, OcrResult, Task, TokenEvent};
+
+/// One image to recognise: an image file, or one rendered page of a PDF (numbered from 1).
+pub struct PageInput {
+    pub number: Option<usize>,
+    pub bytes: Vec<u8>,
+}
+
+/// What a request asks of the model.
+pub struct Work {
+    pub pages: Vec<PageInput>,
+    pub task: Task,
+    pub mode: Mode,
+    pub generation: GenerationOptions,
+}
+
+/// What the model thread sends back, in order: each page's tokens, then that page's outcome.
+pub enum Event {
+    Token { page: usize, token: TokenEvent },
+    Page { page: usize, outcome: Result<OcrResult, ApiError> },
+}
+
+struct Job {
+    work: Work,
+    events: mpsc::UnboundedSender<Event>,
+    admitted: Instant,
+    _permit: OwnedSemaphorePermit,
+}
+
+const LOADING: u8 = 0;
+const READY: u8 = 1;
+const FAILED: u8 = 2;
+
+/// The queue: admission (bounded, 429 when full), the model thread's state, its metrics.
+pub struct Queue {
+    jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
+    permits: Arc<Semaphore>,
+    state: Arc<AtomicU8>,
+    /// Moving average of a request's time with the model, for `Retry-After`.
+    average_ms: Arc<AtomicU64>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// A place in the queue, taken before the request's body is turned into work.
+pub struct Admission(OwnedSemaphorePermit);
+
+impl Queue {
+    /// Starts the model thread: it loads the engine with `load`, then runs jobs until the queue is
+    /// closed. `on_load` hears how loading ended. `max_waiting` requests may wait while one runs.
+    pub fn start(
+        load: impl FnOnce() -> Result<Engine, String> + Send + 'static,
+        on_load: impl FnOnce(Result<(), String>) + Send + 'static,
+        max_waiting: usize,
+        metrics: Arc<Metrics>,
+    ) -> (Arc<Queue>, std::thread::JoinHandle<()>) {
+        let (sender, receiver) = std::sync::mpsc::channel::<Job>();
+        let queue = Arc::new(Queue {
+            jobs: Mutex::new(Some(sender)),
+            permits: Arc::new(Semaphore::new(max_waiting + 1)),
+            state: Arc::new(AtomicU8::new(LOADING)),
+            average_ms: Arc::new(AtomicU64::new(0)),
+            metrics: metrics.clone(),
+        });
+        let (state, average_ms) = (queue.state.clone(), queue.average_ms.clone());
+        let thread = std::thread::Builder::new()
+            .name("dsocr-model".into())
+            .spawn(move || {
+                let engine = match load() {
+                    Ok(engine) => engine,
+                    Err(message) => {
+                        state.store(FAILED, Ordering::SeqCst);
+                        on_load(Err(message));
+                        return;
+                    }
+                };
+                state.store(READY, Ordering::SeqCst);
+                on_load(Ok(()));
+                for job in receiver {
+                    let started = Instant::now();
+                    run(&engine, job, &metrics);
+                    let ms = started.elapsed().as_millis() as u64;
+                    let old = average_ms.load(Ordering::Relaxed);
+                    average_ms.store(if old == 0 { ms } else { (old * 7 + ms) / 8 }, Ordering::Relaxed);
+                }
+            })
+            .expect("the OS refused a thread for the model");
+        (queue, thread)
+    }
+
+    pub fn ready(&self) -> bool {
+        self.state.load(Ordering::SeqCst) == READY
+    }
+
+    /// A place in the queue, or 503 while the model loads, 429 (with `Retry-After`) when full.
+    pub fn admit(&self) -> Result<Admission, ApiError> {
+        if !self.ready() {
+            let mut error = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the model is still loading");
+            error.retry_after = Some(5);
+            return Err(error);
+        }
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => Ok(Admission(permit)),
+            Err(_) => {
+                let waiting = self.metrics.queue_depth.get().max(0) as u64 + 1;
+                let seconds = (self.average_ms.load(Ordering::Relaxed) * waiting).div_ceil(1000).max(1);
+                let mut error = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", "the queue is full; retry later");
+                error.retry_after = Some(seconds);
+                Err(error)
+            }
+        }
+    }
+
+    /// Queues `work`; its events arrive on the receiver. Dropping the receiver (the client went
+    /// away, the request timed out) stops the generation at its next token.
+    pub fn submit(&self, admission: Admission, work: Work) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
+        let (events, receiver) = mpsc::unbounded_channel();
+        let job = Job { work, events, admitted: Instant::now(), _permit: admission.0 };
+        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let sent = jobs.as_ref().map(|jobs| jobs.send(job).is_ok()).unwrap_or(false);
+        if !sent {
+            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the server is shutting down"));
+        }
+        self.metrics.queue_depth.inc();
+        Ok(receiver)
+    }
+
+    /// No more jobs: the model thread finishes those queued, then ends.
+    pub fn close(&self) {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+fn run(engine: &Engine, job: Job, metrics: &Metrics) {
+    let Job { work, events, admitted, _permit } = job;
+    metrics.queue_depth.dec();
+    metrics.queue_wait.observe(admitted.elapsed().as_secs_f64());
+    metrics.in_flight.inc();
+    for (page, input) in work.pages.iter().enumerate() {
+        if events.is_closed() {
+            metrics.cancelled.inc();
+            break;
+        }
+        let on_token = |token: &TokenEvent| {
+            if events.send(Event::Token { page, token: token.clone() }).is_err() {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        };
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            pollster::block_on(engine.recognize(&input.bytes, &work.task, work.mode, &work.generation, on_token))
+        }));
+        let outcome = match outcome {
+            Ok(Ok(result)) => {
+                metrics.pages.inc();
+                metrics.tokens.inc_by(result.token_ids.len() as u64);
+                if result.finish_reason == "cancelled" {
+                    metrics.cancelled.inc();
+                }
+                Ok(result)
+            }
+            Ok(Err(error)) => Err(ApiError::from(error)),
+            Err(_) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the model failed on this input (a bug: please report it)")),
+        };
+        if events.send(Event::Page { page, outcome }).is_err() {
+            break;
+        }
+    }
+    metrics.in_flight.dec();
+}
