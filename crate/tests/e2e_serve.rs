@@ -406,3 +406,21 @@ fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn e2e_serve_pdf_pages_and_a_broken_pdf() {
+    let server = Server::start(&[]);
+    let pdf = std::fs::read(fixtures_dir().join("images/doc.pdf")).unwrap();
+    let reply = server.post("/v1/ocr?task=free&max_new_tokens=2", &[("Content-Type", "application/pdf")], &pdf);
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let results = reply.json()["results"].as_array().unwrap().clone();
+    assert_eq!(results.len(), 2, "one result per page");
+    for (i, (r, size)) in results.iter().zip([[1190, 1684], [300, 200]]).enumerate() {
+        assert_eq!(r["page"], i + 1);
+        assert_eq!(r["image_size"], json!(size), "page {}", i + 1);
+        assert_eq!(r["token_ids"].as_array().unwrap().len(), 2);
+    }
+    let reply = server.post("/v1/ocr", &[("Content-Type", "application/pdf")], b"%PDF-1.7\nnot a document at all\n");
+    assert_eq!(reply.status, 400, "{}", reply.text);
+    assert_eq!(reply.json()["error"]["code"], "pdf", "{}", reply.text);
+}

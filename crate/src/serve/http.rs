@@ -260,9 +260,24 @@ async fn ocr_inner(app: Arc<App>, options: &mut OcrOptions, headers: &HeaderMap,
     if wants_stream {
         return Ok(stream(app, events, numbers, deadline, started).into_response());
     }
-    let mut outcomes: Vec<Option<Result<OcrResult, ApiError>>> = (0..numbers.len()).map(|_| None).collect();
+    let outcomes = outcomes(&app, events, numbers.len(), deadline).await?;
+    if let Some(error) = outcomes.iter().all(Result::is_err).then(|| outcomes[0].clone().err()).flatten() {
+        return Err(error);
+    }
+    let results: Vec<Value> = outcomes.iter().zip(&numbers).map(|(outcome, &number)| page_entry(number, outcome)).collect();
+    Ok(axum::Json(json!({ "model": app.model_id, "results": results })).into_response())
+}
+
+/// Every page's outcome, in order, once the model thread is done with the request (504 past the
+/// deadline: dropping the events then stops the generation).
+pub async fn outcomes(
+    app: &App,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    pages: usize,
+    deadline: Instant,
+) -> Result<Vec<Result<OcrResult, ApiError>>, ApiError> {
+    let mut outcomes: Vec<Option<Result<OcrResult, ApiError>>> = (0..pages).map(|_| None).collect();
     let collect = async {
-        let mut events = events;
         while let Some(event) = events.recv().await {
             if let Event::Page { page, outcome } = event {
                 outcomes[page] = Some(outcome);
@@ -270,17 +285,10 @@ async fn ocr_inner(app: Arc<App>, options: &mut OcrOptions, headers: &HeaderMap,
         }
     };
     if tokio::time::timeout_at(deadline, collect).await.is_err() {
-        return Err(timeout(&app));
+        return Err(timeout(app));
     }
-    let outcomes: Vec<Result<OcrResult, ApiError>> = outcomes
-        .into_iter()
-        .map(|o| o.unwrap_or_else(|| Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the model stopped before this page"))))
-        .collect();
-    if let Some(error) = outcomes.iter().all(Result::is_err).then(|| outcomes[0].clone().err()).flatten() {
-        return Err(error);
-    }
-    let results: Vec<Value> = outcomes.iter().zip(&numbers).map(|(outcome, &number)| page_entry(number, outcome)).collect();
-    Ok(axum::Json(json!({ "model": app.model_id, "results": results })).into_response())
+    let stopped = || Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the model stopped before this page"));
+    Ok(outcomes.into_iter().map(|o| o.unwrap_or_else(stopped)).collect())
 }
 
 pub fn timeout(app: &App) -> ApiError {

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use super::error::ApiError;
-use super::http::{App, StreamTimer, generation, pages_of, parse_mode, rejection, timeout};
+use super::http::{App, StreamTimer, generation, outcomes, pages_of, parse_mode, rejection, timeout};
 use super::worker::{Event, Work};
 use crate::{OcrResult, Sampling, Task};
 
@@ -201,22 +201,7 @@ async fn chat_inner(app: Arc<App>, request: Result<Json<ChatRequest>, JsonReject
         let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
         return Ok(stream(app, events, Chunk { id, created }, include_usage, deadline, started).into_response());
     }
-    let mut results: Vec<Option<Result<OcrResult, ApiError>>> = (0..page_count).map(|_| None).collect();
-    let collect = async {
-        let mut events = events;
-        while let Some(event) = events.recv().await {
-            if let Event::Page { page, outcome } = event {
-                results[page] = Some(outcome);
-            }
-        }
-    };
-    if tokio::time::timeout_at(deadline, collect).await.is_err() {
-        return Err(timeout(&app));
-    }
-    let mut pages = Vec::new();
-    for result in results {
-        pages.push(result.unwrap_or_else(|| Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the model stopped early")))?);
-    }
+    let pages = outcomes(&app, events, page_count, deadline).await?.into_iter().collect::<Result<Vec<_>, _>>()?;
     let content: Vec<&str> = pages.iter().map(|r| r.text.as_str()).collect();
     let completion: usize = pages.iter().map(|r| r.token_ids.len()).sum();
     let prompt: usize = pages.iter().map(|r| r.prompt_token_count).sum();

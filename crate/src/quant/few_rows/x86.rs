@@ -143,10 +143,37 @@ trait Groups {
     unsafe fn q8<const N: usize, const G: usize>(rows: &Rows, x: &Input) -> [__m256; N];
 }
 
-/// The float half shared by the builds: `acc += float(lanes) · (s_w · s_x)`.
+/// The loop every build shares: for each full group (prefetching ahead), each row `t`'s integer
+/// lanes from `lanes(row's group bytes, input's group values)`, less `Σx << SHIFT` (q4's `8 · Σx`,
+/// q8-with-VNNI's `128 · Σx`; nothing when `SHIFT` is 0), times `s_w · s_x`, added to `acc[t]`.
 #[inline(always)]
-unsafe fn accumulate(acc: &mut __m256, lanes: __m256i, scale: f32) {
-    *acc = unsafe { _mm256_add_ps(*acc, _mm256_mul_ps(_mm256_cvtepi32_ps(lanes), _mm256_set1_ps(scale))) };
+unsafe fn over_groups<const N: usize, const SHIFT: i32>(
+    rows: &Rows,
+    x: &Input,
+    group_bytes: usize,
+    group_values: usize,
+    lanes: impl Fn(*const u8, *const i8) -> __m256i,
+) -> [__m256; N] {
+    let mut acc = [unsafe { _mm256_setzero_ps() }; N];
+    for gi in 0..rows.full {
+        if x.prefetch {
+            rows.prefetch(gi);
+        }
+        // SAFETY (loads): group `gi < full` of each row and of the input is inside the data
+        // `block` checked; the CPU features of the entry point this is inlined into.
+        unsafe {
+            let sums = _mm256_loadu_si256(x.sums.add(gi) as *const __m256i);
+            let offset = if SHIFT > 0 { _mm256_slli_epi32::<SHIFT>(sums) } else { _mm256_setzero_si256() };
+            let xscale = *x.scales.add(gi);
+            let xg = x.q.add(gi * group_values);
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let lanes = _mm256_sub_epi32(lanes(rows.data.add(t * rows.row_bytes + gi * group_bytes), xg), offset);
+                let scale = _mm256_set1_ps(*rows.scales.add(t * rows.groups + gi) * xscale);
+                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(_mm256_cvtepi32_ps(lanes), scale));
+            }
+        }
+    }
+    acc
 }
 
 struct Avx2;
@@ -154,70 +181,47 @@ struct Avx2;
 impl Groups for Avx2 {
     #[inline(always)]
     unsafe fn q4<const N: usize, const HALF: usize>(rows: &Rows, x: &Input) -> [__m256; N] {
-        let mask = unsafe { _mm256_set1_epi8(15) };
-        let ones = unsafe { _mm256_set1_epi16(1) };
-        let mut acc = [unsafe { _mm256_setzero_ps() }; N];
-        for gi in 0..rows.full {
-            if x.prefetch {
-                rows.prefetch(gi);
-            }
-            // SAFETY (loads): group `gi < full` of each row and of the input is inside the data the
-            // caller checked.
-            unsafe {
-                let sum8 = _mm256_slli_epi32(_mm256_loadu_si256(x.sums.add(gi) as *const __m256i), 3);
-                let xscale = *x.scales.add(gi);
-                let xg = x.q.add(gi * 2 * HALF);
-                for t in 0..N {
-                    let wg = rows.data.add(t * rows.row_bytes + gi * HALF);
-                    let lanes = if HALF == 16 {
-                        let m = _mm_set1_epi8(15);
-                        let v = _mm_loadu_si128(wg as *const __m128i);
-                        let nibbles = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
-                        _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles, _mm256_loadu_si256(xg as *const __m256i)), ones)
-                    } else {
-                        let mut lanes = _mm256_setzero_si256();
-                        for c in (0..HALF).step_by(32) {
-                            let v = _mm256_loadu_si256(wg.add(c) as *const __m256i);
-                            let low = _mm256_maddubs_epi16(_mm256_and_si256(v, mask), _mm256_loadu_si256(xg.add(c) as *const __m256i));
-                            let high = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), _mm256_loadu_si256(xg.add(HALF + c) as *const __m256i));
-                            lanes = _mm256_add_epi32(lanes, _mm256_madd_epi16(_mm256_add_epi16(low, high), ones));
-                        }
-                        lanes
-                    };
-                    accumulate(&mut acc[t], _mm256_sub_epi32(lanes, sum8), *rows.scales.add(t * rows.groups + gi) * xscale);
+        // SAFETY (all below): loads of one group, as `over_groups` says.
+        unsafe {
+            let mask = _mm256_set1_epi8(15);
+            let ones = _mm256_set1_epi16(1);
+            over_groups::<N, 3>(rows, x, HALF, 2 * HALF, |wg, xg| {
+                if HALF == 16 {
+                    let m = _mm_set1_epi8(15);
+                    let v = _mm_loadu_si128(wg as *const __m128i);
+                    let nibbles = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles, _mm256_loadu_si256(xg as *const __m256i)), ones)
+                } else {
+                    let mut lanes = _mm256_setzero_si256();
+                    for c in (0..HALF).step_by(32) {
+                        let v = _mm256_loadu_si256(wg.add(c) as *const __m256i);
+                        let low = _mm256_maddubs_epi16(_mm256_and_si256(v, mask), _mm256_loadu_si256(xg.add(c) as *const __m256i));
+                        let high = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), _mm256_loadu_si256(xg.add(HALF + c) as *const __m256i));
+                        lanes = _mm256_add_epi32(lanes, _mm256_madd_epi16(_mm256_add_epi16(low, high), ones));
+                    }
+                    lanes
                 }
-            }
+            })
         }
-        acc
     }
 
     /// `|w| · (x with w's sign)`.
     #[inline(always)]
     unsafe fn q8<const N: usize, const G: usize>(rows: &Rows, x: &Input) -> [__m256; N] {
-        let ones = unsafe { _mm256_set1_epi16(1) };
-        let mut acc = [unsafe { _mm256_setzero_ps() }; N];
-        for gi in 0..rows.full {
-            if x.prefetch {
-                rows.prefetch(gi);
-            }
-            // SAFETY (loads): as in `q4`.
-            unsafe {
-                let xscale = *x.scales.add(gi);
-                let xg = x.q.add(gi * G);
-                for t in 0..N {
-                    let wg = rows.data.add(t * rows.row_bytes + gi * G);
-                    let mut lanes = _mm256_setzero_si256();
-                    for c in (0..G).step_by(32) {
-                        let w = _mm256_loadu_si256(wg.add(c) as *const __m256i);
-                        let xv = _mm256_loadu_si256(xg.add(c) as *const __m256i);
-                        let p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(xv, w));
-                        lanes = _mm256_add_epi32(lanes, _mm256_madd_epi16(p, ones));
-                    }
-                    accumulate(&mut acc[t], lanes, *rows.scales.add(t * rows.groups + gi) * xscale);
+        // SAFETY: as in `q4`.
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            over_groups::<N, 0>(rows, x, G, G, |wg, xg| {
+                let mut lanes = _mm256_setzero_si256();
+                for c in (0..G).step_by(32) {
+                    let w = _mm256_loadu_si256(wg.add(c) as *const __m256i);
+                    let xv = _mm256_loadu_si256(xg.add(c) as *const __m256i);
+                    let p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(xv, w));
+                    lanes = _mm256_add_epi32(lanes, _mm256_madd_epi16(p, ones));
                 }
-            }
+                lanes
+            })
         }
-        acc
     }
 }
 
@@ -232,80 +236,49 @@ unsafe fn fold(lanes: __m512i) -> __m256i {
 impl Groups for Vnni {
     #[inline(always)]
     unsafe fn q4<const N: usize, const HALF: usize>(rows: &Rows, x: &Input) -> [__m256; N] {
-        let mask = unsafe { _mm512_set1_epi8(15) };
-        let mut acc = [unsafe { _mm256_setzero_ps() }; N];
-        for gi in 0..rows.full {
-            if x.prefetch {
-                rows.prefetch(gi);
-            }
-            // SAFETY (loads): as in the AVX2 build.
-            unsafe {
-                let sum8 = _mm256_slli_epi32(_mm256_loadu_si256(x.sums.add(gi) as *const __m256i), 3);
-                let xscale = *x.scales.add(gi);
-                let xg = x.q.add(gi * 2 * HALF);
+        // SAFETY: as in the AVX2 build.
+        unsafe {
+            let mask = _mm512_set1_epi8(15);
+            over_groups::<N, 3>(rows, x, HALF, 2 * HALF, |wg, xg| {
                 if HALF == 16 {
                     let m = _mm_set1_epi8(15);
-                    let xv = _mm256_loadu_si256(xg as *const __m256i);
-                    for t in 0..N {
-                        let v = _mm_loadu_si128(rows.data.add(t * rows.row_bytes + gi * HALF) as *const __m128i);
-                        let nibbles = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
-                        let lanes = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles, xv);
-                        accumulate(&mut acc[t], _mm256_sub_epi32(lanes, sum8), *rows.scales.add(t * rows.groups + gi) * xscale);
-                    }
+                    let v = _mm_loadu_si128(wg as *const __m128i);
+                    let nibbles = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles, _mm256_loadu_si256(xg as *const __m256i))
                 } else if HALF == 32 {
                     // Values 0..32 (low nibbles) then 32..64 (high): one register of 64.
-                    let xv = _mm512_loadu_si512(xg as *const __m512i);
-                    for t in 0..N {
-                        let v = _mm256_loadu_si256(rows.data.add(t * rows.row_bytes + gi * HALF) as *const __m256i);
-                        let both = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4));
-                        let lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(both, mask), xv);
-                        accumulate(&mut acc[t], _mm256_sub_epi32(fold(lanes), sum8), *rows.scales.add(t * rows.groups + gi) * xscale);
-                    }
+                    let v = _mm256_loadu_si256(wg as *const __m256i);
+                    let both = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4));
+                    fold(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(both, mask), _mm512_loadu_si512(xg as *const __m512i)))
                 } else {
                     // HALF = 64: low nibbles are values 0..64, high ones 64..128.
-                    let (x_low, x_high) = (_mm512_loadu_si512(xg as *const __m512i), _mm512_loadu_si512(xg.add(64) as *const __m512i));
-                    for t in 0..N {
-                        let v = _mm512_loadu_si512(rows.data.add(t * rows.row_bytes + gi * HALF) as *const __m512i);
-                        let low = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, mask), x_low);
-                        let lanes = _mm512_dpbusd_epi32(low, _mm512_and_si512(_mm512_srli_epi16(v, 4), mask), x_high);
-                        accumulate(&mut acc[t], _mm256_sub_epi32(fold(lanes), sum8), *rows.scales.add(t * rows.groups + gi) * xscale);
-                    }
+                    let v = _mm512_loadu_si512(wg as *const __m512i);
+                    let low = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, mask), _mm512_loadu_si512(xg as *const __m512i));
+                    let high = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+                    fold(_mm512_dpbusd_epi32(low, high, _mm512_loadu_si512(xg.add(64) as *const __m512i)))
                 }
-            }
+            })
         }
-        acc
     }
 
     #[inline(always)]
     unsafe fn q8<const N: usize, const G: usize>(rows: &Rows, x: &Input) -> [__m256; N] {
-        let flip = unsafe { _mm512_set1_epi8(-128) };
-        let mut acc = [unsafe { _mm256_setzero_ps() }; N];
-        for gi in 0..rows.full {
-            if x.prefetch {
-                rows.prefetch(gi);
-            }
-            // SAFETY (loads): as in the AVX2 build.
-            unsafe {
-                let sum128 = _mm256_slli_epi32(_mm256_loadu_si256(x.sums.add(gi) as *const __m256i), 7);
-                let xscale = *x.scales.add(gi);
-                let xg = x.q.add(gi * G);
-                for t in 0..N {
-                    let wg = rows.data.add(t * rows.row_bytes + gi * G);
-                    let lanes = if G == 32 {
-                        let w = _mm256_xor_si256(_mm256_loadu_si256(wg as *const __m256i), _mm512_castsi512_si256(flip));
-                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, _mm256_loadu_si256(xg as *const __m256i))
-                    } else {
-                        let mut lanes = _mm512_setzero_si512();
-                        for c in (0..G).step_by(64) {
-                            let w = _mm512_xor_si512(_mm512_loadu_si512(wg.add(c) as *const __m512i), flip);
-                            lanes = _mm512_dpbusd_epi32(lanes, w, _mm512_loadu_si512(xg.add(c) as *const __m512i));
-                        }
-                        fold(lanes)
-                    };
-                    accumulate(&mut acc[t], _mm256_sub_epi32(lanes, sum128), *rows.scales.add(t * rows.groups + gi) * xscale);
+        // SAFETY: as in the AVX2 build.
+        unsafe {
+            let flip = _mm512_set1_epi8(-128);
+            over_groups::<N, 7>(rows, x, G, G, |wg, xg| {
+                if G == 32 {
+                    let w = _mm256_xor_si256(_mm256_loadu_si256(wg as *const __m256i), _mm512_castsi512_si256(flip));
+                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, _mm256_loadu_si256(xg as *const __m256i))
+                } else {
+                    let mut lanes = _mm512_setzero_si512();
+                    for c in (0..G).step_by(64) {
+                        let w = _mm512_xor_si512(_mm512_loadu_si512(wg.add(c) as *const __m512i), flip);
+                        lanes = _mm512_dpbusd_epi32(lanes, w, _mm512_loadu_si512(xg.add(c) as *const __m512i));
+                    }
+                    fold(lanes)
                 }
-            }
+            })
         }
-        acc
     }
 }
