@@ -260,7 +260,7 @@ fn e2e_serve_bad_requests_get_typed_errors() {
     let reply = server.post("/v1/ocr", &[("Content-Type", "text/plain")], b"hello");
     assert_eq!((reply.status, code(&reply).as_str()), (415, "unsupported_media_type"), "{}", reply.text);
     let reply = server.post("/v1/ocr", &[PNG], &vec![0u8; 2 << 20]);
-    assert_eq!(reply.status, 413, "{}", reply.text);
+    assert_eq!((reply.status, code(&reply).as_str()), (413, "payload_too_large"), "{}", reply.text);
     let reply = server.post(TINY_16, &[PNG], b"\x89PNG\r\n\x1a\nnot really");
     assert_eq!(reply.status, 400, "{}", reply.text);
     assert!(code(&reply).starts_with("image_"), "{}", reply.text);

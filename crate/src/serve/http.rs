@@ -53,6 +53,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/readyz", get(readyz))
         .merge(api)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .layer(middleware::from_fn_with_state(app.clone(), body_limit))
         .layer(middleware::from_fn_with_state(app.clone(), observe))
         .layer(DefaultBodyLimit::max(app.max_body_bytes))
         .with_state(app)
@@ -115,10 +116,36 @@ async fn auth(State(app): State<Arc<App>>, request: Request, next: Next) -> Resp
     next.run(request).await
 }
 
-/// Reads and drops a body that will not be used (up to the size limit), so that a client still
-/// sending it sees the answer instead of a broken pipe.
+/// Reads and drops a body that will not be used (at most `limit` bytes, never held in memory), so
+/// that a client still sending it sees the answer instead of a broken pipe.
 async fn drain(request: Request, limit: usize) {
-    let _ = axum::body::to_bytes(request.into_body(), limit).await;
+    use futures_util::StreamExt;
+    let mut stream = request.into_body().into_data_stream();
+    let mut read = 0;
+    while read <= limit {
+        match stream.next().await {
+            Some(Ok(chunk)) => read += chunk.len(),
+            _ => break,
+        }
+    }
+}
+
+/// 413 for a body whose `Content-Length` is over the limit, before any handler reads it. A body up
+/// to four times the limit is read and dropped first so that the client gets the answer (a larger
+/// one is cut off); bodies without a length are held to the limit as they are read (also 413).
+async fn body_limit(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let limit = app.max_body_bytes as u64;
+    match declared {
+        Some(length) if length > limit => {
+            if length <= 4 * limit {
+                drain(request, length as usize).await;
+            }
+            let message = format!("the body is {length} bytes, more than this server's limit of {limit} (--max-body-mb)");
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message).into_response()
+        }
+        _ => next.run(request).await,
+    }
 }
 
 async fn readyz(State(app): State<Arc<App>>) -> Response {
