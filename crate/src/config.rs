@@ -225,7 +225,81 @@ fn unsupported(msg: impl Into<String>) -> Error {
     Error::Unsupported(msg.into())
 }
 
+/// Ceilings on the sizes a `config.json` may declare: ten to a hundred times DeepSeek-OCR's (and
+/// above DeepSeek-V3's 61 layers, 256 experts, hidden size 7168), low enough that the tensor list a
+/// config implies (checked before any weight is read) stays a few megabytes — a hostile or corrupt
+/// config gets a typed error instead of an allocation that kills the process.
+const CEILINGS: [(&str, usize); 9] = [
+    ("num_hidden_layers", 256),
+    ("n_routed_experts", 1024),
+    ("n_shared_experts", 64),
+    ("hidden_size", 65_536),
+    ("num_attention_heads", 1024),
+    ("vocab_size", 4_194_304),
+    ("vision_config layers (SAM)", 256),
+    ("vision_config layers (CLIP)", 256),
+    ("SAM global_attn_indexes", 256),
+];
+
 impl Config {
+    fn check_ceilings(&self) -> Result<()> {
+        let d = &self.decoder;
+        let values = [
+            d.num_hidden_layers,
+            d.n_routed_experts,
+            d.n_shared_experts,
+            d.hidden_size,
+            d.num_attention_heads,
+            d.vocab_size,
+            self.sam.layers,
+            self.clip.layers,
+            self.sam.global_attn_indexes.len(),
+        ];
+        for ((name, limit), value) in CEILINGS.iter().zip(values) {
+            if value > *limit {
+                return Err(bad(format!("{name} = {value} is over the supported maximum of {limit}")));
+            }
+        }
+        // Widths and sizes: at least 1 (several are divisors), at most 2^20 (no product of two of
+        // them overflows, no table they size is unbounded).
+        let (sam, clip) = (&self.sam, &self.clip);
+        let sizes = [
+            ("hidden_size", d.hidden_size),
+            ("SAM width", sam.width),
+            ("SAM patch_size", sam.patch_size),
+            ("SAM pretrain grid", sam.pretrain_grid),
+            ("SAM window_size", sam.window_size),
+            ("SAM out_chans", sam.out_chans),
+            ("SAM downsample_channels[0]", sam.downsample_channels[0]),
+            ("SAM downsample_channels[1]", sam.downsample_channels[1]),
+            ("CLIP width", clip.width),
+            ("CLIP patch_size", clip.patch_size),
+            ("CLIP image_size", clip.image_size),
+            ("projector n_embed", self.projector.n_embed),
+        ];
+        let widths = [
+            ("intermediate_size", d.intermediate_size),
+            ("moe_intermediate_size", d.moe_intermediate_size),
+            ("CLIP ffn_hidden_size", clip.ffn_hidden_size),
+            ("max_position_embeddings", d.max_position_embeddings),
+        ];
+        const MAX_SIZE: usize = 1 << 20;
+        for (name, value) in sizes {
+            if !(1..=MAX_SIZE).contains(&value) {
+                return Err(bad(format!("{name} = {value} is outside the supported 1..={MAX_SIZE}")));
+            }
+        }
+        for (name, value) in widths {
+            if value > MAX_SIZE {
+                return Err(bad(format!("{name} = {value} is over the supported maximum of {MAX_SIZE}")));
+            }
+        }
+        if !(sam.mlp_ratio > 0.0 && sam.mlp_ratio <= 64.0) {
+            return Err(bad(format!("SAM mlp_ratio = {} is outside the supported (0, 64]", sam.mlp_ratio)));
+        }
+        Ok(())
+    }
+
     /// Parses the checkpoint's `config.json` text (the hub file unchanged, or a test checkpoint's).
     pub fn from_json(text: &str) -> Result<Self> {
         let raw: RawHub = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
@@ -385,7 +459,9 @@ impl Config {
                 projector.n_embed, decoder.hidden_size
             )));
         }
-        Ok(Config { decoder, sam, clip, projector })
+        let config = Config { decoder, sam, clip, projector };
+        config.check_ceilings()?;
+        Ok(config)
     }
 }
 

@@ -93,6 +93,19 @@ fn malformed_configs_are_typed_errors() {
     assert!(matches!(Config::from_json(&proj), Err(Error::Config(_))));
     let unknown_override = edited(|v| v["dsocr_test_overrides"] = serde_json::json!({"sam_windows": 3}));
     assert!(matches!(Config::from_json(&unknown_override), Err(Error::Config(_))));
+    // Sizes that would make the tensor list alone exhaust memory are refused up front.
+    for (field, value) in [("n_routed_experts", 1_000_000_000u64), ("num_hidden_layers", 100_000), ("vocab_size", 1 << 40)] {
+        let huge = edited(|v| v[field] = value.into());
+        let err = Config::from_json(&huge).unwrap_err();
+        assert!(matches!(err, Error::Config(_)) && err.to_string().contains(field), "{field}: {err}");
+    }
+    // Found by the `config` fuzz target: a CLIP image size whose position grid overflowed, and a
+    // zero patch size (a division by zero) — both typed errors now.
+    for (key, value) in [("image_size", 200_000_000_000_024u64), ("patch_size", 0)] {
+        let bad_clip = edited(|v| v["vision_config"]["width"]["clip-l-14-224"][key] = value.into());
+        let err = Config::from_json(&bad_clip).unwrap_err();
+        assert!(matches!(err, Error::Config(_)) && err.to_string().contains("CLIP"), "{key}: {err}");
+    }
 }
 
 #[test]
