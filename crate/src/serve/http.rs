@@ -20,9 +20,11 @@ use tokio::time::Instant;
 
 use super::error::ApiError;
 use super::worker::{Event, PageInput, Queue, Work};
-use crate::cli::ocr::parse_task;
+use clap::ValueEnum;
+
+use crate::cli::ocr::{GuardArg, parse_task};
 use crate::cli::pdf;
-use crate::{GenerationOptions, Mode, OcrResult, RepeatGuard};
+use crate::{GenerationOptions, Mode, OcrResult};
 
 /// What every handler shares.
 pub struct App {
@@ -202,13 +204,10 @@ pub fn generation(app: &App, max_new_tokens: Option<usize>, repeat_guard: Option
     if max == 0 || max > app.max_new_tokens {
         return Err(ApiError::invalid("max_new_tokens", format_args!("must be between 1 and {}", app.max_new_tokens), max));
     }
-    let repeat_guard = match repeat_guard.unwrap_or("vllm") {
-        "vllm" => RepeatGuard::vllm(),
-        "hf" => RepeatGuard::hf(),
-        "off" => RepeatGuard::Off,
-        other => return Err(ApiError::invalid("repeat_guard", "must be vllm, hf or off", other)),
-    };
-    Ok(GenerationOptions { max_new_tokens: max, repeat_guard, ..GenerationOptions::default() })
+    // The CLI's `--repeat-guard` values, the same names and rules.
+    let guard = repeat_guard.unwrap_or("vllm");
+    let guard = GuardArg::from_str(guard, false).map_err(|_| ApiError::invalid("repeat_guard", "must be vllm, hf or off", guard))?;
+    Ok(GenerationOptions { max_new_tokens: max, repeat_guard: guard.guard(), ..GenerationOptions::default() })
 }
 
 /// A body's extraction failure (too large, unreadable) with its own status (413 for the size limit).
@@ -270,8 +269,6 @@ async fn ocr_inner(app: Arc<App>, options: &mut OcrOptions, headers: &HeaderMap,
     } else {
         Bytes::from_request(request, &()).await.map_err(|r| rejection(r.status(), r.body_text()))?.to_vec()
     };
-    // After the body (read within its size limit): a client that is turned away still gets its answer.
-    let admission = app.queue.admit()?;
     let task = parse_task(options.task.as_deref().unwrap_or("markdown")).map_err(|message| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_argument", message))?;
     let mode = parse_mode(&app, options.mode.as_deref())?;
     let max_new_tokens = match options.max_new_tokens.as_deref() {
@@ -279,6 +276,9 @@ async fn ocr_inner(app: Arc<App>, options: &mut OcrOptions, headers: &HeaderMap,
         None => None,
     };
     let generation = generation(&app, max_new_tokens, options.repeat_guard.as_deref())?;
+    // After the body (read within its size limit) and the options: a client that is turned away
+    // still gets its answer, and a bad request never takes a place in the queue.
+    let admission = app.queue.admit()?;
     let pages = pages_of(bytes).await?;
     let numbers: Vec<Option<usize>> = pages.iter().map(|p| p.number).collect();
     let events = app.queue.submit(admission, Work { pages, task, mode, generation })?;
@@ -316,6 +316,11 @@ pub async fn outcomes(
     }
     let stopped = || Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the model stopped before this page"));
     Ok(outcomes.into_iter().map(|o| o.unwrap_or_else(stopped)).collect())
+}
+
+/// Seconds since the Unix epoch (OpenAI's `created`).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 pub fn timeout(app: &App) -> ApiError {

@@ -106,7 +106,7 @@ async fn serve(args: ServeArgs, api_key: Option<[u8; 32]>) -> Result<(), String>
         timeout: Duration::from_secs(args.timeout_s),
         allow_remote_images: args.allow_remote_images,
         max_body_bytes: args.max_body_mb << 20,
-        started: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        started: http::unix_now(),
     });
 
     let load_failure = Arc::new(std::sync::Mutex::new(None));

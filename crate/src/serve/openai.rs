@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use super::error::ApiError;
-use super::http::{App, StreamTimer, generation, outcomes, pages_of, parse_mode, rejection, timeout};
+use super::http::{App, StreamTimer, generation, outcomes, pages_of, parse_mode, rejection, timeout, unix_now};
 use super::worker::{Event, Work};
 use crate::{OcrResult, Sampling, Task};
 
@@ -225,10 +225,6 @@ fn finish_reason(last: Option<&OcrResult>) -> &'static str {
         Some("stop") | None => "stop",
         _ => "length",
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// Streamed text that adds up to what the plain answer holds: each page's text trimmed (leading

@@ -4,7 +4,7 @@
 
 use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -42,15 +42,12 @@ struct Job {
     _permit: OwnedSemaphorePermit,
 }
 
-const LOADING: u8 = 0;
-const READY: u8 = 1;
-const FAILED: u8 = 2;
-
 /// The queue: admission (bounded, 429 when full), the model thread's state, its metrics.
 pub struct Queue {
     jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
     permits: Arc<Semaphore>,
-    state: Arc<AtomicU8>,
+    /// Set once the model has loaded (a failed load ends the server instead).
+    ready: Arc<AtomicBool>,
     /// Moving average of a request's time with the model, for `Retry-After`.
     average_ms: Arc<AtomicU64>,
     pub metrics: Arc<Metrics>,
@@ -72,23 +69,22 @@ impl Queue {
         let queue = Arc::new(Queue {
             jobs: Mutex::new(Some(sender)),
             permits: Arc::new(Semaphore::new(max_waiting + 1)),
-            state: Arc::new(AtomicU8::new(LOADING)),
+            ready: Arc::new(AtomicBool::new(false)),
             average_ms: Arc::new(AtomicU64::new(0)),
             metrics: metrics.clone(),
         });
-        let (state, average_ms) = (queue.state.clone(), queue.average_ms.clone());
+        let (ready, average_ms) = (queue.ready.clone(), queue.average_ms.clone());
         let thread = std::thread::Builder::new()
             .name("dsocr-model".into())
             .spawn(move || {
                 let engine = match load() {
                     Ok(engine) => engine,
                     Err(message) => {
-                        state.store(FAILED, Ordering::SeqCst);
                         on_load(Err(message));
                         return;
                     }
                 };
-                state.store(READY, Ordering::SeqCst);
+                ready.store(true, Ordering::SeqCst);
                 on_load(Ok(()));
                 for job in receiver {
                     let started = Instant::now();
@@ -103,7 +99,7 @@ impl Queue {
     }
 
     pub fn ready(&self) -> bool {
-        self.state.load(Ordering::SeqCst) == READY
+        self.ready.load(Ordering::SeqCst)
     }
 
     /// A place in the queue, or 503 while the model loads, 429 (with `Retry-After`) when full.

@@ -10,8 +10,8 @@
 //! once per input. Each group's integer products go to [`LANES`] lanes by position (value `v` to
 //! lane `(v mod 32) / 4`, the lanes of AVX2's `maddubs` + `madd` over 32 values) and each lane keeps
 //! its own float sum, reduced once per output: integer sums are exact and the float operations are
-//! the same, lane by lane, in every build, so the AVX2 path (32 products per instruction) and the
-//! portable one give the same bits. Against float activations each input value is off by at most
+//! the same, lane by lane, in every build, so the AVX2 and AVX-512 VNNI paths ([`x86`]: 32 and 64
+//! products per instruction) and the portable one give the same bits. Against float activations each input value is off by at most
 //! half its group's step, so `|y − x · Wᵀ| ≤ Σ_j |w_j| · s_x(j) / 2` (the tests hold the kernels to
 //! that bound). Unpacking nibbles into floats cost more than reading the bytes; this is what lets
 //! int4 run at the speed of memory.
