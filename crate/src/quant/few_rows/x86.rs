@@ -176,6 +176,17 @@ unsafe fn over_groups<const N: usize, const SHIFT: i32>(
     acc
 }
 
+/// The 32 values of a q4 group of 32 (16 bytes): low nibbles (values 0..16) then high ones (16..32).
+#[inline(always)]
+unsafe fn nibbles_of_16_bytes(wg: *const u8) -> __m256i {
+    // SAFETY: the caller's group of 16 bytes; the CPU features of the entry point.
+    unsafe {
+        let m = _mm_set1_epi8(15);
+        let v = _mm_loadu_si128(wg as *const __m128i);
+        _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m))
+    }
+}
+
 struct Avx2;
 
 impl Groups for Avx2 {
@@ -187,9 +198,7 @@ impl Groups for Avx2 {
             let ones = _mm256_set1_epi16(1);
             over_groups::<N, 3>(rows, x, HALF, 2 * HALF, |wg, xg| {
                 if HALF == 16 {
-                    let m = _mm_set1_epi8(15);
-                    let v = _mm_loadu_si128(wg as *const __m128i);
-                    let nibbles = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+                    let nibbles = nibbles_of_16_bytes(wg);
                     _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles, _mm256_loadu_si256(xg as *const __m256i)), ones)
                 } else {
                     let mut lanes = _mm256_setzero_si256();
@@ -241,9 +250,7 @@ impl Groups for Vnni {
             let mask = _mm512_set1_epi8(15);
             over_groups::<N, 3>(rows, x, HALF, 2 * HALF, |wg, xg| {
                 if HALF == 16 {
-                    let m = _mm_set1_epi8(15);
-                    let v = _mm_loadu_si128(wg as *const __m128i);
-                    let nibbles = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+                    let nibbles = nibbles_of_16_bytes(wg);
                     _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles, _mm256_loadu_si256(xg as *const __m256i))
                 } else if HALF == 32 {
                     // Values 0..32 (low nibbles) then 32..64 (high): one register of 64.
