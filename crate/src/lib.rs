@@ -22,8 +22,8 @@ pub mod quant;
 #[cfg(all(feature = "serve", not(target_arch = "wasm32")))]
 pub mod serve;
 pub mod text;
-#[cfg(target_arch = "wasm32")]
-pub mod wasm;
+#[cfg(all(target_arch = "wasm32", feature = "webgpu"))]
+pub mod web;
 pub mod weights;
 
 pub use config::{Config, Mode};

@@ -1,5 +1,5 @@
 // dsocr compiled to wasm32, in headless Debian Chromium on WebGPU (SwiftShader), against the reference.
-// Needs: www/pkg (python3 www/build.py), /usr/bin/chromium, `npm ci` here. Run: npm test.
+// Needs: www/dist/wasm (python3 www/build.py), /usr/bin/chromium, `npm ci` here. Run: npm test.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import http from 'node:http';
@@ -12,7 +12,7 @@ import { chromium } from 'playwright-core';
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const fixtures = path.join(root, 'tests', 'fixtures');
 const routes = {
-  '/pkg/': path.join(root, 'www', 'pkg'),
+  '/pkg/': path.join(root, 'www', 'dist', 'wasm'),
   '/ckpt/': fixtures,
   // The same files from a server that ignores Range headers (like `python3 -m http.server`).
   '/norange/': fixtures,

@@ -71,6 +71,7 @@ impl QuantizedInput {
 
 /// The builds of the kernel; each gives the same bits (see the module's documentation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(super) enum Simd {
     Portable,
     /// 32 products per `maddubs`.
@@ -89,6 +90,7 @@ impl Simd {
     pub(super) fn available() -> &'static [Simd] {
         static AVAILABLE: std::sync::OnceLock<Vec<Simd>> = std::sync::OnceLock::new();
         AVAILABLE.get_or_init(|| {
+            #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
             let mut builds = vec![Simd::Portable];
             #[cfg(target_arch = "x86_64")]
             {

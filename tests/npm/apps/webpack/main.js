@@ -1,0 +1,2 @@
+import { Dsocr, DsocrError } from 'dsocr';
+window.dsocrApp = { Dsocr, DsocrError };

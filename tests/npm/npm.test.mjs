@@ -1,0 +1,295 @@
+// The packed npm package (`npm pack` of www/) installed here and used by sample apps — a plain page
+// with no bundler, a Vite app (dev server with and without optimizeDeps.exclude, production build) and
+// a webpack 5 app — in headless Debian Chromium on WebGPU (SwiftShader), against the reference tokens.
+// Needs: www/dist built (python3 www/build.py --skip-opt && (cd www && npm ci && npm run build:ts)),
+// /usr/bin/chromium, `npm ci` here. Run: npm test.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+import { serve } from './server.mjs';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const root = path.resolve(here, '..', '..');
+const fixtures = path.join(root, 'tests', 'fixtures');
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'dsocr-npm-'));
+const TOKENS = 4;
+
+function reference(image, mode = 'tiny') {
+  const index = JSON.parse(fs.readFileSync(path.join(fixtures, 'tiny-a', 'cases', 'index.json')));
+  return index.cases.find((c) => c.image === image && c.mode === mode).greedy_tokens;
+}
+
+let files; // fixture server: checkpoints, images, the plain app, built apps
+let browser;
+
+before(async () => {
+  // The package as users get it: packed, then installed from the tarball.
+  const packed = JSON.parse(execFileSync('npm', ['pack', '--json', '--pack-destination', tmp], { cwd: path.join(root, 'www') }))[0];
+  const tarball = path.join(tmp, packed.filename);
+  console.log(`# packed ${packed.filename}: ${(packed.size / 1e6).toFixed(2)} MB, unpacked ${(packed.unpackedSize / 1e6).toFixed(2)} MB, ${packed.entryCount} files`);
+  execFileSync('npm', ['install', '--no-save', '--no-audit', '--no-fund', tarball], { cwd: here, stdio: 'inherit' });
+  files = await serve({
+    '/': path.join(here, 'apps', 'plain'),
+    '/node_modules/': path.join(here, 'node_modules'),
+    '/ckpt/': fixtures,
+    '/images/': path.join(fixtures, 'images'),
+    '/vite-build/': path.join(tmp, 'vite-build'),
+    '/webpack/': path.join(tmp, 'webpack'),
+  });
+  const args = ['--headless', '--no-sandbox', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-quic', '--enable-unsafe-webgpu'];
+  browser = await chromium.launch({ executablePath: '/usr/bin/chromium', headless: true, args });
+});
+
+after(async () => {
+  await browser?.close();
+  files?.server.close();
+});
+
+async function open(url) {
+  const page = await browser.newPage();
+  page.on('console', (m) => process.env.DSOCR_BROWSER_LOG && console.log('[page]', m.text()));
+  page.on('pageerror', (e) => console.log('[page error]', e.message));
+  await page.goto(url);
+  await page.waitForFunction(() => window.dsocrApp, null, { timeout: 60_000 });
+  return page;
+}
+
+// In the page: load, recognise the page image `tokens` tokens long, dispose. Errors come back as data.
+function loadAndRecognize(page, weightsUrl, imageUrl, tokens = TOKENS, loadOptions = {}) {
+  return page.evaluate(async ({ weightsUrl, imageUrl, tokens, loadOptions }) => {
+    const { Dsocr } = window.dsocrApp;
+    const progress = [];
+    try {
+      const t0 = performance.now();
+      const engine = await Dsocr.load({ weightsUrl, onProgress: (p) => progress.push(p), ...loadOptions });
+      const loadMs = performance.now() - t0;
+      const blob = await (await fetch(imageUrl)).blob();
+      const streamed = [];
+      const t1 = performance.now();
+      const result = await engine.recognize(blob, { mode: 'tiny', maxNewTokens: tokens, repeatGuard: 'hf', onToken: (t) => streamed.push(t.id) });
+      const runMs = performance.now() - t1;
+      await engine.dispose();
+      return { ids: result.token_ids, streamed, progress, loadMs, runMs };
+    } catch (e) {
+      return { error: { name: e.name, code: e.code, message: String(e.message) }, progress };
+    }
+  }, { weightsUrl, imageUrl, tokens, loadOptions });
+}
+
+function checkRun(out, label) {
+  assert.equal(out.error, undefined, `${label}: ${JSON.stringify(out.error)}`);
+  const expected = reference('page').slice(0, TOKENS);
+  assert.deepEqual(out.ids, expected, label);
+  assert.deepEqual(out.streamed, expected, `${label}: onToken sees every token`);
+  // Progress: monotonic per file and for the whole model, ends with `ready` at the total.
+  const last = out.progress.at(-1);
+  assert.equal(last.phase, 'ready');
+  assert.ok(last.modelTotal > 0 && last.modelLoaded === last.modelTotal, JSON.stringify(last));
+  let previous = 0;
+  for (const p of out.progress) {
+    assert.ok(p.modelLoaded >= previous, 'model progress never goes back');
+    previous = p.modelLoaded;
+  }
+  console.log(`# ${label}: load ${out.loadMs.toFixed(0)} ms, recognize ${TOKENS} tokens ${out.runMs.toFixed(0)} ms`);
+}
+
+test('plain page (import map, no bundler): reference tokens through the package worker, progress to ready', { timeout: 10 * 60_000 }, async () => {
+  const page = await open(`${files.base}/`);
+  try {
+    checkRun(await loadAndRecognize(page, '/ckpt/tiny-a', '/images/page.png'), 'plain page');
+  } finally {
+    await page.close();
+  }
+});
+
+test('plain page: every input type gives the same tokens (pixels transferred, caller objects intact)', { timeout: 15 * 60_000 }, async () => {
+  const page = await open(`${files.base}/`);
+  try {
+    const out = await page.evaluate(async ({ tokens }) => {
+      const { Dsocr } = window.dsocrApp;
+      const engine = await Dsocr.load({ weightsUrl: '/ckpt/tiny-a' });
+      const url = '/images/page.png';
+      const bytes = await (await fetch(url)).arrayBuffer();
+      const blob = new Blob([bytes], { type: 'image/png' });
+      const img = new Image();
+      img.src = url;
+      await img.decode();
+      const bitmap = await createImageBitmap(blob, { colorSpaceConversion: 'none', premultiplyAlpha: 'none' });
+      const canvas = document.createElement('canvas');
+      [canvas.width, canvas.height] = [bitmap.width, bitmap.height];
+      canvas.getContext('2d').drawImage(bitmap, 0, 0);
+      const offscreen = new OffscreenCanvas(bitmap.width, bitmap.height);
+      offscreen.getContext('2d').drawImage(bitmap, 0, 0);
+      const imageData = canvas.getContext('2d').getImageData(0, 0, bitmap.width, bitmap.height);
+      const frame = new VideoFrame(bitmap, { timestamp: 0 });
+      const inputs = {
+        Blob: blob, File: new File([bytes], 'page.png', { type: 'image/png' }), ArrayBuffer: bytes, Uint8Array: new Uint8Array(bytes),
+        ImageData: imageData, ImageBitmap: bitmap, HTMLImageElement: img, HTMLCanvasElement: canvas, OffscreenCanvas: offscreen,
+        VideoFrame: frame, 'URL string': url, URL: new URL(url, location.href),
+      };
+      const ids = {};
+      for (const [name, input] of Object.entries(inputs)) {
+        try {
+          ids[name] = (await engine.recognize(input, { mode: 'tiny', maxNewTokens: tokens, repeatGuard: 'hf' })).token_ids;
+        } catch (e) {
+          ids[name] = `${e.code}: ${e.message}`;
+        }
+      }
+      const intact = { bitmap: bitmap.width > 0, buffer: bytes.byteLength > 0, imageData: imageData.data.length > 0, frame: frame.codedWidth > 0 };
+      frame.close();
+      let badImage;
+      try {
+        await engine.recognize(new Uint8Array([1, 2, 3]));
+      } catch (e) {
+        badImage = e.code;
+      }
+      let badArgument;
+      try {
+        await engine.recognize({ not: 'an image' });
+      } catch (e) {
+        badArgument = e.code;
+      }
+      await engine.dispose();
+      return { ids, intact, badImage, badArgument };
+    }, { tokens: 2 });
+    const expected = reference('page').slice(0, 2);
+    for (const [name, ids] of Object.entries(out.ids)) assert.deepEqual(ids, expected, name);
+    assert.deepEqual(out.intact, { bitmap: true, buffer: true, imageData: true, frame: true });
+    assert.equal(out.badImage, 'BAD_IMAGE');
+    assert.equal(out.badArgument, 'BAD_ARGUMENT');
+  } finally {
+    await page.close();
+  }
+});
+
+test('plain page: stream, abort mid-decode then a job, abort mid-download then a load, dispose → DISPOSED, worker: false', { timeout: 15 * 60_000 }, async () => {
+  const page = await open(`${files.base}/`);
+  try {
+    const out = await page.evaluate(async () => {
+      const { Dsocr, DsocrError } = window.dsocrApp;
+      const image = await (await fetch('/images/page.png')).blob();
+      const r = {};
+      // Abort while the weights download: rejects with the signal's reason; a new load works.
+      const early = new AbortController();
+      const aborted = Dsocr.load({ weightsUrl: '/ckpt/tiny-a', signal: early.signal, onProgress: (p) => p.file.endsWith('.safetensors') && early.abort(new Error('stop the download')) });
+      r.loadAbort = await aborted.then(() => 'resolved', (e) => e.message);
+      const engine = await Dsocr.load({ weightsUrl: '/ckpt/tiny-a' });
+      // A stream read to the end.
+      const stream = engine.stream(image, { mode: 'tiny', maxNewTokens: 3, repeatGuard: 'hf' });
+      r.streamed = [];
+      for await (const t of stream) r.streamed.push(t.id);
+      r.streamResult = (await stream.result).token_ids;
+      // Abort after the first token: rejects with the reason (an AbortError DOMException by default).
+      const controller = new AbortController();
+      r.decodeAbort = await engine.recognize(image, { mode: 'tiny', maxNewTokens: 50, repeatGuard: 'hf', signal: controller.signal, onToken: () => controller.abort() })
+        .then(() => 'resolved', (e) => `${e.name}`);
+      // The engine takes the next job.
+      r.after = (await engine.recognize(image, { mode: 'tiny', maxNewTokens: 2, repeatGuard: 'hf' })).token_ids;
+      // Leaving a stream early stops it; the engine goes on.
+      for await (const t of engine.stream(image, { mode: 'tiny', maxNewTokens: 50, repeatGuard: 'hf' })) break;
+      r.afterBreak = (await engine.recognize(image, { mode: 'tiny', maxNewTokens: 1, repeatGuard: 'hf' })).token_ids;
+      await engine.dispose();
+      await engine.dispose();
+      r.disposed = await engine.recognize(image).then(() => 'resolved', (e) => e instanceof DsocrError && e.code);
+      // On the calling thread.
+      const local = await Dsocr.load({ weightsUrl: '/ckpt/tiny-a', worker: false });
+      r.local = (await local.recognize(image, { mode: 'tiny', maxNewTokens: 2, repeatGuard: 'hf' })).token_ids;
+      await local.dispose();
+      // Errors of load: a missing checkpoint.
+      r.missing = await Dsocr.load({ weightsUrl: '/ckpt/nothing-here' }).then(() => 'resolved', (e) => `${e.code}: ${e.message}`);
+      r.noOptions = await Dsocr.load().then(() => 'resolved', (e) => e.code);
+      return r;
+    });
+    const ref = reference('page');
+    assert.equal(out.loadAbort, 'stop the download');
+    assert.deepEqual(out.streamed, ref.slice(0, 3));
+    assert.deepEqual(out.streamResult, ref.slice(0, 3));
+    assert.equal(out.decodeAbort, 'AbortError');
+    assert.deepEqual(out.after, ref.slice(0, 2));
+    assert.deepEqual(out.afterBreak, ref.slice(0, 1));
+    assert.equal(out.disposed, 'DISPOSED');
+    assert.deepEqual(out.local, ref.slice(0, 2));
+    assert.match(out.missing, /^NETWORK: .*nothing-here/);
+    assert.equal(out.noOptions, 'BAD_ARGUMENT');
+  } finally {
+    await page.close();
+  }
+});
+
+test('a worker that crashes mid-job rejects the pending call (no hang); an app-made worker from dsocr/worker', { timeout: 10 * 60_000 }, async () => {
+  const page = await open(`${files.base}/`);
+  try {
+    const out = await page.evaluate(async () => {
+      const { Dsocr } = window.dsocrApp;
+      const worker = new Worker('/crash-worker.js', { type: 'module' });
+      const engine = await Dsocr.load({ weightsUrl: '/ckpt/tiny-a', worker });
+      const image = await (await fetch('/images/page.png')).blob();
+      const first = await engine.recognize(image, { mode: 'tiny', maxNewTokens: 1, repeatGuard: 'hf' }).then((r) => r.token_ids, (e) => e.message);
+      worker.postMessage({ crashAfterMs: 10 });
+      const pending = await engine.recognize(image, { mode: 'tiny', maxNewTokens: 50, repeatGuard: 'hf' }).then(() => 'resolved', (e) => `${e.code}: ${e.message}`);
+      const later = await engine.recognize(image).then(() => 'resolved', (e) => e.code);
+      worker.terminate();
+      return { first, pending, later };
+    });
+    assert.deepEqual(out.first, reference('page').slice(0, 1));
+    assert.match(out.pending, /^INTERNAL: .*simulated crash/);
+    assert.equal(out.later, 'INTERNAL');
+  } finally {
+    await page.close();
+  }
+});
+
+test('the .d.ts type-checks a sample that uses every member (tsc --noEmit)', { timeout: 2 * 60_000 }, () => {
+  execFileSync(path.join(here, 'node_modules', '.bin', 'tsc'), ['-p', path.join(here, 'types')], { stdio: 'inherit' });
+});
+
+for (const exclude of [false, true]) {
+  test(`Vite dev server${exclude ? ' with optimizeDeps.exclude' : ' (dependency pre-bundling on)'}: reference tokens`, { timeout: 10 * 60_000 }, async () => {
+    const { createServer } = await import('vite');
+    if (exclude) process.env.DSOCR_VITE_EXCLUDE = '1';
+    else delete process.env.DSOCR_VITE_EXCLUDE;
+    const server = await createServer({ configFile: path.join(here, 'apps', 'vite', 'vite.config.js'), server: { host: '127.0.0.1', port: 0 }, cacheDir: path.join(tmp, `vite-cache-${exclude}`) });
+    await server.listen();
+    try {
+      const page = await open(server.resolvedUrls.local[0]);
+      checkRun(await loadAndRecognize(page, `${files.base}/ckpt/tiny-a`, `${files.base}/images/page.png`), `Vite dev${exclude ? ' (exclude)' : ''}`);
+      await page.close();
+    } finally {
+      await server.close();
+    }
+  });
+}
+
+test('Vite production build, served statically: reference tokens', { timeout: 10 * 60_000 }, async () => {
+  const { build } = await import('vite');
+  process.env.DSOCR_VITE_OUT = path.join(tmp, 'vite-build');
+  await build({ configFile: path.join(here, 'apps', 'vite', 'vite.config.js'), base: '/vite-build/' });
+  const page = await open(`${files.base}/vite-build/`);
+  try {
+    checkRun(await loadAndRecognize(page, '/ckpt/tiny-a', '/images/page.png'), 'Vite build');
+  } finally {
+    await page.close();
+  }
+});
+
+test('webpack 5 production build (no wasm or worker config), served statically: reference tokens', { timeout: 10 * 60_000 }, async () => {
+  const require = createRequire(import.meta.url);
+  const webpack = require('webpack');
+  process.env.DSOCR_WEBPACK_OUT = path.join(tmp, 'webpack');
+  const config = require(path.join(here, 'apps', 'webpack', 'webpack.config.cjs'));
+  const stats = await new Promise((resolve, reject) => webpack(config, (e, s) => (e ? reject(e) : resolve(s))));
+  assert.ok(!stats.hasErrors(), stats.toString('errors-only'));
+  fs.copyFileSync(path.join(here, 'apps', 'webpack', 'index.html'), path.join(tmp, 'webpack', 'index.html'));
+  const page = await open(`${files.base}/webpack/`);
+  try {
+    checkRun(await loadAndRecognize(page, '/ckpt/tiny-a', '/images/page.png'), 'webpack');
+  } finally {
+    await page.close();
+  }
+});

@@ -1,0 +1,104 @@
+// The engine host: owns the wasm module and one engine, answers the client's requests. It runs in
+// the package's Web Worker (worker.ts) or, with `worker: false`, on the page behind a MessageChannel.
+// Recognitions run one at a time in arrival order; an abort stops a running one after its current
+// token (the decode loop awaits GPU readbacks, so abort messages are handled between tokens).
+
+import init, { Dsocr as WasmEngine } from './wasm/dsocr.js';
+import { toWire, type WireError } from './errors.js';
+import type { Endpoint, Reply, Request, WireInput, WireLoadOptions, WireRecognizeOptions } from './protocol.js';
+import type { AdapterInfo, OcrResult, TokenEvent } from './types.js';
+
+export function serve(endpoint: Endpoint): void {
+  let engine: WasmEngine | null = null;
+  let loading: Promise<unknown> | null = null;
+  /** Set once the wasm instance trapped: nothing can run on it any more. */
+  let broken: WireError | null = null;
+  let disposed = false;
+  const controllers = new Map<number, AbortController>();
+  let queue: Promise<unknown> = Promise.resolve();
+
+  const reply = (message: Reply, transfer: Transferable[] = []) => endpoint.postMessage(message, transfer);
+  const fail = (id: number, e: unknown) => {
+    const error = toWire(e);
+    if (error.fatal) broken = error;
+    reply({ type: 'error', id, error });
+  };
+
+  async function load(id: number, options: WireLoadOptions, signal: AbortSignal): Promise<void> {
+    if (engine || loading) throw { code: 'BAD_ARGUMENT', message: 'this engine is already loaded; create another with Dsocr.load' };
+    loading = (async () => {
+      await init(options.wasmUrl ? { module_or_path: options.wasmUrl } : undefined);
+      return WasmEngine.load(options.weightsUrl, {
+        dtype: options.dtype,
+        quantize: options.quantize,
+        maxBindingBytes: options.maxBindingBytes,
+        signal,
+        onProgress: (event: { file: string; loaded: number; total: number | null }) =>
+          reply({ type: 'progress', id, event: { file: event.file, loaded: event.loaded, total: event.total } }),
+      });
+    })();
+    try {
+      engine = (await loading) as WasmEngine;
+      reply({ type: 'loaded', id, adapter: engine.adapterInfo() as AdapterInfo });
+    } finally {
+      loading = null;
+    }
+  }
+
+  async function recognize(id: number, input: WireInput, options: WireRecognizeOptions, signal: AbortSignal): Promise<void> {
+    try {
+      if (signal.aborted) throw { code: 'ABORTED', message: 'aborted' };
+      if (!engine) throw { code: 'BAD_ARGUMENT', message: 'the engine is not loaded' };
+      let source: unknown = input;
+      if (typeof input === 'object' && 'url' in input) {
+        const response = await fetch(input.url, { signal });
+        if (!response.ok) throw { code: 'NETWORK', message: `${input.url}: HTTP ${response.status}` };
+        source = new Uint8Array(await response.arrayBuffer());
+      }
+      const { stream, ...rest } = options;
+      const result = (await engine.recognize(source, {
+        ...rest,
+        signal,
+        onToken: stream ? (event: TokenEvent) => reply({ type: 'token', id, event }) : undefined,
+      })) as OcrResult;
+      reply({ type: 'result', id, result });
+    } finally {
+      // The bitmap was transferred to us (a copy of the caller's): free its memory now.
+      if (typeof ImageBitmap !== 'undefined' && input instanceof ImageBitmap) input.close();
+    }
+  }
+
+  endpoint.addEventListener('message', (event: MessageEvent<Request>) => {
+    const request = event.data;
+    // The app's own messages to a worker it shares with the engine are not ours.
+    if (typeof request !== 'object' || request === null || typeof request.id !== 'number') return;
+    if (request.type === 'abort') {
+      controllers.get(request.id)?.abort();
+      return;
+    }
+    const { id } = request;
+    if (broken) return fail(id, { ...broken, code: 'DISPOSED', message: `the engine crashed earlier (${broken.message}); load a new one` });
+    if (disposed) return fail(id, { code: 'DISPOSED', message: 'the engine was disposed' });
+    const controller = new AbortController();
+    controllers.set(id, controller);
+    const done = () => controllers.delete(id);
+    switch (request.type) {
+      case 'load':
+        load(id, request.options, controller.signal).catch((e) => fail(id, e)).finally(done);
+        return;
+      case 'recognize':
+        queue = queue.then(() => recognize(id, request.input, request.options, controller.signal).catch((e) => fail(id, e)).finally(done));
+        return;
+      case 'dispose':
+        disposed = true;
+        for (const c of controllers.values()) c.abort();
+        queue = queue.then(() => {
+          engine?.free();
+          engine = null;
+          done();
+          reply({ type: 'disposed', id });
+        });
+        return;
+    }
+  });
+}

@@ -1,0 +1,75 @@
+// Turns the engine's per-file byte counts into the package's progress events: whole-model totals,
+// a receive rate over a sliding window, an ETA.
+
+import type { RawProgress } from './protocol.js';
+import type { LoadProgress } from './types.js';
+
+/** Seconds of history the rate is measured over. */
+const WINDOW_MS = 3000;
+
+export class ProgressTracker {
+  private readonly files = new Map<string, { loaded: number; total: number | null }>();
+  private readonly samples: { t: number; bytes: number }[] = [];
+  private readonly started = performance.now();
+
+  /** The event for one raw report. */
+  update(raw: RawProgress): LoadProgress {
+    const previous = this.files.get(raw.file);
+    this.files.set(raw.file, { loaded: raw.loaded, total: raw.total });
+    const now = performance.now();
+    const modelLoaded = this.loaded();
+    if (!previous || previous.loaded !== raw.loaded) this.samples.push({ t: now, bytes: modelLoaded });
+    while (this.samples.length > 2 && now - this.samples[0].t > WINDOW_MS) this.samples.shift();
+    const first = this.samples[0];
+    const seconds = (now - first.t) / 1000;
+    const bytesPerSecond = seconds > 0 ? (modelLoaded - first.bytes) / seconds : 0;
+    const left = raw.total === null ? null : Math.max(0, raw.total - raw.loaded);
+    return {
+      phase: 'download',
+      file: raw.file,
+      loaded: raw.loaded,
+      total: raw.total,
+      modelLoaded,
+      modelTotal: this.total(),
+      bytesPerSecond,
+      etaSeconds: left === null ? null : left === 0 ? 0 : bytesPerSecond > 0 ? left / bytesPerSecond : null,
+      fromCache: false,
+      elapsedMs: now - this.started,
+    };
+  }
+
+  /** The final event, once the engine is ready. */
+  ready(): LoadProgress {
+    const modelLoaded = this.loaded();
+    const last = [...this.files.entries()].at(-1);
+    return {
+      phase: 'ready',
+      file: last?.[0] ?? '',
+      loaded: last?.[1].loaded ?? 0,
+      total: last?.[1].total ?? null,
+      modelLoaded,
+      modelTotal: modelLoaded,
+      bytesPerSecond: 0,
+      etaSeconds: 0,
+      fromCache: false,
+      elapsedMs: performance.now() - this.started,
+    };
+  }
+
+  private loaded(): number {
+    let sum = 0;
+    for (const f of this.files.values()) sum += f.loaded;
+    return sum;
+  }
+
+  /** Known once the weights have been opened (config, tokenizer and weights sizes all seen). */
+  private total(): number | null {
+    if (this.files.size < 3) return null;
+    let sum = 0;
+    for (const f of this.files.values()) {
+      if (f.total === null) return null;
+      sum += f.total;
+    }
+    return sum;
+  }
+}
