@@ -108,12 +108,31 @@ test('plain page (import map, no bundler): reference tokens through the package 
   }
 });
 
-test('plain page: every input type gives the same tokens (pixels transferred, caller objects intact)', { timeout: 15 * 60_000 }, async () => {
+test('plain page: every input type gives the same tokens (pixels transferred, caller objects intact); memory flat over 24 recognitions', { timeout: 15 * 60_000 }, async () => {
   const page = await open(`${files.base}/`);
+  const cdp = await page.context().newCDPSession(page);
   try {
-    const out = await page.evaluate(async ({ tokens }) => {
+    const pageHeap = async () => {
+      await cdp.send('HeapProfiler.collectGarbage');
+      return (await cdp.send('Runtime.getHeapUsage')).usedSize;
+    };
+    await page.evaluate(async () => {
       const { Dsocr } = window.dsocrApp;
-      const engine = await Dsocr.load({ weightsUrl: '/ckpt/tiny-a' });
+      const worker = new Worker('/stats-worker.js', { type: 'module' });
+      window.stats = () => new Promise((resolve) => {
+        const onStats = (e) => e.data?.stats && (worker.removeEventListener('message', onStats), resolve(e.data.stats));
+        worker.addEventListener('message', onStats);
+        worker.postMessage({ stats: true });
+      });
+      window.engine = await Dsocr.load({ weightsUrl: '/ckpt/tiny-a', worker });
+      window.image = await (await fetch('/images/page.png')).blob();
+      window.once = async (input) => (await window.engine.recognize(input ?? window.image, { mode: 'tiny', maxNewTokens: 1, repeatGuard: 'hf' })).token_ids;
+      // Warm-up: shaders compiled, the GPU memory pool sized.
+      await window.once();
+      await window.once();
+    });
+    const before = { ...(await page.evaluate(() => window.stats())), pageHeap: await pageHeap() };
+    const out = await page.evaluate(async () => {
       const url = '/images/page.png';
       const bytes = await (await fetch(url)).arrayBuffer();
       const blob = new Blob([bytes], { type: 'image/png' });
@@ -136,33 +155,32 @@ test('plain page: every input type gives the same tokens (pixels transferred, ca
       const ids = {};
       for (const [name, input] of Object.entries(inputs)) {
         try {
-          ids[name] = (await engine.recognize(input, { mode: 'tiny', maxNewTokens: tokens, repeatGuard: 'hf' })).token_ids;
+          ids[name] = await window.once(input);
         } catch (e) {
           ids[name] = `${e.code}: ${e.message}`;
         }
       }
       const intact = { bitmap: bitmap.width > 0, buffer: bytes.byteLength > 0, imageData: imageData.data.length > 0, frame: frame.codedWidth > 0 };
       frame.close();
-      let badImage;
-      try {
-        await engine.recognize(new Uint8Array([1, 2, 3]));
-      } catch (e) {
-        badImage = e.code;
+      const errors = {};
+      for (const [name, input] of [['bytes', new Uint8Array([1, 2, 3])], ['object', { not: 'an image' }]]) {
+        errors[name] = await window.once(input).then(() => 'resolved', (e) => e.code);
       }
-      let badArgument;
-      try {
-        await engine.recognize({ not: 'an image' });
-      } catch (e) {
-        badArgument = e.code;
-      }
-      await engine.dispose();
-      return { ids, intact, badImage, badArgument };
-    }, { tokens: 2 });
-    const expected = reference('page').slice(0, 2);
+      // More of the same, up to 24 recognitions on this engine in all.
+      for (let i = 0; i < 10; i++) await window.once();
+      return { ids, intact, errors };
+    });
+    const after = { ...(await page.evaluate(() => window.stats())), pageHeap: await pageHeap() };
+    await page.evaluate(() => window.engine.dispose());
+    const expected = reference('page').slice(0, 1);
     for (const [name, ids] of Object.entries(out.ids)) assert.deepEqual(ids, expected, name);
     assert.deepEqual(out.intact, { bitmap: true, buffer: true, imageData: true, frame: true });
-    assert.equal(out.badImage, 'BAD_IMAGE');
-    assert.equal(out.badArgument, 'BAD_ARGUMENT');
+    assert.deepEqual(out.errors, { bytes: 'BAD_IMAGE', object: 'BAD_ARGUMENT' });
+    console.log(`# memory after 2 recognitions: ${JSON.stringify(before)}; after 24: ${JSON.stringify(after)}`);
+    // Flat: no GPU buffer is leaked per call, wasm memory and the page's heap do not grow with calls.
+    assert.ok(after.gpuBuffers <= before.gpuBuffers && after.gpuBytes <= before.gpuBytes, 'GPU buffers do not grow');
+    assert.ok(after.wasmBytes <= before.wasmBytes * 1.1, 'wasm memory stays within 10%');
+    assert.ok(after.pageHeap <= before.pageHeap + 2e6, 'the page heap stays within 2 MB');
   } finally {
     await page.close();
   }

@@ -15,17 +15,24 @@ use crate::weights::{Checkpoint, DEFAULT_WINDOW_BYTES, INDEX_FILE, LocalBoxFutur
 /// Attempts per byte range: a dropped connection or a 5xx is retried after 0.5 s, 1 s, 2 s …
 const ATTEMPTS: u32 = 4;
 
-/// The caller's `AbortSignal` (or none), shared by every request of one load.
+/// What every request of one load shares: the caller's `AbortSignal` and the `fetch` to call
+/// (the global one, or the `fetch` option: the npm package's cache serves requests through it).
 #[derive(Clone, Default)]
-pub(crate) struct Signal(Option<web_sys::AbortSignal>);
+pub(crate) struct Net {
+    signal: Option<web_sys::AbortSignal>,
+    fetch: Option<Function>,
+}
 
-impl Signal {
+impl Net {
     pub(crate) fn from_options(options: &JsValue) -> Self {
-        Self(super::get(options, "signal").and_then(|s| s.dyn_into().ok()))
+        Self {
+            signal: super::get(options, "signal").and_then(|s| s.dyn_into().ok()),
+            fetch: super::get(options, "fetch").and_then(|f| f.dyn_into().ok()),
+        }
     }
 
     pub(crate) fn aborted(&self) -> bool {
-        self.0.as_ref().is_some_and(|s| s.aborted())
+        self.signal.as_ref().is_some_and(|s| s.aborted())
     }
 
     fn check(&self) -> Result<(), JsValue> {
@@ -33,14 +40,18 @@ impl Signal {
     }
 }
 
-/// Calls the global `fetch` (window or worker); a non-2xx status is a `NETWORK` error naming the URL.
-async fn fetch_with(url: &str, init: &web_sys::RequestInit, signal: &Signal) -> Result<web_sys::Response, JsValue> {
+/// Calls `fetch` (the option's, else the global one of the window or worker); a non-2xx status is
+/// a `NETWORK` error naming the URL.
+async fn fetch_with(url: &str, init: &web_sys::RequestInit, signal: &Net) -> Result<web_sys::Response, JsValue> {
     signal.check()?;
-    if let Some(signal) = &signal.0 {
-        init.set_signal(Some(signal));
+    if let Some(abort) = &signal.signal {
+        init.set_signal(Some(abort));
     }
     let global = js_sys::global();
-    let fetch: Function = Reflect::get(&global, &"fetch".into())?.dyn_into()?;
+    let fetch: Function = match &signal.fetch {
+        Some(fetch) => fetch.clone(),
+        None => Reflect::get(&global, &"fetch".into())?.dyn_into()?,
+    };
     let response: web_sys::Response = JsFuture::from(fetch.call2(&global, &url.into(), init)?.dyn_into::<Promise>()?).await?.dyn_into()?;
     if !response.ok() {
         let error = js_error("NETWORK", format!("{url}: HTTP {}", response.status()));
@@ -61,7 +72,7 @@ async fn backoff(attempt: u32) {
 }
 
 /// Downloads `url` fully (config, tokenizer, index: small files), reporting `(loaded, total)`.
-pub(crate) async fn download(url: &str, signal: &Signal, progress: &dyn Fn(f64, Option<f64>)) -> Result<Vec<u8>, JsValue> {
+pub(crate) async fn download(url: &str, signal: &Net, progress: &dyn Fn(f64, Option<f64>)) -> Result<Vec<u8>, JsValue> {
     let mut attempt = 0;
     loop {
         match download_once(url, signal, progress).await {
@@ -72,7 +83,7 @@ pub(crate) async fn download(url: &str, signal: &Signal, progress: &dyn Fn(f64, 
     }
 }
 
-async fn download_once(url: &str, signal: &Signal, progress: &dyn Fn(f64, Option<f64>)) -> Result<Vec<u8>, JsValue> {
+async fn download_once(url: &str, signal: &Net, progress: &dyn Fn(f64, Option<f64>)) -> Result<Vec<u8>, JsValue> {
     let response = fetch_with(url, &web_sys::RequestInit::new(), signal).await?;
     let total = response.headers().get("content-length").ok().flatten().and_then(|v| v.parse::<f64>().ok());
     let body = response.body().ok_or_else(|| js_error("NETWORK", format!("{url}: empty body")))?;
@@ -98,7 +109,7 @@ async fn download_once(url: &str, signal: &Signal, progress: &dyn Fn(f64, Option
 /// (200) is served from that one copy instead.
 struct HttpRange {
     url: String,
-    signal: Signal,
+    signal: Net,
     whole: RefCell<Option<Vec<u8>>>,
 }
 
@@ -145,7 +156,7 @@ impl RangeFetch for HttpRange {
 /// one (a sharded, possibly quantized checkpoint written by `dsocr quantize`), otherwise
 /// `model-00001-of-000001.safetensors` (the hub's file) or `model.safetensors`. Returns the file
 /// name to report progress under and the checkpoint, read lazily by byte ranges.
-pub(crate) async fn open_checkpoint(base: &str, signal: &Signal) -> Result<(String, Checkpoint<'static>), JsValue> {
+pub(crate) async fn open_checkpoint(base: &str, signal: &Net) -> Result<(String, Checkpoint<'static>), JsValue> {
     let open = |name: &str| Shard::open(Box::new(HttpRange { url: format!("{base}/{name}"), signal: signal.clone(), whole: Default::default() }), DEFAULT_WINDOW_BYTES);
     match download(&format!("{base}/{INDEX_FILE}"), signal, &|_, _| {}).await {
         Ok(bytes) => {

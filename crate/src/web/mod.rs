@@ -5,6 +5,7 @@
 
 mod error;
 mod fetch;
+mod hash;
 mod input;
 
 use std::ops::ControlFlow;
@@ -14,7 +15,8 @@ use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
 
 use self::error::{from_error, js_error};
-use self::fetch::Signal;
+pub use self::hash::Sha256Stream;
+use self::fetch::Net;
 use crate::Mode;
 use crate::engine::{Engine, EngineOptions, wgpu_max_tensor_bytes};
 use crate::generate::{GenerationOptions, RepeatGuard};
@@ -114,12 +116,14 @@ impl Dsocr {
     /// `shader-f16`), `"f32"` or `"f16"`; `quantize`: `"q4"` or `"q8"` (a float checkpoint
     /// quantized while loading); `maxBindingBytes`: a lower cap than the adapter's
     /// `maxStorageBufferBindingSize` for one weight (vocabulary matrices are split in row shards);
-    /// `signal`: an `AbortSignal` that stops the downloads (rejects with code `ABORTED`).
+    /// `signal`: an `AbortSignal` that stops the downloads (rejects with code `ABORTED`);
+    /// `fetch`: the function to request files with, `fetch`'s signature (default: the global
+    /// `fetch`; the npm package passes its cache's).
     pub async fn load(base_url: String, options: JsValue) -> Result<Dsocr, JsValue> {
         if !has_webgpu() {
             return Err(js_error("NO_WEBGPU", "WebGPU is not available in this browser (navigator.gpu is missing)"));
         }
-        let signal = Signal::from_options(&options);
+        let signal = Net::from_options(&options);
         let quantize = match get_string(&options, "quantize").as_deref() {
             None | Some("none") => None,
             Some(name) => Some(Recipe::preset(Preset::parse(name).map_err(from_error)?, None).map_err(from_error)?),
@@ -187,7 +191,7 @@ impl Dsocr {
         let mode: Mode = get_string(&options, "mode").unwrap_or_else(|| "tiny".into()).parse().map_err(from_error)?;
         let generation = generation_of(&options)?;
         let on_token = get(&options, "onToken").and_then(|f| f.dyn_into::<Function>().ok());
-        let signal = Signal::from_options(&options);
+        let signal = Net::from_options(&options);
         if signal.aborted() {
             return Err(js_error("ABORTED", "aborted"));
         }
