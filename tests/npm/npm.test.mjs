@@ -7,33 +7,18 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { createRequire } from 'node:module';
-import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
 import { serve } from './server.mjs';
+import { checkProgress, fixtures, here, installPackage, launch, open as openIn, reference, tmp } from './helpers.mjs';
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const root = path.resolve(here, '..', '..');
-const fixtures = path.join(root, 'tests', 'fixtures');
-const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'dsocr-npm-'));
 const TOKENS = 4;
-
-function reference(image, mode = 'tiny') {
-  const index = JSON.parse(fs.readFileSync(path.join(fixtures, 'tiny-a', 'cases', 'index.json')));
-  return index.cases.find((c) => c.image === image && c.mode === mode).greedy_tokens;
-}
 
 let files; // fixture server: checkpoints, images, the plain app, built apps
 let browser;
 
 before(async () => {
-  // The package as users get it: packed, then installed from the tarball.
-  const packed = JSON.parse(execFileSync('npm', ['pack', '--json', '--pack-destination', tmp], { cwd: path.join(root, 'www') }))[0];
-  const tarball = path.join(tmp, packed.filename);
-  console.log(`# packed ${packed.filename}: ${(packed.size / 1e6).toFixed(2)} MB, unpacked ${(packed.unpackedSize / 1e6).toFixed(2)} MB, ${packed.entryCount} files`);
-  execFileSync('npm', ['install', '--no-save', '--no-audit', '--no-fund', tarball], { cwd: here, stdio: 'inherit' });
+  installPackage();
   files = await serve({
     '/': path.join(here, 'apps', 'plain'),
     '/node_modules/': path.join(here, 'node_modules'),
@@ -42,8 +27,7 @@ before(async () => {
     '/vite-build/': path.join(tmp, 'vite-build'),
     '/webpack/': path.join(tmp, 'webpack'),
   });
-  const args = ['--headless', '--no-sandbox', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-quic', '--enable-unsafe-webgpu'];
-  browser = await chromium.launch({ executablePath: '/usr/bin/chromium', headless: true, args });
+  browser = await launch();
 });
 
 after(async () => {
@@ -51,14 +35,7 @@ after(async () => {
   files?.server.close();
 });
 
-async function open(url) {
-  const page = await browser.newPage();
-  page.on('console', (m) => process.env.DSOCR_BROWSER_LOG && console.log('[page]', m.text()));
-  page.on('pageerror', (e) => console.log('[page error]', e.message));
-  await page.goto(url);
-  await page.waitForFunction(() => window.dsocrApp, null, { timeout: 60_000 });
-  return page;
-}
+const open = (url) => openIn(browser, url);
 
 // In the page: load, recognise the page image `tokens` tokens long, dispose. Errors come back as data.
 function loadAndRecognize(page, weightsUrl, imageUrl, tokens = TOKENS, loadOptions = {}) {
@@ -87,15 +64,7 @@ function checkRun(out, label) {
   const expected = reference('page').slice(0, TOKENS);
   assert.deepEqual(out.ids, expected, label);
   assert.deepEqual(out.streamed, expected, `${label}: onToken sees every token`);
-  // Progress: monotonic per file and for the whole model, ends with `ready` at the total.
-  const last = out.progress.at(-1);
-  assert.equal(last.phase, 'ready');
-  assert.ok(last.modelTotal > 0 && last.modelLoaded === last.modelTotal, JSON.stringify(last));
-  let previous = 0;
-  for (const p of out.progress) {
-    assert.ok(p.modelLoaded >= previous, 'model progress never goes back');
-    previous = p.modelLoaded;
-  }
+  checkProgress(out.progress);
   console.log(`# ${label}: load ${out.loadMs.toFixed(0)} ms, recognize ${TOKENS} tokens ${out.runMs.toFixed(0)} ms`);
 }
 

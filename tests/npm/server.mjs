@@ -9,8 +9,13 @@ const types = {
   '.png': 'image/png', '.html': 'text/html', '.css': 'text/css', '.map': 'application/json',
 };
 
-/** `routes`: URL prefix → folder (the longest prefix wins); `/` → `index.html`. Logs every request in `log`. */
-export async function serve(routes, log = []) {
+/**
+ * `routes`: URL prefix → folder (the longest prefix wins); `/` → `index.html`. Logs every request in
+ * `log`. `fault(path, request)` may return one fault for a response: `{ status }`, `{ dropAfter: n }`
+ * (the connection is cut after n body bytes), `{ stallAfter: n }` (n bytes, then silence), or
+ * `{ corruptAt: i }` (the body's i-th byte flipped).
+ */
+export async function serve(routes, log = [], fault = () => null) {
   const prefixes = Object.keys(routes).sort((a, b) => b.length - a.length);
   const server = http.createServer((req, res) => {
     const url = new URL(req.url, 'http://127.0.0.1');
@@ -31,19 +36,37 @@ export async function serve(routes, log = []) {
     }
     const body = fs.readFileSync(file);
     const type = types[path.extname(file)] ?? 'application/octet-stream';
-    const range = /^bytes=(\d+)-(\d+)$/.exec(req.headers.range ?? '');
+    const f = fault(url.pathname, req);
+    if (f?.status) {
+      res.writeHead(f.status);
+      return res.end();
+    }
+    const send = (status, headers, bytes) => {
+      res.writeHead(status, { 'content-type': type, 'content-length': bytes.length, 'accept-ranges': 'bytes', ...headers });
+      if (f?.corruptAt !== undefined && f.corruptAt < bytes.length) {
+        bytes = Buffer.from(bytes);
+        bytes[f.corruptAt] ^= 0xff;
+      }
+      if (f?.dropAfter !== undefined) return res.write(bytes.subarray(0, f.dropAfter), () => setTimeout(() => res.destroy(), 50));
+      if (f?.stallAfter !== undefined) return res.write(bytes.subarray(0, f.stallAfter)); // and nothing more
+      res.end(bytes);
+    };
+    const range = /^bytes=(\d+)-(\d*)$/.exec(req.headers.range ?? '');
     if (range) {
-      const [start, end] = [Number(range[1]), Math.min(Number(range[2]), body.length - 1)];
+      const start = Number(range[1]);
+      const end = range[2] === '' ? body.length - 1 : Math.min(Number(range[2]), body.length - 1);
       if (start > end) {
         res.writeHead(416, { 'content-range': `bytes */${body.length}` });
         return res.end();
       }
-      res.writeHead(206, { 'content-type': type, 'content-length': end - start + 1, 'content-range': `bytes ${start}-${end}/${body.length}`, 'accept-ranges': 'bytes' });
-      return res.end(body.subarray(start, end + 1));
+      return send(206, { 'content-range': `bytes ${start}-${end}/${body.length}` }, body.subarray(start, end + 1));
     }
-    res.writeHead(200, { 'content-type': type, 'content-length': body.length, 'accept-ranges': 'bytes' });
-    res.end(body);
+    send(200, {}, body);
   });
+  const sockets = new Set();
+  server.on('connection', (s) => (sockets.add(s), s.on('close', () => sockets.delete(s))));
+  // Stops the server and cuts every connection (stalled ones too).
+  server.stop = () => new Promise((resolve) => { for (const s of sockets) s.destroy(); server.close(resolve); });
   await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
   return { server, base: `http://127.0.0.1:${server.address().port}`, log };
 }

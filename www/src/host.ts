@@ -3,9 +3,11 @@
 // Recognitions run one at a time in arrival order; an abort stops a running one after its current
 // token (the decode loop awaits GPU readbacks, so abort messages are handled between tokens).
 
-import init, { Dsocr as WasmEngine } from './wasm/dsocr.js';
+import init, { Dsocr as WasmEngine, Sha256 } from './wasm/dsocr.js';
+import { Fatal } from './cache/download.js';
+import { opfsAvailable, prepare } from './cache/index.js';
 import { toWire, type WireError } from './errors.js';
-import type { Endpoint, Reply, Request, WireInput, WireLoadOptions, WireRecognizeOptions } from './protocol.js';
+import type { Endpoint, RawProgress, Reply, Request, WireInput, WireLoadOptions, WireRecognizeOptions } from './protocol.js';
 import type { AdapterInfo, OcrResult, TokenEvent } from './types.js';
 
 export function serve(endpoint: Endpoint): void {
@@ -28,13 +30,28 @@ export function serve(endpoint: Endpoint): void {
     if (engine || loading) throw { code: 'BAD_ARGUMENT', message: 'this engine is already loaded; create another with Dsocr.load' };
     loading = (async () => {
       await init(options.wasmUrl ? { module_or_path: options.wasmUrl } : undefined);
+      const progress = (event: RawProgress) => reply({ type: 'progress', id, event });
+      let cached: typeof fetch | null = null;
+      if ((options.cache ?? 'opfs') === 'opfs') {
+        if (opfsAvailable()) {
+          try {
+            cached = await prepare(options.weightsUrl, { signal, stallMs: options.stallTimeoutMs ?? 30_000, hasher: () => new Sha256(), onEvent: progress });
+          } catch (e) {
+            if (e instanceof Fatal) throw { code: e.code, message: e.message };
+            throw e;
+          }
+        } else {
+          progress({ phase: 'download', file: '', loaded: 0, total: null, fromCache: false, warning: 'no Origin Private File System here: loading without the cache' });
+        }
+      }
       return WasmEngine.load(options.weightsUrl, {
         dtype: options.dtype,
         quantize: options.quantize,
         maxBindingBytes: options.maxBindingBytes,
         signal,
+        fetch: cached ?? undefined,
         onProgress: (event: { file: string; loaded: number; total: number | null }) =>
-          reply({ type: 'progress', id, event: { file: event.file, loaded: event.loaded, total: event.total } }),
+          progress({ phase: cached ? 'upload' : 'download', file: event.file, loaded: event.loaded, total: event.total, fromCache: cached !== null }),
       });
     })();
     try {

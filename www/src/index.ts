@@ -5,12 +5,14 @@ import { Connection } from './client.js';
 import { DsocrError } from './errors.js';
 import { toWire } from './inputs.js';
 import { ProgressTracker } from './progress.js';
+import { clearCache, deleteCached, listCached, type CachedModel } from './cache/store.js';
 import type { Endpoint } from './protocol.js';
 import type { AdapterInfo, ImageInput, LoadOptions, OcrResult, RecognizeOptions, Support, TokenEvent } from './types.js';
 
 export { DsocrError } from './errors.js';
 export type { DsocrErrorCode } from './errors.js';
 export type * from './types.js';
+export type { CachedModel } from './cache/store.js';
 
 /** Where `Symbol.asyncDispose` is missing, the well-known registry symbol `await using` polyfills use. */
 const asyncDispose: typeof Symbol.asyncDispose = (Symbol as { asyncDispose?: typeof Symbol.asyncDispose }).asyncDispose ?? (Symbol.for('Symbol.asyncDispose') as typeof Symbol.asyncDispose);
@@ -60,8 +62,6 @@ export class Dsocr {
     if (!options || (typeof options.weightsUrl !== 'string' && !(options.weightsUrl instanceof URL))) {
       throw new DsocrError('BAD_ARGUMENT', 'Dsocr.load needs { weightsUrl }: the URL of the checkpoint folder');
     }
-    const base = typeof location !== 'undefined' ? location.href : undefined;
-    const absolute = (url: string | URL) => new URL(String(url), base).href;
     const { connection, ownWorker } = await connect(options.worker);
     const tracker = new ProgressTracker();
     const onProgress = options.onProgress;
@@ -70,11 +70,13 @@ export class Dsocr {
         {
           type: 'load',
           options: {
-            weightsUrl: absolute(options.weightsUrl),
+            weightsUrl: modelUrl(options.weightsUrl),
             wasmUrl: options.wasmUrl === undefined ? undefined : absolute(options.wasmUrl),
             quantize: options.quantize,
             dtype: options.dtype,
             maxBindingBytes: options.maxBindingBytes,
+            cache: options.cache,
+            stallTimeoutMs: options.stallTimeoutMs,
           },
         },
         [],
@@ -82,13 +84,28 @@ export class Dsocr {
         (r) => r.type === 'progress' && onProgress?.(tracker.update(r.event)),
       );
       if (reply.type !== 'loaded') throw new DsocrError('INTERNAL', `unexpected reply ${reply.type}`);
-      onProgress?.(tracker.ready());
+      onProgress?.(tracker.ready(options.cache !== 'none'));
       return new Dsocr(connection, reply.adapter);
     } catch (e) {
       // A failed or aborted load leaves nothing running: a worker the package made is ended.
       if (ownWorker) connection.kill(new DsocrError('DISPOSED', 'the load failed'));
       throw e;
     }
+  }
+
+  /** The models in the persistent cache, most recently used first, with their sizes. */
+  static cachedModels(): Promise<CachedModel[]> {
+    return listCached();
+  }
+
+  /** Deletes one model from the cache (`weightsUrl` as given to `load`); resolves to whether it was there. */
+  static deleteCachedModel(weightsUrl: string | URL): Promise<boolean> {
+    return deleteCached(modelUrl(weightsUrl));
+  }
+
+  /** Deletes every cached model. */
+  static clearCache(): Promise<void> {
+    return clearCache();
   }
 
   /** The GPU adapter and the limits the device was granted. */
@@ -176,6 +193,15 @@ export class Dsocr {
     const closed = this.connection.closed;
     if (closed) throw closed;
   }
+}
+
+function absolute(url: string | URL): string {
+  return new URL(String(url), typeof location !== 'undefined' ? location.href : undefined).href;
+}
+
+/** A model's URL as the engine and the cache key it: absolute, without trailing slashes. */
+function modelUrl(url: string | URL): string {
+  return absolute(url).replace(/\/+$/, '');
 }
 
 async function connect(worker: Worker | boolean | undefined): Promise<{ connection: Connection; ownWorker: boolean }> {

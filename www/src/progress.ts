@@ -8,12 +8,19 @@ import type { LoadProgress } from './types.js';
 const WINDOW_MS = 3000;
 
 export class ProgressTracker {
-  private readonly files = new Map<string, { loaded: number; total: number | null }>();
-  private readonly samples: { t: number; bytes: number }[] = [];
+  private files = new Map<string, { loaded: number; total: number | null }>();
+  private samples: { t: number; bytes: number }[] = [];
+  private phase: RawProgress['phase'] | null = null;
   private readonly started = performance.now();
 
-  /** The event for one raw report. */
+  /** The event for one raw report. Totals and the rate are per phase (download, verify, upload). */
   update(raw: RawProgress): LoadProgress {
+    if (raw.phase !== this.phase) {
+      this.phase = raw.phase;
+      this.files = new Map();
+      this.samples = [];
+    }
+    if (raw.file === '') return { ...this.ready(), phase: raw.phase, warning: raw.warning };
     const previous = this.files.get(raw.file);
     this.files.set(raw.file, { loaded: raw.loaded, total: raw.total });
     const now = performance.now();
@@ -25,7 +32,7 @@ export class ProgressTracker {
     const bytesPerSecond = seconds > 0 ? (modelLoaded - first.bytes) / seconds : 0;
     const left = raw.total === null ? null : Math.max(0, raw.total - raw.loaded);
     return {
-      phase: 'download',
+      phase: raw.phase,
       file: raw.file,
       loaded: raw.loaded,
       total: raw.total,
@@ -33,13 +40,14 @@ export class ProgressTracker {
       modelTotal: this.total(),
       bytesPerSecond,
       etaSeconds: left === null ? null : left === 0 ? 0 : bytesPerSecond > 0 ? left / bytesPerSecond : null,
-      fromCache: false,
+      fromCache: raw.fromCache,
       elapsedMs: now - this.started,
+      ...(raw.warning ? { warning: raw.warning } : {}),
     };
   }
 
   /** The final event, once the engine is ready. */
-  ready(): LoadProgress {
+  ready(fromCache = false): LoadProgress {
     const modelLoaded = this.loaded();
     const last = [...this.files.entries()].at(-1);
     return {
@@ -51,7 +59,7 @@ export class ProgressTracker {
       modelTotal: modelLoaded,
       bytesPerSecond: 0,
       etaSeconds: 0,
-      fromCache: false,
+      fromCache,
       elapsedMs: performance.now() - this.started,
     };
   }

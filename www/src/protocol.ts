@@ -13,6 +13,8 @@ export interface WireLoadOptions {
   quantize?: string;
   dtype?: string;
   maxBindingBytes?: number;
+  cache?: 'opfs' | 'none';
+  stallTimeoutMs?: number;
 }
 
 export type WireRecognizeOptions = Omit<RecognizeOptions, 'onToken' | 'signal'> & { stream: boolean };
@@ -26,11 +28,14 @@ export type Request =
 /** A request as the client makes it (the connection adds the id; aborts are its own). */
 export type Call = Request extends infer R ? (R extends { type: 'abort' } ? never : Omit<R, 'id'>) : never;
 
-/** The wasm module's own progress report: bytes of one file. */
+/** The host's progress report: bytes of one file in one phase. */
 export interface RawProgress {
+  phase: 'download' | 'verify' | 'upload';
   file: string;
   loaded: number;
   total: number | null;
+  fromCache: boolean;
+  warning?: string;
 }
 
 export type Reply =

@@ -32,9 +32,12 @@ export type ImageInput =
   | string
   | URL;
 
-/** A loading progress event. Events come at least every 250 ms while bytes arrive. */
+/**
+ * A loading progress event. With the cache: `download` (network → storage; files already stored count
+ * as loaded, `fromCache`), `verify` (stored files checked against their sha256), `upload` (storage →
+ * GPU); without it: `download` (network → GPU). Then `ready`. Byte counts are per phase.
+ */
 export interface LoadProgress {
-  /** `download` while bytes arrive, `ready` once the engine can recognise. */
   phase: 'download' | 'verify' | 'upload' | 'compile' | 'ready';
   /** The file the bytes belong to (`config.json`, `tokenizer.json`, the weights file or index). */
   file: string;
@@ -50,10 +53,12 @@ export interface LoadProgress {
   bytesPerSecond: number;
   /** Estimated seconds left for the file being read, when its size is known. */
   etaSeconds: number | null;
-  /** Whether the bytes come from a local cache rather than the network. */
+  /** Whether the bytes come from the local cache rather than the network. */
   fromCache: boolean;
   /** Milliseconds since `load` was called. */
   elapsedMs: number;
+  /** Something went wrong that the load works around (e.g. the cache could not be written). */
+  warning?: string;
 }
 
 /** Options of {@link Dsocr.load}. */
@@ -71,6 +76,14 @@ export interface LoadOptions {
   dtype?: 'auto' | 'f32' | 'f16';
   /** A lower cap than the adapter's `maxStorageBufferBindingSize` for one weight tensor, in bytes. */
   maxBindingBytes?: number;
+  /**
+   * `opfs` (default): files are kept in the Origin Private File System, keyed by URL and version (the
+   * index's sha256); a load resumes an interrupted download and the next load reads only the cache,
+   * offline too. `none`: every load reads the network, byte ranges straight into the GPU.
+   */
+  cache?: 'opfs' | 'none';
+  /** A download that receives no bytes for this long is retried from its last byte (default 30000). */
+  stallTimeoutMs?: number;
   /**
    * Where the engine runs. Default (`undefined` or `true`): a module Web Worker the package creates.
    * A `Worker` you made from `dsocr/worker` (e.g. `new Worker(new URL('./my-worker.js', import.meta.url),
