@@ -163,6 +163,11 @@ test('a connection dropped mid-file resumes with a Range request from the bytes 
     assert.ok(second > first && second <= first + 1_000_000, JSON.stringify(ranges));
     const digests = await cachedDigests(page);
     assert.equal(digests[SINGLE], sha256(path.join(fixtures, 'tiny-a', SINGLE)));
+    // Events keep coming while a download waits (every 250 ms; the slack is for a loaded machine).
+    const times = out.progress.filter((p) => p.phase === 'download').map((p) => p.elapsedMs);
+    const gap = Math.max(...times.slice(1).map((t, i) => t - times[i]));
+    console.log(`# longest gap between download events: ${gap.toFixed(0)} ms (a 1.5 s stall included)`);
+    assert.ok(gap < 750, `${gap} ms without a progress event`);
   } finally {
     await context.close();
     await weights.server.stop();

@@ -30,7 +30,16 @@ export function serve(endpoint: Endpoint): void {
     if (engine || loading) throw { code: 'BAD_ARGUMENT', message: 'this engine is already loaded; create another with Dsocr.load' };
     loading = (async () => {
       await init(options.wasmUrl ? { module_or_path: options.wasmUrl } : undefined);
-      const progress = (event: RawProgress) => reply({ type: 'progress', id, event });
+      // Byte events at most every 100 ms per file (a file's first and last always go).
+      const sent = new Map<string, number>();
+      const progress = (event: RawProgress) => {
+        const key = `${event.phase}:${event.file}`;
+        const now = performance.now();
+        const last = sent.get(key);
+        if (last !== undefined && now - last < 100 && event.loaded !== event.total && !event.warning) return;
+        sent.set(key, now);
+        reply({ type: 'progress', id, event });
+      };
       let cached: typeof fetch | null = null;
       if ((options.cache ?? 'opfs') === 'opfs') {
         if (opfsAvailable()) {

@@ -6,7 +6,7 @@ import { DsocrError } from './errors.js';
 import { toWire } from './inputs.js';
 import { ProgressTracker } from './progress.js';
 import { clearCache, deleteCached, listCached, type CachedModel } from './cache/store.js';
-import type { Endpoint } from './protocol.js';
+import type { Endpoint, RawProgress } from './protocol.js';
 import type { AdapterInfo, ImageInput, LoadOptions, OcrResult, RecognizeOptions, Support, TokenEvent } from './types.js';
 
 export { DsocrError } from './errors.js';
@@ -65,6 +65,11 @@ export class Dsocr {
     const { connection, ownWorker } = await connect(options.worker);
     const tracker = new ProgressTracker();
     const onProgress = options.onProgress;
+    // While bytes are expected, an event at least every 250 ms (the rate falls during a stall).
+    let lastRaw: RawProgress | null = null;
+    const heartbeat = setInterval(() => {
+      if (lastRaw && lastRaw.phase === 'download' && lastRaw.loaded !== lastRaw.total) onProgress?.(tracker.update(lastRaw));
+    }, 250);
     try {
       const reply = await connection.call(
         {
@@ -81,7 +86,11 @@ export class Dsocr {
         },
         [],
         options.signal,
-        (r) => r.type === 'progress' && onProgress?.(tracker.update(r.event)),
+        (r) => {
+          if (r.type !== 'progress') return;
+          lastRaw = r.event;
+          onProgress?.(tracker.update(r.event));
+        },
       );
       if (reply.type !== 'loaded') throw new DsocrError('INTERNAL', `unexpected reply ${reply.type}`);
       onProgress?.(tracker.ready(options.cache !== 'none'));
@@ -90,6 +99,8 @@ export class Dsocr {
       // A failed or aborted load leaves nothing running: a worker the package made is ended.
       if (ownWorker) connection.kill(new DsocrError('DISPOSED', 'the load failed'));
       throw e;
+    } finally {
+      clearInterval(heartbeat);
     }
   }
 

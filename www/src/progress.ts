@@ -11,6 +11,8 @@ export class ProgressTracker {
   private files = new Map<string, { loaded: number; total: number | null }>();
   private samples: { t: number; bytes: number }[] = [];
   private phase: RawProgress['phase'] | null = null;
+  /** Whether any byte came from the network (then `ready` is not `fromCache`). */
+  private fetched = false;
   private readonly started = performance.now();
 
   /** The event for one raw report. Totals and the rate are per phase (download, verify, upload). */
@@ -20,6 +22,7 @@ export class ProgressTracker {
       this.files = new Map();
       this.samples = [];
     }
+    if (raw.phase === 'download' && !raw.fromCache && raw.loaded > 0) this.fetched = true;
     if (raw.file === '') return { ...this.ready(), phase: raw.phase, warning: raw.warning };
     const previous = this.files.get(raw.file);
     this.files.set(raw.file, { loaded: raw.loaded, total: raw.total });
@@ -46,7 +49,7 @@ export class ProgressTracker {
     };
   }
 
-  /** The final event, once the engine is ready. */
+  /** The final event, once the engine is ready (`fromCache`: the cache was used, so if nothing was fetched, all came from it). */
   ready(fromCache = false): LoadProgress {
     const modelLoaded = this.loaded();
     const last = [...this.files.entries()].at(-1);
@@ -59,7 +62,7 @@ export class ProgressTracker {
       modelTotal: modelLoaded,
       bytesPerSecond: 0,
       etaSeconds: 0,
-      fromCache,
+      fromCache: fromCache && !this.fetched,
       elapsedMs: performance.now() - this.started,
     };
   }
