@@ -7,7 +7,7 @@ import pdfWorkerUrl from 'pdfjs-dist/build/pdf.worker.min.mjs?url';
 const $ = (id) => document.getElementById(id);
 const MODELS = {
   tiny: { url: new URL('./models/tiny-a', location.href).href, note: 'Random weights: it exercises the whole pipeline on your GPU, but its text is gibberish.' },
-  hub: { url: 'https://huggingface.co/deepseek-ai/DeepSeek-OCR/resolve/main', quantize: 'q4', note: 'Downloads 6.7 GB once (kept in this browser), quantized to int4 while loading; needs a GPU with several GB of memory.' },
+  hub: { url: 'https://huggingface.co/deepseek-ai/DeepSeek-OCR/resolve/main', quantize: 'q4', note: 'Downloads 6.7 GB once (kept in this browser) and quantizes it to int4 while loading. Until the int4 GPU kernels land the GPU holds it in f16: about 7 GB of GPU memory.' },
   custom: { url: '', note: 'A folder with config.json, tokenizer.json and the weights (CORS and Range requests allowed).' },
 };
 const state = { engine: null, engineKey: null, input: null, controller: null, results: [] };

@@ -22,6 +22,16 @@ export interface DownloadOptions {
   onBytes: (loaded: number, total: number | null) => void;
 }
 
+/** `fetch`, with a failure to connect (offline, refused, CORS) as a NETWORK error naming the URL. */
+export async function request(url: string, init: RequestInit): Promise<Response> {
+  try {
+    return await fetch(url, init);
+  } catch (e) {
+    if (init.signal?.aborted) throw init.signal.reason;
+    throw new Fatal('NETWORK', `${url}: ${(e as Error)?.message ?? e}`);
+  }
+}
+
 export function sleep(ms: number, signal: AbortSignal): Promise<void> {
   return new Promise((resolve, reject) => {
     const timer = setTimeout(resolve, ms);
@@ -38,7 +48,8 @@ export async function downloadInto(store: ModelStore, name: string, url: string,
       return await attemptOnce(store, name, url, expected, stored, options);
     } catch (e) {
       if (options.signal.aborted) throw options.signal.reason;
-      if (e instanceof Fatal || e instanceof CacheWriteError || attempt >= options.attempts) throw e;
+      if (e instanceof Fatal || e instanceof CacheWriteError) throw e;
+      if (attempt >= options.attempts) throw new Fatal('NETWORK', `${url}: ${(e as Error)?.message ?? e} (${attempt} attempts)`);
       await sleep(Math.min(500 * 2 ** (attempt - 1), 8000), options.signal);
     }
   }

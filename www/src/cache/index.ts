@@ -3,7 +3,7 @@
 // verified), then hand the engine a `fetch` that serves every byte range from storage. A model
 // already complete in the cache loads with no request at all.
 
-import { CacheWriteError, Fatal, downloadInto, verify, type Hasher } from './download.js';
+import { CacheWriteError, Fatal, downloadInto, request, verify, type Hasher } from './download.js';
 import { ModelStore, deleteCached, opfsAvailable, type FileEntry, type Manifest } from './store.js';
 
 const INDEX = 'model.safetensors.index.json';
@@ -73,7 +73,7 @@ async function plan(store: ModelStore, base: string, options: PrepareOptions): P
     'tokenizer.json': { size: null, sha256: null, complete: false },
   };
   let version: string;
-  const index = await fetch(`${base}/${INDEX}`, { signal: options.signal, cache: 'no-store' });
+  const index = await request(`${base}/${INDEX}`, { signal: options.signal, cache: 'no-store' });
   if (index.ok) {
     const bytes = new Uint8Array(await index.arrayBuffer());
     const hash = options.hasher();
@@ -96,7 +96,7 @@ async function plan(store: ModelStore, base: string, options: PrepareOptions): P
   } else if (index.status === 404) {
     let found: { name: string; size: number; etag: string } | null = null;
     for (const name of SINGLE) {
-      const probe = await fetch(`${base}/${name}`, { headers: { Range: 'bytes=0-0' }, signal: options.signal, cache: 'no-store' });
+      const probe = await request(`${base}/${name}`, { headers: { Range: 'bytes=0-0' }, signal: options.signal, cache: 'no-store' });
       await probe.body?.cancel();
       if (probe.status === 404) continue;
       if (!probe.ok) throw new Fatal('NETWORK', `${base}/${name}: HTTP ${probe.status}`);
