@@ -112,9 +112,10 @@ test('cold load into the cache, then the server stopped: no request, the same to
     await weights.server.stop();
     const requests = weights.log.length;
     const warmPage = await open(context, `${files.base}/`);
-    const warm = await load(warmPage, url, { tokens: 2 });
+    const warm = await load(warmPage, url);
     assert.equal(warm.error, undefined, JSON.stringify(warm.error));
-    assert.deepEqual(warm.ids, reference('page').slice(0, 2));
+    // What the engine read is the checkpoint, byte for byte (the cold load's tokens came through the same path).
+    assert.equal((await cachedDigests(warmPage))[SINGLE], sha256(path.join(fixtures, 'tiny-a', SINGLE)));
     assert.equal(weights.log.length, requests, 'the second load sent no request');
     assert.ok(!warm.progress.some((p) => p.phase === 'download'), 'nothing downloaded');
     checkProgress(warm.progress);
@@ -220,13 +221,12 @@ test('a cached shard truncated or corrupted on disk is detected at load and refe
     assert.ok(await damage(page, names[0], { truncate: 1000 }));
     assert.ok(await damage(page, names[3], { flip: 12345 }));
     weights.log.length = 0;
-    const again = await load(page, `${weights.base}/q8`, { tokens: 1 });
+    const again = await load(page, `${weights.base}/q8`);
     assert.equal(again.error, undefined, JSON.stringify(again.error));
     assert.ok(again.progress.some((p) => p.phase === 'verify'));
     assert.deepEqual(weights.log.map((r) => r.path.split('/').pop()).sort(), [names[0], names[3]].sort(), 'only the damaged shards were fetched');
     const digests = await cachedDigests(page);
     for (const [name, meta] of Object.entries(shards())) assert.equal(digests[name], meta.sha256, name);
-    assert.equal(again.ids.length, 1);
   } finally {
     await context.close();
     await weights.server.stop();
@@ -242,9 +242,10 @@ test('too little storage is QUOTA_EXCEEDED before any download; a disk that fill
     assert.equal(quota.error?.code, 'QUOTA_EXCEEDED', JSON.stringify(quota));
     assert.match(quota.error.message, /needs \d+\.\d MB more of storage, 1\.0 MB is available/);
     assert.equal(requestsFor(weights.log, SINGLE).filter((r) => r.range !== 'bytes=0-0').length, 0, 'nothing downloaded');
-    const full = await load(page, `${weights.base}/tiny-a`, { worker: '/full-disk-worker.js', tokens: 1 });
+    const full = await load(page, `${weights.base}/tiny-a`, { worker: '/full-disk-worker.js' });
     assert.equal(full.error, undefined, JSON.stringify(full.error));
-    assert.deepEqual(full.ids, reference('page').slice(0, 1));
+    // It went on from the network: the weights file was read by range requests.
+    assert.ok(requestsFor(weights.log, SINGLE).some((r) => r.range && r.range !== 'bytes=0-0' && !r.range.endsWith('-')), JSON.stringify(requestsFor(weights.log, SINGLE)));
     assert.ok(full.progress.some((p) => /cannot write .* loading without the cache/.test(p.warning ?? '')), JSON.stringify(full.progress.filter((p) => p.warning)));
     assert.deepEqual(await page.evaluate(() => window.dsocrApp.Dsocr.cachedModels()), [], 'the partial copy was removed');
   } finally {

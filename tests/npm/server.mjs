@@ -27,6 +27,11 @@ export async function serve(routes, log = [], fault = () => null) {
       res.writeHead(204);
       return res.end();
     }
+    const f = fault(url.pathname, req);
+    if (f?.status) {
+      res.writeHead(f.status);
+      return res.end();
+    }
     const prefix = prefixes.find((p) => url.pathname.startsWith(p));
     let file = prefix && path.join(routes[prefix], decodeURIComponent(url.pathname.slice(prefix.length)));
     if (file && fs.existsSync(file) && fs.statSync(file).isDirectory()) file = path.join(file, 'index.html');
@@ -36,11 +41,6 @@ export async function serve(routes, log = [], fault = () => null) {
     }
     const body = fs.readFileSync(file);
     const type = types[path.extname(file)] ?? 'application/octet-stream';
-    const f = fault(url.pathname, req);
-    if (f?.status) {
-      res.writeHead(f.status);
-      return res.end();
-    }
     const send = (status, headers, bytes) => {
       res.writeHead(status, { 'content-type': type, 'content-length': bytes.length, 'accept-ranges': 'bytes', ...headers });
       if (f?.corruptAt !== undefined && f.corruptAt < bytes.length) {

@@ -10,7 +10,34 @@ import { toWire, type WireError } from './errors.js';
 import type { Endpoint, RawProgress, Reply, Request, WireInput, WireLoadOptions, WireRecognizeOptions } from './protocol.js';
 import type { AdapterInfo, OcrResult, TokenEvent } from './types.js';
 
+/** Reports the loss of any GPU device the engine requests (installed once, in the engine's worker). */
+let onDeviceLost: ((message: string) => void) | null = null;
+const devices: GPUDevice[] = [];
+
+/** Whether a watched device is lost, or turns out to be within `ms` (its `lost` promise settles a task after the loss). */
+async function lostWithin(ms: number): Promise<string | null> {
+  const timeout = new Promise<null>((resolve) => setTimeout(() => resolve(null), ms));
+  const lost = devices.map((d) => d.lost.then((info) => info.message || info.reason || 'unknown reason'));
+  return Promise.race([...lost, timeout]);
+}
+
+function watchDevices(): void {
+  const adapter = (globalThis as { GPUAdapter?: { prototype: GPUAdapter } }).GPUAdapter;
+  if (!adapter || (adapter.prototype.requestDevice as { dsocr?: boolean }).dsocr) return;
+  const requestDevice = adapter.prototype.requestDevice;
+  const watched = async function (this: GPUAdapter, descriptor?: GPUDeviceDescriptor) {
+    const device = await requestDevice.call(this, descriptor);
+    devices.push(device);
+    device.lost.then((info) => onDeviceLost?.(info.message || info.reason || 'unknown reason'));
+    return device;
+  };
+  (watched as { dsocr?: boolean }).dsocr = true;
+  adapter.prototype.requestDevice = watched;
+}
+
 export function serve(endpoint: Endpoint): void {
+  // Only in a worker of its own: on the page, other code's devices would be watched too.
+  if (typeof (globalThis as { WorkerGlobalScope?: unknown }).WorkerGlobalScope !== 'undefined') watchDevices();
   let engine: WasmEngine | null = null;
   let loading: Promise<unknown> | null = null;
   /** Set once the wasm instance trapped: nothing can run on it any more. */
@@ -20,8 +47,24 @@ export function serve(endpoint: Endpoint): void {
   let queue: Promise<unknown> = Promise.resolve();
 
   const reply = (message: Reply, transfer: Transferable[] = []) => endpoint.postMessage(message, transfer);
-  const fail = (id: number, e: unknown) => {
-    const error = toWire(e);
+  // A lost device fails every call in flight at once (a readback on it may never settle) and the engine
+  // with it; the page loads a new one.
+  onDeviceLost = (message) => {
+    if (disposed || broken) return;
+    broken = { code: 'DEVICE_LOST', message: `the GPU device was lost (${message}); load the model again`, fatal: true };
+    for (const id of controllers.keys()) reply({ type: 'error', id, error: broken });
+    for (const c of controllers.values()) c.abort();
+    controllers.clear();
+  };
+  const fail = async (id: number, e: unknown) => {
+    let error = toWire(e);
+    // A backend error right after a device loss is that loss (reported to every call by onDeviceLost).
+    if (error.code === 'INTERNAL' && !broken) {
+      const lost = await lostWithin(200);
+      if (lost) onDeviceLost?.(lost);
+    }
+    if (broken?.code === 'DEVICE_LOST' && !controllers.has(id)) return; // already told
+    if (broken?.code === 'DEVICE_LOST') error = broken;
     if (error.fatal) broken = error;
     reply({ type: 'error', id, error });
   };
@@ -103,8 +146,8 @@ export function serve(endpoint: Endpoint): void {
       return;
     }
     const { id } = request;
-    if (broken) return fail(id, { ...broken, code: 'DISPOSED', message: `the engine crashed earlier (${broken.message}); load a new one` });
-    if (disposed) return fail(id, { code: 'DISPOSED', message: 'the engine was disposed' });
+    if (broken) return reply({ type: 'error', id, error: { code: 'DISPOSED', message: `the engine failed earlier (${broken.message}); load a new one` } });
+    if (disposed) return reply({ type: 'error', id, error: { code: 'DISPOSED', message: 'the engine was disposed' } });
     const controller = new AbortController();
     controllers.set(id, controller);
     const done = () => controllers.delete(id);
