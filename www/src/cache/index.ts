@@ -165,13 +165,14 @@ async function downloadAll(store: ModelStore, base: string, manifest: Manifest, 
     for (let name = queue.shift(); name !== undefined; name = queue.shift()) {
       const entry = manifest.files[name];
       for (let attempt = 1; ; attempt++) {
+        if (controller.signal.aborted) return;
         await downloadInto(store, name, `${base}/${name}`, entry, {
-          signal: options.signal,
+          signal: controller.signal,
           stallMs: options.stallMs,
           attempts: 5,
           onBytes: (loaded, total) => options.onEvent({ phase: 'download', file: name, loaded, total, fromCache: false }),
         });
-        const problem = await verify(store, name, entry, options.hasher, options.signal, () => {});
+        const problem = await verify(store, name, entry, options.hasher, controller.signal, () => {});
         if (!problem) break;
         await store.remove(name);
         // A corrupt file is fetched once more; twice corrupt is the server's file.
@@ -181,7 +182,23 @@ async function downloadAll(store: ModelStore, base: string, manifest: Manifest, 
       await store.saveManifest(manifest).catch(() => {});
     }
   };
-  await Promise.all(Array.from({ length: Math.min(STREAMS, queue.length) }, worker));
+  // The first failure stops the other streams, and nothing is written after this returns.
+  let failure: unknown = null;
+  const controller = new AbortController();
+  const forward = () => controller.abort(options.signal.reason);
+  options.signal.addEventListener('abort', forward, { once: true });
+  const streams = Array.from({ length: Math.min(STREAMS, queue.length) }, () =>
+    worker().catch((e) => {
+      if (failure === null) {
+        failure = e;
+        controller.abort(e);
+      }
+    }),
+  );
+  await Promise.all(streams);
+  options.signal.removeEventListener('abort', forward);
+  if (failure === null && controller.signal.aborted) failure = controller.signal.reason;
+  if (failure !== null) throw failure;
 }
 
 /** Checks every cached file (size, and sha256 where known); resolves to the bad ones. */
