@@ -46,6 +46,7 @@ test('load shows progress and ends ready; the example page gives the reference t
   await page.waitForFunction(() => document.getElementById('load-label').textContent.startsWith('Ready'), null, { timeout: 120_000 });
   const labels = await page.evaluate(() => document.getElementById('load-label').textContent);
   assert.match(labels, /^Ready \(\d+(\.\d)? MB\)$/, 'a cold load: not from the cache');
+  assert.deepEqual(await page.evaluate(() => window.dsocrDemo.phases), ['download', 'upload', 'compile', 'ready']);
   await page.click('#example');
   await page.fill('#max-tokens', '4');
   await page.click('#run');

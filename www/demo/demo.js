@@ -84,11 +84,19 @@ async function load() {
   try {
     await state.engine?.dispose();
     state.engine = null;
+    state.phases = [];
     state.engine = await Dsocr.load({
       weightsUrl: model.url,
       quantize: model.quantize,
+      // Shaders compile during the load, so the first Run is as fast as the next.
+      warmup: true,
       onProgress: (p) => {
+        if (state.phases.at(-1) !== p.phase) state.phases.push(p.phase);
         if (p.warning) status(p.warning);
+        if (p.phase === 'compile') {
+          $('load-label').textContent = 'Compiling the GPU shaders (once per load)…';
+          return;
+        }
         bar.value = p.modelTotal ? p.modelLoaded / p.modelTotal : 0;
         const eta = p.etaSeconds ? ` · ${Math.ceil(p.etaSeconds)} s left` : '';
         const rate = p.bytesPerSecond ? ` · ${MB(p.bytesPerSecond)} MB/s` : '';

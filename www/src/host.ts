@@ -108,10 +108,20 @@ export function serve(endpoint: Endpoint): void {
     })();
     try {
       engine = (await loading) as WasmEngine;
+      if (options.warmup) await warmup(engine, id, signal);
       reply({ type: 'loaded', id, adapter: engine.adapterInfo() as AdapterInfo });
     } finally {
       loading = null;
     }
+  }
+
+  /** One token on a blank page: the GPU compiles the model's shaders now rather than on the first call. */
+  async function warmup(engine: WasmEngine, id: number, signal: AbortSignal): Promise<void> {
+    const blank = new ImageData(64, 64);
+    blank.data.fill(255);
+    reply({ type: 'progress', id, event: { phase: 'compile', file: 'shaders', loaded: 0, total: 1, fromCache: false } });
+    await engine.recognize(blank, { mode: 'tiny', maxNewTokens: 1, signal });
+    reply({ type: 'progress', id, event: { phase: 'compile', file: 'shaders', loaded: 1, total: 1, fromCache: false } });
   }
 
   async function recognize(id: number, input: WireInput, options: WireRecognizeOptions, signal: AbortSignal): Promise<void> {

@@ -82,6 +82,7 @@ export class Dsocr {
             maxBindingBytes: options.maxBindingBytes,
             cache: options.cache,
             stallTimeoutMs: options.stallTimeoutMs,
+            warmup: options.warmup,
           },
         },
         [],

@@ -13,6 +13,8 @@ export class ProgressTracker {
   private phase: RawProgress['phase'] | null = null;
   /** Whether any byte came from the network (then `ready` is not `fromCache`). */
   private fetched = false;
+  /** The model's bytes as the last download or upload event counted them (what `ready` reports). */
+  private bytes = { loaded: 0, file: '', fileLoaded: 0, fileTotal: null as number | null };
   private readonly started = performance.now();
 
   /** The event for one raw report. Totals and the rate are per phase (download, verify, upload). */
@@ -34,6 +36,7 @@ export class ProgressTracker {
     const seconds = (now - first.t) / 1000;
     const bytesPerSecond = seconds > 0 ? (modelLoaded - first.bytes) / seconds : 0;
     const left = raw.total === null ? null : Math.max(0, raw.total - raw.loaded);
+    if (raw.phase === 'download' || raw.phase === 'upload') this.bytes = { loaded: modelLoaded, file: raw.file, fileLoaded: raw.loaded, fileTotal: raw.total };
     return {
       phase: raw.phase,
       file: raw.file,
@@ -51,15 +54,13 @@ export class ProgressTracker {
 
   /** The final event, once the engine is ready (`fromCache`: the cache was used, so if nothing was fetched, all came from it). */
   ready(fromCache = false): LoadProgress {
-    const modelLoaded = this.loaded();
-    const last = [...this.files.entries()].at(-1);
     return {
       phase: 'ready',
-      file: last?.[0] ?? '',
-      loaded: last?.[1].loaded ?? 0,
-      total: last?.[1].total ?? null,
-      modelLoaded,
-      modelTotal: modelLoaded,
+      file: this.bytes.file,
+      loaded: this.bytes.fileLoaded,
+      total: this.bytes.fileTotal,
+      modelLoaded: this.bytes.loaded,
+      modelTotal: this.bytes.loaded,
       bytesPerSecond: 0,
       etaSeconds: 0,
       fromCache: fromCache && !this.fetched,

@@ -15,6 +15,7 @@ export interface WireLoadOptions {
   maxBindingBytes?: number;
   cache?: 'opfs' | 'none';
   stallTimeoutMs?: number;
+  warmup?: boolean;
 }
 
 export type WireRecognizeOptions = Omit<RecognizeOptions, 'onToken' | 'signal'> & { stream: boolean };
@@ -30,7 +31,7 @@ export type Call = Request extends infer R ? (R extends { type: 'abort' } ? neve
 
 /** The host's progress report: bytes of one file in one phase. */
 export interface RawProgress {
-  phase: 'download' | 'verify' | 'upload';
+  phase: 'download' | 'verify' | 'upload' | 'compile';
   file: string;
   loaded: number;
   total: number | null;

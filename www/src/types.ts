@@ -35,7 +35,8 @@ export type ImageInput =
 /**
  * A loading progress event. With the cache: `download` (network → storage; files already stored count
  * as loaded, `fromCache`), `verify` (stored files checked against their sha256), `upload` (storage →
- * GPU); without it: `download` (network → GPU). Then `ready`. Byte counts are per phase.
+ * GPU); without it: `download` (network → GPU). With `warmup`, `compile` (file `shaders`, 0 then 1 of 1).
+ * Then `ready`. Byte counts are per phase.
  */
 export interface LoadProgress {
   phase: 'download' | 'verify' | 'upload' | 'compile' | 'ready';
@@ -84,6 +85,12 @@ export interface LoadOptions {
   cache?: 'opfs' | 'none';
   /** A download that receives no bytes for this long is retried from its last byte (default 30000). */
   stallTimeoutMs?: number;
+  /**
+   * Run one token on a blank page before `load` resolves (phase `compile`), so the GPU compiles the
+   * model's shaders during the load instead of in the first recognition (seconds on a real GPU, tens of
+   * seconds on a software adapter). Default false.
+   */
+  warmup?: boolean;
   /**
    * Where the engine runs. Default (`undefined` or `true`): a module Web Worker the package creates.
    * A `Worker` you made from `dsocr/worker` (e.g. `new Worker(new URL('./my-worker.js', import.meta.url),

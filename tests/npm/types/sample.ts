@@ -17,6 +17,9 @@ export async function sample(file: File, canvas: HTMLCanvasElement): Promise<str
     maxBindingBytes: 128 << 20,
     worker: true,
     wasmUrl: '/assets/dsocr_bg.wasm',
+    cache: 'opfs',
+    stallTimeoutMs: 10_000,
+    warmup: true,
     signal: controller.signal,
     onProgress: (p: LoadProgress) => {
       const phase: 'download' | 'verify' | 'upload' | 'compile' | 'ready' = p.phase;
