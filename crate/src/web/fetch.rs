@@ -67,20 +67,21 @@ fn retryable(e: &JsValue) -> bool {
     !is_abort(e) && !status.is_some_and(|s| (400.0..500.0).contains(&s))
 }
 
-async fn backoff(attempt: u32) {
-    gloo_timers::future::TimeoutFuture::new(500 << attempt.min(4)).await;
-}
-
-/// Downloads `url` fully (config, tokenizer, index: small files), reporting `(loaded, total)`.
-pub(crate) async fn download(url: &str, signal: &Net, progress: &dyn Fn(f64, Option<f64>)) -> Result<Vec<u8>, JsValue> {
+/// Runs `request` up to [`ATTEMPTS`] times while it fails retryably, waiting 0.5 s, 1 s, 2 s … between.
+async fn with_retries<T, F: std::future::Future<Output = Result<T, JsValue>>>(mut request: impl FnMut() -> F) -> Result<T, JsValue> {
     let mut attempt = 0;
     loop {
-        match download_once(url, signal, progress).await {
-            Err(e) if attempt + 1 < ATTEMPTS && retryable(&e) => backoff(attempt).await,
+        match request().await {
+            Err(e) if attempt + 1 < ATTEMPTS && retryable(&e) => gloo_timers::future::TimeoutFuture::new(500 << attempt.min(4)).await,
             done => return done,
         }
         attempt += 1;
     }
+}
+
+/// Downloads `url` fully (config, tokenizer, index: small files), reporting `(loaded, total)`.
+pub(crate) async fn download(url: &str, signal: &Net, progress: &dyn Fn(f64, Option<f64>)) -> Result<Vec<u8>, JsValue> {
+    with_retries(|| download_once(url, signal, progress)).await
 }
 
 async fn download_once(url: &str, signal: &Net, progress: &dyn Fn(f64, Option<f64>)) -> Result<Vec<u8>, JsValue> {
@@ -139,15 +140,9 @@ impl RangeFetch for HttpRange {
             if let Some(whole) = self.whole.borrow().as_ref() {
                 return whole.get(start as usize..end as usize).map(<[u8]>::to_vec).ok_or_else(|| Error::Download(format!("{}: bytes {start}..{end} beyond the file", self.url)));
             }
-            let mut attempt = 0;
-            loop {
-                match self.fetch_once(start, end).await {
-                    Ok(bytes) => return Ok(bytes),
-                    Err(e) if attempt + 1 < ATTEMPTS && retryable(&e) => backoff(attempt).await,
-                    Err(e) => return Err(Error::Download(format!("{}: bytes {start}..{end}: {}", self.url, message_of(&e)))),
-                }
-                attempt += 1;
-            }
+            with_retries(|| self.fetch_once(start, end))
+                .await
+                .map_err(|e| Error::Download(format!("{}: bytes {start}..{end}: {}", self.url, message_of(&e))))
         })
     }
 }

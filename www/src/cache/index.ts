@@ -158,7 +158,8 @@ async function downloadAll(store: ModelStore, base: string, manifest: Manifest, 
   const queue = Object.keys(manifest.files).filter((name) => !manifest.files[name].complete);
   // Every file's size up front, so the whole model's total is known from the first event.
   for (const [name, entry] of Object.entries(manifest.files)) {
-    const loaded = entry.complete ? entry.size ?? (await store.file(name))?.size ?? 0 : (await store.file(name))?.size ?? 0;
+    const stored = (await store.file(name))?.size ?? 0;
+    const loaded = entry.complete ? entry.size ?? stored : stored;
     options.onEvent({ phase: 'download', file: name, loaded, total: entry.complete ? loaded : entry.size, fromCache: loaded > 0 });
   }
   const worker = async () => {
