@@ -98,6 +98,21 @@ fn generation_of(options: &JsValue) -> Result<GenerationOptions, JsValue> {
     Ok(generation)
 }
 
+// cubecl registers its IR dialects through `inventory`, i.e. static constructors. wasm-ld runs them
+// from `__wasm_call_ctors`, and when no export calls that itself it wraps *every* export in a call
+// to it ("command" linkage) — so each call into the module (every future wake-up, every callback,
+// thousands per recognition) re-ran all constructors: ~60% of the main thread's time per decoded
+// token. Calling it once here, at instantiation, makes the linker leave the exports alone.
+unsafe extern "C" {
+    fn __wasm_call_ctors();
+}
+
+#[wasm_bindgen(start)]
+fn start() {
+    // SAFETY: called once, by wasm-bindgen's init right after instantiation, before any other export.
+    unsafe { __wasm_call_ctors() }
+}
+
 #[wasm_bindgen]
 pub struct Dsocr {
     engine: Engine,
