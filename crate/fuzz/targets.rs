@@ -17,7 +17,7 @@ pub const TARGETS: [(&str, fn(&[u8])); 5] =
 /// corpus covers every mode (limits lowered so that a declared size cannot exhaust the fuzzer's
 /// memory; the defaults are the same code with larger numbers).
 pub fn image(data: &[u8]) {
-    let limits = DecodeLimits { max_pixels: 4_000_000, max_alloc: 256 << 20 };
+    let limits = DecodeLimits { max_bytes: 64 << 20, max_pixels: 4_000_000, max_alloc: 256 << 20 };
     let Ok(image) = decode(data, &limits) else { return };
     let _ = make_views(&image, Mode::ALL[data.len() % Mode::ALL.len()], &PreprocessOptions::default());
 }

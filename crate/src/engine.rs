@@ -247,6 +247,11 @@ impl Engine {
         &self.tokenizer
     }
 
+    /// The settings it was loaded with (limits included).
+    pub fn options(&self) -> &EngineOptions {
+        &self.options
+    }
+
     /// Decodes image bytes and recognises them; see [`Engine::recognize_image`].
     pub async fn recognize(
         &self,

@@ -43,6 +43,9 @@ pub enum Error {
     /// The image has more pixels than allowed (decompression-bomb guard).
     #[error("image is {width}×{height}, more than the limit of {max_pixels} pixels")]
     ImageTooLarge { width: u32, height: u32, max_pixels: u64 },
+    /// The encoded input (image file, request body) is larger than allowed.
+    #[error("the input is {bytes} bytes, more than the limit of {max_bytes}")]
+    InputTooLarge { bytes: u64, max_bytes: u64 },
     /// `tokenizer.json` is invalid, or encoding/decoding failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

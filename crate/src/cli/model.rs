@@ -26,6 +26,13 @@ pub struct ModelArgs {
     /// Group size of --quantize (32, 64 or 128 values per scale).
     #[arg(long, requires = "quantize")]
     group: Option<usize>,
+    /// Largest image accepted, in pixels (width × height, read from the header before decoding):
+    /// larger ones are refused, not decoded.
+    #[arg(long, default_value_t = 100_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    max_pixels: u64,
+    /// Most tiles Gundam mode cuts a page into (the official default is 9).
+    #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u64).range(2..=12))]
+    max_tiles: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -59,7 +66,15 @@ enum DtypeArg {
 impl ModelArgs {
     /// Downloads (if need be) and loads the checkpoint, with progress lines on stderr.
     pub fn load(&self) -> Result<Engine, String> {
+        self.load_with(|_| {})
+    }
+
+    /// [`Self::load`] with the engine's settings adjusted by `adjust` first (the caller's limits).
+    pub fn load_with(&self, adjust: impl FnOnce(&mut EngineOptions)) -> Result<Engine, String> {
         let (device, mut engine) = device(self.device)?;
+        engine.decode_limits.max_pixels = self.max_pixels;
+        engine.preprocess.max_tiles = self.max_tiles as usize;
+        adjust(&mut engine);
         engine.quantize = self.quantize.map(|p| Recipe::preset(p.preset(), self.group)).transpose().map_err(|e| e.to_string())?;
         let dtype = match self.dtype {
             DtypeArg::F32 => FloatDType::F32,

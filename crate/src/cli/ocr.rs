@@ -1,10 +1,13 @@
 //! `dsocr ocr`: images, PDFs and folders in; text, markdown or JSON out.
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use clap::ValueEnum;
+
+use super::pdf::{Pdf, PdfLimits};
 
 use super::model::ModelArgs;
 use super::progress::batch_progress;
@@ -33,6 +36,12 @@ pub struct OcrArgs {
     /// Also write <name>.md and <name>.json for each input into this directory.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Largest input file, in MiB: larger files are refused without being read.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    max_file_mib: u64,
+    /// Most pages a PDF may have: a longer one is refused before any page is rendered.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    max_pdf_pages: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -95,9 +104,13 @@ pub(crate) fn parse_task(task: &str) -> Result<Task, String> {
     })
 }
 
-/// Files of the inputs: files as given, directories walked recursively in name order.
+/// Files of the inputs: files as given, directories walked recursively in name order. A directory
+/// reached again through a symlink (a loop, or two links to one place) is walked once.
 fn collect_inputs(inputs: &[PathBuf]) -> Vec<PathBuf> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+    fn walk(dir: &Path, seen: &mut HashSet<PathBuf>, out: &mut Vec<PathBuf>) {
+        if !std::fs::canonicalize(dir).is_ok_and(|real| seen.insert(real)) {
+            return; // already walked (or vanished: nothing to report from it)
+        }
         let Ok(entries) = std::fs::read_dir(dir) else {
             out.push(dir.to_path_buf()); // reported as unreadable later
             return;
@@ -106,17 +119,41 @@ fn collect_inputs(inputs: &[PathBuf]) -> Vec<PathBuf> {
         paths.sort();
         for path in paths {
             if path.is_dir() {
-                walk(&path, out);
+                walk(&path, seen, out);
             } else if is_image(&path) {
-                out.push(path);
+                out.push(path); // broken symlinks and special files included: they fail by name
             }
         }
     }
     let mut out = Vec::new();
+    let mut seen = HashSet::new();
     for input in inputs {
-        if input.is_dir() { walk(input, &mut out) } else { out.push(input.clone()) }
+        if input.is_dir() { walk(input, &mut seen, &mut out) } else { out.push(input.clone()) }
     }
     out
+}
+
+/// The input's bytes, if it is a regular file within the size limit (never blocks on a FIFO or
+/// device, never reads a file over the limit).
+fn read_input(file: &Path, max_bytes: u64) -> Result<Vec<u8>, String> {
+    let meta = std::fs::metadata(file).map_err(|e| e.to_string())?;
+    if meta.is_dir() {
+        return Err("is a directory that cannot be read".into());
+    }
+    if !meta.is_file() {
+        return Err("not a regular file (a FIFO, socket or device)".into());
+    }
+    check_size(meta.len(), max_bytes)?;
+    let bytes = std::fs::read(file).map_err(|e| e.to_string())?;
+    check_size(bytes.len() as u64, max_bytes)?; // it may have grown since
+    Ok(bytes)
+}
+
+fn check_size(len: u64, max_bytes: u64) -> Result<(), String> {
+    if len > max_bytes {
+        return Err(format!("the file is {len} bytes, more than the limit of {} MiB (--max-file-mib)", max_bytes >> 20));
+    }
+    Ok(())
 }
 
 fn extension(path: &Path) -> String {
@@ -127,19 +164,29 @@ fn is_image(path: &Path) -> bool {
     matches!(extension(path).as_str(), "png" | "jpg" | "jpeg" | "webp" | "gif" | "bmp" | "tif" | "tiff" | "pdf")
 }
 
-/// One image to recognise: a file, or one page of a PDF.
-struct Page {
-    /// 1-based page number for PDFs.
-    number: Option<usize>,
-    bytes: Vec<u8>,
+/// An input's pages: an image file is one page; a PDF one per page, each rendered when its turn
+/// comes (see [`super::pdf`]), so a long PDF never sits in memory as images.
+enum Pages {
+    Image(Vec<u8>),
+    Pdf(Pdf),
 }
 
-/// The pages of an input: an image file is one page; a PDF one per page (see [`super::pdf`]).
-fn pages(file: &Path) -> Result<Vec<Page>, String> {
-    if extension(file) != "pdf" {
-        return Ok(vec![Page { number: None, bytes: std::fs::read(file).map_err(|e| e.to_string())? }]);
+impl Pages {
+    fn open(file: &Path, limits: PdfLimits, max_bytes: u64) -> Result<Pages, String> {
+        if extension(file) != "pdf" {
+            return Ok(Pages::Image(read_input(file, max_bytes)?));
+        }
+        read_input(file, max_bytes).map(drop)?; // the same checks as images (the bytes are not kept)
+        Ok(Pages::Pdf(Pdf::open(file, limits)?))
     }
-    Ok(super::pdf::render(file)?.into_iter().map(|(n, bytes)| Page { number: Some(n), bytes }).collect())
+
+    /// `(page number for PDFs, that page's image bytes)` in order.
+    fn each(self) -> Box<dyn Iterator<Item = (Option<usize>, Result<Vec<u8>, String>)>> {
+        match self {
+            Pages::Image(bytes) => Box::new(std::iter::once((None, Ok(bytes)))),
+            Pages::Pdf(pdf) => Box::new((1..=pdf.page_count()).map(move |n| (Some(n), pdf.render(n)))),
+        }
+    }
 }
 
 pub fn run(args: &OcrArgs) -> Result<bool, String> {
@@ -150,7 +197,9 @@ pub fn run(args: &OcrArgs) -> Result<bool, String> {
         repeat_guard: args.repeat_guard.guard(),
         ..GenerationOptions::default()
     };
-    let engine = args.model.load()?;
+    let max_bytes = args.max_file_mib << 20;
+    let engine = args.model.load_with(|engine| engine.decode_limits.max_bytes = max_bytes)?;
+    let pdf_limits = PdfLimits { max_pages: args.max_pdf_pages as usize, max_pixels: engine.options().decode_limits.max_pixels, ..PdfLimits::default() };
     if let Some(out) = &args.out {
         std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     }
@@ -167,7 +216,7 @@ pub fn run(args: &OcrArgs) -> Result<bool, String> {
         if files.len() > 1 {
             eprintln!("dsocr: {} {}", batch_progress(n, files.len(), batch_started.elapsed()), file.display());
         }
-        let pages = match pages(file) {
+        let pages = match Pages::open(file, pdf_limits, max_bytes) {
             Ok(pages) => pages,
             Err(message) => {
                 all_ok = false;
@@ -176,19 +225,21 @@ pub fn run(args: &OcrArgs) -> Result<bool, String> {
                 continue;
             }
         };
-        for page in pages {
-            let label = match page.number {
+        for (number, bytes) in pages.each() {
+            let label = match number {
                 Some(p) => format!("{} page {p}", file.display()),
                 None => file.display().to_string(),
             };
-            let outcome = pollster::block_on(engine.recognize(&page.bytes, &task, mode, &generation, |event| {
-                if stream {
-                    print!("{}", event.text);
-                    let _ = std::io::stdout().flush();
-                }
-                ControlFlow::Continue(())
-            }))
-            .map_err(|e| e.to_string());
+            let outcome = bytes.and_then(|bytes| {
+                pollster::block_on(engine.recognize(&bytes, &task, mode, &generation, |event| {
+                    if stream {
+                        print!("{}", event.text);
+                        let _ = std::io::stdout().flush();
+                    }
+                    ControlFlow::Continue(())
+                }))
+                .map_err(|e| e.to_string())
+            });
             match outcome {
                 Ok(result) => {
                     if stream {
@@ -200,14 +251,14 @@ pub fn run(args: &OcrArgs) -> Result<bool, String> {
                         eprintln!("dsocr: {label}: generation ended without EOS ({})", result.finish_reason);
                     }
                     if let Some(out) = &args.out {
-                        write_outputs(out, file, page.number, &result)?;
+                        write_outputs(out, file, number, &result)?;
                     }
-                    json_results.push(json_entry(file, page.number, Some(&result), None));
+                    json_results.push(json_entry(file, number, Some(&result), None));
                 }
                 Err(message) => {
                     all_ok = false;
                     eprintln!("dsocr: {label}: {message}");
-                    json_results.push(json_entry(file, page.number, None, Some(&message)));
+                    json_results.push(json_entry(file, number, None, Some(&message)));
                 }
             }
         }

@@ -10,6 +10,8 @@ use crate::error::{Error, Result};
 /// Bounds on what a decoder may produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodeLimits {
+    /// Largest accepted encoded input, in bytes (checked before anything is parsed).
+    pub max_bytes: u64,
     /// Largest accepted width × height (after reading the header, before decoding pixels).
     pub max_pixels: u64,
     /// Largest single allocation a decoder may make, in bytes.
@@ -17,9 +19,9 @@ pub struct DecodeLimits {
 }
 
 impl Default for DecodeLimits {
-    /// 100 megapixels (an A3 scan at 600 dpi is 70 MP), 2 GiB of decoder memory.
+    /// 512 MiB of encoded bytes, 100 megapixels (an A3 scan at 600 dpi is 70 MP), 2 GiB of decoder memory.
     fn default() -> Self {
-        Self { max_pixels: 100_000_000, max_alloc: 2 << 30 }
+        Self { max_bytes: 512 << 20, max_pixels: 100_000_000, max_alloc: 2 << 30 }
     }
 }
 
@@ -28,6 +30,9 @@ impl Default for DecodeLimits {
 pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage> {
     if bytes.is_empty() {
         return Err(Error::ImageFormat("empty input".into()));
+    }
+    if bytes.len() as u64 > limits.max_bytes {
+        return Err(Error::InputTooLarge { bytes: bytes.len() as u64, max_bytes: limits.max_bytes });
     }
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()

@@ -38,6 +38,7 @@ impl From<Error> for ApiError {
             Error::ImageFormat(_) => (StatusCode::BAD_REQUEST, "image_format"),
             Error::ImageDecode(_) => (StatusCode::BAD_REQUEST, "image_decode"),
             Error::ImageTooLarge { .. } => (StatusCode::BAD_REQUEST, "image_too_large"),
+            Error::InputTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "input_too_large"),
             Error::InvalidArgument(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_argument"),
             Error::ContextOverflow { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "context_overflow"),
             Error::ImageTokenMismatch { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "image_token_mismatch"),

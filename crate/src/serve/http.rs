@@ -224,7 +224,10 @@ pub async fn pages_of(bytes: Vec<u8>) -> Result<Vec<PageInput>, ApiError> {
     if !pdf::is_pdf(&bytes) {
         return Ok(vec![PageInput { number: None, bytes }]);
     }
-    let rendered = tokio::task::spawn_blocking(move || pdf::render_bytes(&bytes))
+    let rendered = tokio::task::spawn_blocking(move || -> Result<Vec<(usize, Vec<u8>)>, String> {
+        let doc = pdf::Pdf::from_bytes(&bytes, pdf::PdfLimits::default())?;
+        (1..=doc.page_count()).map(|n| doc.render(n).map(|png| (n, png)).map_err(|e| format!("page {n}: {e}"))).collect()
+    })
         .await
         .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "PDF rendering failed"))?
         .map_err(|message| ApiError::new(StatusCode::BAD_REQUEST, "pdf", message))?;

@@ -20,7 +20,7 @@ pub(crate) fn code_of(e: &Error) -> &'static str {
         }
         Error::Shard { .. } => "BAD_CHECKPOINT",
         Error::InFile { source, .. } => code_of(source),
-        Error::ImageFormat(_) | Error::ImageDecode(_) | Error::ImageTooLarge { .. } => "BAD_IMAGE",
+        Error::ImageFormat(_) | Error::ImageDecode(_) | Error::ImageTooLarge { .. } | Error::InputTooLarge { .. } => "BAD_IMAGE",
         Error::InvalidArgument(_) | Error::ContextOverflow { .. } => "BAD_ARGUMENT",
         Error::ImageTokenMismatch { .. } | Error::TokenOutOfRange { .. } => "INTERNAL",
         Error::Io(_) | Error::Download(_) => "NETWORK",
