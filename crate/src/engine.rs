@@ -137,6 +137,22 @@ pub struct Engine {
     options: EngineOptions,
 }
 
+/// `tokenizer.json` must be DeepSeek-OCR's: `<image>` at the id the prompts use, every id within the
+/// model's vocabulary (a tokenizer from another model would give text that means nothing).
+fn check_tokenizer(tokenizer: &Tokenizer, config: &Config) -> Result<()> {
+    let vocab = config.decoder.vocab_size;
+    let fail = |why: String| Err(crate::error::Error::Tokenizer(format!("tokenizer.json does not belong to this model ({why}); use the checkpoint's own tokenizer.json")));
+    match tokenizer.token_id("<image>") {
+        Some(IMAGE_TOKEN_ID) => {}
+        Some(id) => return fail(format!("`<image>` is token {id}, DeepSeek-OCR's is {IMAGE_TOKEN_ID}")),
+        None => return fail("it has no `<image>` token".into()),
+    }
+    if tokenizer.vocab_size() > vocab {
+        return fail(format!("{} tokens, more than the model's vocabulary of {vocab}", tokenizer.vocab_size()));
+    }
+    Ok(())
+}
+
 /// What `recognize` streams per generated token.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenEvent {
@@ -171,6 +187,7 @@ impl Engine {
         // Check every name and shape up front: a wrong file fails fast, naming the tensor.
         checkpoint.check(&expected_tensors(&config), stored.as_ref())?;
         let tokenizer = Tokenizer::from_json(tokenizer_json)?;
+        check_tokenizer(&tokenizer, &config)?;
         let mut loader = Loader::new(checkpoint, device)
             .with_max_tensor_bytes(options.max_tensor_bytes)
             .with_stacked_experts(options.stacked_experts)

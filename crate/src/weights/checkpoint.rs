@@ -273,6 +273,8 @@ impl<'a> Checkpoint<'a> {
     fn in_file(&self, name: &str, error: Error) -> Error {
         match self.tensors.get(name).and_then(|t| t.parts.first()) {
             Some(part) => Error::in_file(&self.files[part.file].0, error),
+            // Not there at all: a single file is still the one to blame; of several, none is.
+            None if self.files.len() == 1 => Error::in_file(&self.files[0].0, error),
             None => error,
         }
     }

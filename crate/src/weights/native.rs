@@ -45,7 +45,8 @@ pub fn map_checkpoint(dir: &Path) -> Result<MappedCheckpoint> {
         let path = dir.join(name);
         if path.is_file() {
             let map = map(&path).map_err(Error::Io)?;
-            return Ok(MappedCheckpoint { index: None, files: vec![(String::new(), map)] });
+            // Named, so that every error about its contents names the file too.
+            return Ok(MappedCheckpoint { index: None, files: vec![(name.to_string(), map)] });
         }
     }
     Err(Error::Io(format!("{}: no {INDEX_FILE}, model-00001-of-000001.safetensors or model.safetensors", dir.display())))
