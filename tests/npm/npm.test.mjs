@@ -202,6 +202,24 @@ test('plain page (import map, no bundler; the package\'s own worker): progress t
   }
 });
 
+test('an adapter under the model\'s limits fails load with ADAPTER_LIMITS before any download', { timeout: 5 * 60_000 }, async () => {
+  const page = await open(`${files.base}/`);
+  try {
+    files.log.length = 0;
+    const out = await page.evaluate(async () => {
+      const { Dsocr } = window.dsocrApp;
+      const worker = new Worker('/small-adapter-worker.js', { type: 'module' });
+      const result = await Dsocr.load({ weightsUrl: '/ckpt/tiny-a', worker }).then(() => 'resolved', (e) => `${e.code}: ${e.message}`);
+      worker.terminate();
+      return result;
+    });
+    assert.equal(out, 'ADAPTER_LIMITS: the adapter offers 8192 bytes of workgroup memory, 16384 are needed');
+    assert.deepEqual(files.log.filter((r) => r.path.startsWith('/ckpt/')), [], 'nothing of the checkpoint was requested');
+  } finally {
+    await page.close();
+  }
+});
+
 test('a worker that crashes mid-job rejects the pending call (no hang); an app-made worker from dsocr/worker', { timeout: 10 * 60_000 }, async () => {
   const page = await open(`${files.base}/`);
   try {

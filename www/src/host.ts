@@ -5,6 +5,7 @@
 
 import init, { Dsocr as WasmEngine, Sha256 } from './wasm/dsocr.js';
 import { Fatal } from './cache/download.js';
+import { checkSupport } from './support.js';
 import { opfsAvailable, prepare } from './cache/index.js';
 import { toWire, type WireError } from './errors.js';
 import type { Endpoint, RawProgress, Reply, Request, WireInput, WireLoadOptions, WireRecognizeOptions } from './protocol.js';
@@ -83,6 +84,9 @@ export function serve(endpoint: Endpoint): void {
         sent.set(key, now);
         reply({ type: 'progress', id, event });
       };
+      // An adapter the model cannot run on fails here, before any download.
+      const support = await checkSupport();
+      if (!support.ok) throw { code: support.code, message: support.reason };
       let cached: typeof fetch | null = null;
       if ((options.cache ?? 'opfs') === 'opfs') {
         if (opfsAvailable()) {

@@ -147,6 +147,11 @@ impl Dsocr {
             .init_with_setup_async()
             .await
             .map_err(|e| js_error("NO_WEBGPU", format!("no usable WebGPU adapter: {e:?}")))?;
+        // The model's kernels use 16 KiB of workgroup memory (WebGPU's guaranteed minimum).
+        let workgroup = setup.adapter.limits().max_compute_workgroup_storage_size;
+        if workgroup < 16384 {
+            return Err(js_error("ADAPTER_LIMITS", format!("the adapter offers {workgroup} bytes of workgroup memory, 16384 are needed")));
+        }
         let f16_available = setup.device.features().contains(burn::tensor::wgpu::wgpu::Features::SHADER_F16);
         let f16 = match get_string(&options, "dtype").as_deref() {
             None | Some("auto") => f16_available,
