@@ -271,6 +271,36 @@ test('a lost GPU device fails the job with DEVICE_LOST, during decode and during
   }
 });
 
+test('the GPU out of memory fails the call with OUT_OF_MEMORY naming what ran, during load and during a recognition; a new engine then works', { timeout: 10 * 60_000 }, async () => {
+  const page = await open(`${files.base}/`);
+  try {
+    const out = await page.evaluate(async () => {
+      const { Dsocr } = window.dsocrApp;
+      const image = await (await fetch('/images/page.png')).blob();
+      const worker = new Worker('/oom-worker.js', { type: 'module' });
+      worker.postMessage({ oomAfterBytes: 8e6 });
+      const during = await Dsocr.load({ weightsUrl: '/ckpt/tiny-a', worker, cache: 'none' }).then(() => 'resolved', (e) => `${e.code}: ${e.message}`);
+      worker.terminate();
+      const second = new Worker('/oom-worker.js', { type: 'module' });
+      const engine = await Dsocr.load({ weightsUrl: '/ckpt/tiny-a', worker: second, cache: 'none' });
+      second.postMessage({ oomAfterBytes: 0 });
+      const decode = await engine.recognize(image, { mode: 'tiny', maxNewTokens: 50, repeatGuard: 'hf' }).then(() => 'resolved', (e) => `${e.code}: ${e.message}`);
+      const after = await engine.recognize(image).then(() => 'resolved', (e) => e.code);
+      second.terminate();
+      const fresh = await Dsocr.load({ weightsUrl: '/ckpt/tiny-a', cache: 'none' });
+      const ids = (await fresh.recognize(image, { mode: 'tiny', maxNewTokens: 1, repeatGuard: 'hf' })).token_ids;
+      await fresh.dispose();
+      return { during, decode, after, ids };
+    });
+    assert.match(out.during, /^OUT_OF_MEMORY: the GPU ran out of memory while loading model\.safetensors \(\d+% read\) \(simulated: no memory/);
+    assert.match(out.decode, /^OUT_OF_MEMORY: the GPU ran out of memory while recognizing an image \(mode tiny\)/);
+    assert.equal(out.after, 'DISPOSED');
+    assert.deepEqual(out.ids, reference('page').slice(0, 1));
+  } finally {
+    await page.close();
+  }
+});
+
 test('the .d.ts type-checks a sample that uses every member (tsc --noEmit)', { timeout: 2 * 60_000 }, () => {
   execFileSync(path.join(here, 'node_modules', '.bin', 'tsc'), ['-p', path.join(here, 'types')], { stdio: 'inherit' });
 });

@@ -13,6 +13,8 @@ import type { AdapterInfo, OcrResult, TokenEvent } from './types.js';
 
 /** Reports the loss of any GPU device the engine requests (installed once, in the engine's worker). */
 let onDeviceLost: ((message: string) => void) | null = null;
+/** Reports an out-of-memory error of a watched device (WebGPU reports them as uncaptured errors). */
+let onOutOfMemory: ((message: string) => void) | null = null;
 const devices: GPUDevice[] = [];
 
 /** Whether a watched device is lost, or turns out to be within `ms` (its `lost` promise settles a task after the loss). */
@@ -30,6 +32,11 @@ function watchDevices(): void {
     const device = await requestDevice.call(this, descriptor);
     devices.push(device);
     device.lost.then((info) => onDeviceLost?.(info.message || info.reason || 'unknown reason'));
+    // Before the engine's own handler, which treats any uncaptured error as a bug and traps.
+    device.addEventListener('uncapturederror', (event) => {
+      const error = (event as GPUUncapturedErrorEvent).error;
+      if (typeof GPUOutOfMemoryError !== 'undefined' && error instanceof GPUOutOfMemoryError) onOutOfMemory?.(error.message);
+    });
     return device;
   };
   (watched as { dsocr?: boolean }).dsocr = true;
@@ -57,6 +64,17 @@ export function serve(endpoint: Endpoint): void {
     for (const c of controllers.values()) c.abort();
     controllers.clear();
   };
+  /** What the engine is doing, for errors that arrive on their own (an out-of-memory). */
+  let doing = 'while idle';
+  // Out of GPU memory: WebGPU says so in an event, not on the call that allocated, and the engine
+  // cannot go on (its handler traps). Every call in flight fails now, naming what was running.
+  onOutOfMemory = (message) => {
+    if (disposed || broken) return;
+    broken = { code: 'OUT_OF_MEMORY', message: `the GPU ran out of memory ${doing} (${message}); try a smaller mode, quantized weights or another device`, fatal: true };
+    for (const id of controllers.keys()) reply({ type: 'error', id, error: broken });
+    for (const c of controllers.values()) c.abort();
+    controllers.clear();
+  };
   const fail = async (id: number, e: unknown) => {
     let error = toWire(e);
     // A backend error right after a device loss is that loss (reported to every call by onDeviceLost).
@@ -64,8 +82,8 @@ export function serve(endpoint: Endpoint): void {
       const lost = await lostWithin(200);
       if (lost) onDeviceLost?.(lost);
     }
-    if (broken?.code === 'DEVICE_LOST' && !controllers.has(id)) return; // already told
-    if (broken?.code === 'DEVICE_LOST') error = broken;
+    if ((broken?.code === 'DEVICE_LOST' || broken?.code === 'OUT_OF_MEMORY') && !controllers.has(id)) return; // already told
+    if (broken?.code === 'DEVICE_LOST' || broken?.code === 'OUT_OF_MEMORY') error = broken;
     if (error.fatal) broken = error;
     reply({ type: 'error', id, error });
   };
@@ -106,8 +124,10 @@ export function serve(endpoint: Endpoint): void {
         maxBindingBytes: options.maxBindingBytes,
         signal,
         fetch: cached ?? undefined,
-        onProgress: (event: { file: string; loaded: number; total: number | null }) =>
-          progress({ phase: cached ? 'upload' : 'download', file: event.file, loaded: event.loaded, total: event.total, fromCache: cached !== null }),
+        onProgress: (event: { file: string; loaded: number; total: number | null }) => {
+          doing = `while loading ${event.file}${event.total ? ` (${Math.floor((100 * event.loaded) / event.total)}% read)` : ''}`;
+          progress({ phase: cached ? 'upload' : 'download', file: event.file, loaded: event.loaded, total: event.total, fromCache: cached !== null });
+        },
       });
     })();
     try {
@@ -116,6 +136,7 @@ export function serve(endpoint: Endpoint): void {
       reply({ type: 'loaded', id, adapter: engine.adapterInfo() as AdapterInfo });
     } finally {
       loading = null;
+      doing = 'while idle';
     }
   }
 
@@ -139,6 +160,7 @@ export function serve(endpoint: Endpoint): void {
         source = new Uint8Array(await response.arrayBuffer());
       }
       const { stream, ...rest } = options;
+      doing = `while recognizing an image (mode ${options.mode ?? 'tiny'})`;
       const result = (await engine.recognize(source, {
         ...rest,
         signal,
@@ -146,6 +168,7 @@ export function serve(endpoint: Endpoint): void {
       })) as OcrResult;
       reply({ type: 'result', id, result });
     } finally {
+      doing = 'while idle';
       // The bitmap was transferred to us (a copy of the caller's): free its memory now.
       if (typeof ImageBitmap !== 'undefined' && input instanceof ImageBitmap) input.close();
     }
