@@ -175,6 +175,59 @@ test('a connection dropped mid-file resumes with a Range request from the bytes 
   }
 });
 
+test('without OPFS the cache is Cache Storage: a dropped connection resumes after the stored parts, the second load is offline, listing and deleting', { timeout: 10 * 60_000 }, async () => {
+  let faults = 0;
+  const weights = await weightsServer((p, req) => {
+    if (!p.endsWith(SINGLE) || req.headers.range === 'bytes=0-0') return null;
+    return ++faults === 1 ? { dropAfter: 20_000_000 } : null;
+  });
+  const context = await browser.newContext();
+  try {
+    const url = `${weights.base}/tiny-a`;
+    const page = await open(context, `${files.base}/`);
+    const cold = await load(page, url, { tokens: 1, worker: '/no-opfs-worker.js' });
+    assert.equal(cold.error, undefined, JSON.stringify(cold.error));
+    assert.deepEqual(cold.ids, reference('page').slice(0, 1));
+    checkProgress(cold.progress);
+    assert.ok(!cold.progress.some((p) => p.warning), 'cached, not loaded past the cache');
+    // The probe, the request cut at 20 MB, then one resume from what was stored (a 16 MiB part and
+    // the bytes after it, kept when the connection dropped).
+    const ranges = requestsFor(weights.log, SINGLE).map((r) => r.range);
+    assert.equal(ranges.length, 3, JSON.stringify(ranges));
+    const resumedAt = Number(/^bytes=(\d+)-$/.exec(ranges[2] ?? '')?.[1]);
+    assert.ok(resumedAt >= 16 << 20 && resumedAt <= 20_000_000, JSON.stringify(ranges));
+    // Nothing went to OPFS; Cache Storage holds the model.
+    const stored = await page.evaluate(async () => ({
+      opfs: await navigator.storage.getDirectory().then(async (d) => { for await (const name of d.keys()) if (name === 'dsocr-cache') return true; return false; }),
+      caches: (await caches.keys()).filter((n) => n.startsWith('dsocr-cache-')).length,
+    }));
+    assert.deepEqual(stored, { opfs: false, caches: 1 });
+    await weights.server.stop();
+    const requests = weights.log.length;
+    const warm = await load(page, url, { tokens: 1, worker: '/no-opfs-worker.js' });
+    assert.equal(warm.error, undefined, JSON.stringify(warm.error));
+    assert.deepEqual(warm.ids, reference('page').slice(0, 1));
+    assert.equal(weights.log.length, requests, 'the second load sent no request');
+    assert.ok(!warm.progress.some((p) => p.phase === 'download'), 'nothing downloaded');
+    const listed = await page.evaluate(async (url) => {
+      const { Dsocr } = window.dsocrApp;
+      const before = await Dsocr.cachedModels();
+      const deleted = await Dsocr.deleteCachedModel(url);
+      return { before, deleted, after: await Dsocr.cachedModels() };
+    }, url);
+    const size = ['config.json', 'tokenizer.json', SINGLE].reduce((n, f) => n + fs.statSync(path.join(fixtures, 'tiny-a', f)).size, 0);
+    assert.equal(listed.before.length, 1);
+    assert.equal(listed.before[0].url, url);
+    assert.equal(listed.before[0].complete, true);
+    assert.equal(listed.before[0].bytes, size);
+    assert.equal(listed.deleted, true);
+    assert.deepEqual(listed.after, []);
+  } finally {
+    await context.close();
+    await weights.server.stop();
+  }
+});
+
 test('sharded: a corrupted byte refetches that shard alone; a shard corrupt twice fails naming it; 403 fails at once', { timeout: 10 * 60_000 }, async () => {
   ensureQ8();
   const names = Object.keys(shards()).sort();

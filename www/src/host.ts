@@ -6,7 +6,7 @@
 import init, { Dsocr as WasmEngine, Sha256 } from './wasm/dsocr.js';
 import { Fatal } from './cache/download.js';
 import { checkSupport } from './support.js';
-import { opfsAvailable, prepare } from './cache/index.js';
+import { prepare, storeAvailable } from './cache/index.js';
 import { toWire, type WireError } from './errors.js';
 import type { Endpoint, RawProgress, Reply, Request, WireInput, WireLoadOptions, WireRecognizeOptions } from './protocol.js';
 import type { AdapterInfo, OcrResult, TokenEvent } from './types.js';
@@ -107,7 +107,7 @@ export function serve(endpoint: Endpoint): void {
       if (!support.ok) throw { code: support.code, message: support.reason };
       let cached: typeof fetch | null = null;
       if ((options.cache ?? 'opfs') === 'opfs') {
-        if (opfsAvailable()) {
+        if (storeAvailable()) {
           try {
             cached = await prepare(options.weightsUrl, { signal, stallMs: options.stallTimeoutMs ?? 30_000, hasher: () => new Sha256(), onEvent: progress });
           } catch (e) {
@@ -115,7 +115,7 @@ export function serve(endpoint: Endpoint): void {
             throw e;
           }
         } else {
-          progress({ phase: 'download', file: '', loaded: 0, total: null, fromCache: false, warning: 'no Origin Private File System here: loading without the cache' });
+          progress({ phase: 'download', file: '', loaded: 0, total: null, fromCache: false, warning: 'no Origin Private File System or Cache Storage here: loading without the cache' });
         }
       }
       return WasmEngine.load(options.weightsUrl, {

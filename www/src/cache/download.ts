@@ -2,7 +2,7 @@
 // stored, retried with backoff after a dropped connection, a 5xx or a stall (no bytes for
 // `stallMs`), checked against its size and sha256 at the end.
 
-import type { FileEntry, ModelStore } from './store.js';
+import type { FileEntry, Store } from './store.js';
 
 /** A failure to write the cache (quota, disk): the load goes on without it. */
 export class CacheWriteError extends Error {}
@@ -40,7 +40,7 @@ export function sleep(ms: number, signal: AbortSignal): Promise<void> {
 }
 
 /** Downloads `url` into `name` of `store`, resuming; resolves to the file's size. */
-export async function downloadInto(store: ModelStore, name: string, url: string, expected: FileEntry, options: DownloadOptions): Promise<number> {
+export async function downloadInto(store: Store, name: string, url: string, expected: FileEntry, options: DownloadOptions): Promise<number> {
   for (let attempt = 1; ; attempt++) {
     let stored = (await store.file(name))?.size ?? 0;
     if (expected.size !== null && stored > expected.size) stored = 0;
@@ -55,7 +55,7 @@ export async function downloadInto(store: ModelStore, name: string, url: string,
   }
 }
 
-async function attemptOnce(store: ModelStore, name: string, url: string, expected: FileEntry, offset: number, options: DownloadOptions): Promise<number> {
+async function attemptOnce(store: Store, name: string, url: string, expected: FileEntry, offset: number, options: DownloadOptions): Promise<number> {
   if (expected.size !== null && offset === expected.size) return offset;
   const controller = new AbortController();
   const onAbort = () => controller.abort(options.signal.reason);
@@ -121,7 +121,7 @@ export interface Hasher {
 }
 
 /** Whether the stored file has the expected size and sha256 (what is known of them). */
-export async function verify(store: ModelStore, name: string, expected: FileEntry, hasher: () => Hasher, signal: AbortSignal, onBytes: (n: number) => void): Promise<string | null> {
+export async function verify(store: Store, name: string, expected: FileEntry, hasher: () => Hasher, signal: AbortSignal, onBytes: (n: number) => void): Promise<string | null> {
   const file = await store.file(name);
   if (!file) return 'missing';
   if (expected.size !== null && file.size !== expected.size) return `${file.size} bytes, expected ${expected.size}`;

@@ -4,7 +4,7 @@
 // already complete in the cache loads with no request at all.
 
 import { CacheWriteError, Fatal, downloadInto, request, verify, type Hasher } from './download.js';
-import { ModelStore, deleteCached, opfsAvailable, type FileEntry, type Manifest } from './store.js';
+import { deleteCached, openStore, storeAvailable, type FileEntry, type Manifest, type Store } from './store.js';
 
 const INDEX = 'model.safetensors.index.json';
 const SINGLE = ['model-00001-of-000001.safetensors', 'model.safetensors'];
@@ -27,7 +27,7 @@ export interface PrepareOptions {
   onEvent: (event: CacheEvent) => void;
 }
 
-export { opfsAvailable };
+export { storeAvailable };
 
 /**
  * Makes sure every file of the model at `base` is in the cache and intact; resolves to the fetch
@@ -35,7 +35,7 @@ export { opfsAvailable };
  * network; a warning event says why).
  */
 export async function prepare(base: string, options: PrepareOptions): Promise<typeof fetch | null> {
-  const store = await ModelStore.open(base);
+  const store = await openStore(base);
   try {
     let manifest: Manifest;
     if (store.manifest?.complete) {
@@ -67,7 +67,7 @@ export async function prepare(base: string, options: PrepareOptions): Promise<ty
 }
 
 /** The files of the model and what they should be; a different version than the stored one is wiped. */
-async function plan(store: ModelStore, base: string, options: PrepareOptions): Promise<Manifest> {
+async function plan(store: Store, base: string, options: PrepareOptions): Promise<Manifest> {
   const files: Record<string, FileEntry> = {
     'config.json': { size: null, sha256: null, complete: false },
     'tokenizer.json': { size: null, sha256: null, complete: false },
@@ -121,11 +121,11 @@ async function plan(store: ModelStore, base: string, options: PrepareOptions): P
   return manifest;
 }
 
-function resetIfOther(store: ModelStore, version: string): void {
+function resetIfOther(store: Store, version: string): void {
   if (store.manifest && store.manifest.version !== version) store.manifest = { ...store.manifest, files: {}, version };
 }
 
-async function storeBytes(store: ModelStore, name: string, bytes: Uint8Array): Promise<void> {
+async function storeBytes(store: Store, name: string, bytes: Uint8Array): Promise<void> {
   try {
     const writer = await store.writer(name, 0);
     await writer.write(bytes);
@@ -136,7 +136,7 @@ async function storeBytes(store: ModelStore, name: string, bytes: Uint8Array): P
 }
 
 /** QUOTA_EXCEEDED before any byte is fetched, with what is needed and available. */
-async function checkQuota(store: ModelStore, manifest: Manifest): Promise<void> {
+async function checkQuota(store: Store, manifest: Manifest): Promise<void> {
   let needed = 0;
   for (const [name, entry] of Object.entries(manifest.files)) {
     if (entry.complete || entry.size === null) continue;
@@ -154,7 +154,7 @@ async function checkQuota(store: ModelStore, manifest: Manifest): Promise<void> 
   await navigator.storage.persist?.().catch(() => false);
 }
 
-async function downloadAll(store: ModelStore, base: string, manifest: Manifest, options: PrepareOptions): Promise<void> {
+async function downloadAll(store: Store, base: string, manifest: Manifest, options: PrepareOptions): Promise<void> {
   const queue = Object.keys(manifest.files).filter((name) => !manifest.files[name].complete);
   // Every file's size up front, so the whole model's total is known from the first event.
   for (const [name, entry] of Object.entries(manifest.files)) {
@@ -203,7 +203,7 @@ async function downloadAll(store: ModelStore, base: string, manifest: Manifest, 
 }
 
 /** Checks every cached file (size, and sha256 where known); resolves to the bad ones. */
-async function verifyAll(store: ModelStore, manifest: Manifest, options: PrepareOptions): Promise<string[]> {
+async function verifyAll(store: Store, manifest: Manifest, options: PrepareOptions): Promise<string[]> {
   const bad: string[] = [];
   for (const [name, entry] of Object.entries(manifest.files)) {
     const problem = await verify(store, name, entry, options.hasher, options.signal, (n) =>
@@ -215,7 +215,7 @@ async function verifyAll(store: ModelStore, manifest: Manifest, options: Prepare
 }
 
 /** `fetch` for the engine: the model's files (and byte ranges of them) from storage. */
-function cachedFetch(store: ModelStore, base: string): typeof fetch {
+function cachedFetch(store: Store, base: string): typeof fetch {
   return (async (input: RequestInfo | URL, init?: RequestInit) => {
     const url = String(input instanceof Request ? input.url : input);
     if (!url.startsWith(`${base}/`)) return fetch(input, init);

@@ -1,7 +1,10 @@
 // The persistent cache in the Origin Private File System: one folder per model URL under
 // `dsocr-cache/`, holding the model's files as downloaded and a manifest of what is complete.
 // Writes go in place through a sync access handle in workers (an interrupted file keeps what was
-// flushed, so the next load resumes from there) and through a writable stream on the page.
+// flushed, so the next load resumes from there) and through a writable stream on the page. Where
+// there is no OPFS, Cache Storage holds the same things (`parts.ts`); `openStore` picks.
+
+import { PartsStore, cacheStorageAvailable, clearParts, deleteParts, listParts } from './parts.js';
 
 const ROOT = 'dsocr-cache';
 const MANIFEST = 'manifest.json';
@@ -28,6 +31,29 @@ export interface Manifest {
   usedAt: number;
 }
 
+/** What the download and the engine's reads need of a cache backend. */
+export interface Store {
+  readonly url: string;
+  manifest: Manifest | null;
+  saveManifest(manifest: Manifest): Promise<void>;
+  /** The stored bytes of `name` (null when absent). */
+  file(name: string): Promise<Blob | null>;
+  remove(name: string): Promise<void>;
+  clear(): Promise<void>;
+  /** Opens `name` for writing from byte `offset` (the bytes after it are dropped). */
+  writer(name: string, offset: number): Promise<Writer>;
+}
+
+/** The cache for the model at `url`: OPFS where there is one, else Cache Storage. */
+export async function openStore(url: string): Promise<Store> {
+  return opfsAvailable() ? ModelStore.open(url) : PartsStore.open(url);
+}
+
+/** Whether this context has a persistent cache at all. */
+export function storeAvailable(): boolean {
+  return opfsAvailable() || cacheStorageAvailable();
+}
+
 export function opfsAvailable(): boolean {
   return typeof navigator !== 'undefined' && typeof navigator.storage?.getDirectory === 'function';
 }
@@ -37,13 +63,13 @@ async function root(): Promise<FileSystemDirectoryHandle> {
 }
 
 /** A stable folder name for a URL (hex of a simple 64-bit FNV-1a hash; the URL itself is in the manifest). */
-function folderName(url: string): string {
+export function folderName(url: string): string {
   let h = 0xcbf29ce484222325n;
   for (const byte of new TextEncoder().encode(url)) h = BigInt.asUintN(64, (h ^ BigInt(byte)) * 0x100000001b3n);
   return h.toString(16).padStart(16, '0');
 }
 
-export class ModelStore {
+export class ModelStore implements Store {
   private constructor(
     readonly url: string,
     private readonly dir: FileSystemDirectoryHandle,
@@ -143,13 +169,21 @@ class StreamWriter implements Writer {
 }
 
 /** File names from the checkpoint are kept as they are, minus anything that could leave the folder. */
-function storedName(name: string): string {
+export function storedName(name: string): string {
   return `f_${name.replace(/[^A-Za-z0-9._-]/g, '_')}`;
 }
 
 async function readManifest(dir: FileSystemDirectoryHandle): Promise<Manifest | null> {
   try {
-    const text = await (await (await dir.getFileHandle(MANIFEST)).getFile()).text();
+    return parseManifest(await (await (await dir.getFileHandle(MANIFEST)).getFile()).text());
+  } catch {
+    return null;
+  }
+}
+
+/** A stored manifest, or null when it is not one. */
+export function parseManifest(text: string): Manifest | null {
+  try {
     const manifest = JSON.parse(text) as Manifest;
     return typeof manifest?.url === 'string' && typeof manifest.files === 'object' ? manifest : null;
   } catch {
@@ -170,33 +204,38 @@ export interface CachedModel {
 }
 
 export async function listCached(): Promise<CachedModel[]> {
-  if (!opfsAvailable()) return [];
-  const models: CachedModel[] = [];
-  for await (const [, handle] of (await root() as unknown as { entries(): AsyncIterable<[string, FileSystemHandle]> }).entries()) {
-    if (handle.kind !== 'directory') continue;
-    const dir = handle as FileSystemDirectoryHandle;
-    const manifest = await readManifest(dir);
-    let bytes = 0;
-    for await (const [, file] of (dir as unknown as { entries(): AsyncIterable<[string, FileSystemHandle]> }).entries()) {
-      if (file.kind === 'file') bytes += (await (file as FileSystemFileHandle).getFile()).size;
+  const models = await listParts();
+  if (opfsAvailable()) {
+    for await (const [, handle] of (await root() as unknown as { entries(): AsyncIterable<[string, FileSystemHandle]> }).entries()) {
+      if (handle.kind !== 'directory') continue;
+      const dir = handle as FileSystemDirectoryHandle;
+      const manifest = await readManifest(dir);
+      let bytes = 0;
+      for await (const [, file] of (dir as unknown as { entries(): AsyncIterable<[string, FileSystemHandle]> }).entries()) {
+        if (file.kind === 'file') bytes += (await (file as FileSystemFileHandle).getFile()).size;
+      }
+      models.push({ url: manifest?.url ?? '', bytes, complete: manifest?.complete ?? false, usedAt: manifest?.usedAt ?? 0 });
     }
-    models.push({ url: manifest?.url ?? '', bytes, complete: manifest?.complete ?? false, usedAt: manifest?.usedAt ?? 0 });
   }
   return models.sort((a, b) => b.usedAt - a.usedAt);
 }
 
-/** Deletes one model's files; true if there was something to delete. */
+/** Deletes one model's files (in either backend); true if there was something to delete. */
 export async function deleteCached(url: string): Promise<boolean> {
-  if (!opfsAvailable()) return false;
-  try {
-    await (await root()).removeEntry(folderName(url), { recursive: true });
-    return true;
-  } catch {
-    return false;
+  let deleted = await deleteParts(url);
+  if (opfsAvailable()) {
+    try {
+      await (await root()).removeEntry(folderName(url), { recursive: true });
+      deleted = true;
+    } catch {
+      // nothing there
+    }
   }
+  return deleted;
 }
 
 export async function clearCache(): Promise<void> {
+  await clearParts();
   if (!opfsAvailable()) return;
   await (await navigator.storage.getDirectory()).removeEntry(ROOT, { recursive: true }).catch(() => {});
 }
