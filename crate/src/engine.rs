@@ -12,7 +12,7 @@ use crate::config::{Config, Mode};
 #[cfg(not(target_arch = "wasm32"))]
 use crate::error::Error;
 use crate::error::Result;
-use crate::generate::{FinishReason, GenerationOptions, generate};
+use crate::generate::{BatchItem, FinishReason, GenerationOptions, Generated, generate, generate_batch};
 use crate::image::{DecodeLimits, PreprocessOptions, decode, make_views, normalize};
 use crate::model::layout::image_token_count;
 use crate::model::{Decoder, VisionEncoder};
@@ -151,6 +151,17 @@ fn check_tokenizer(tokenizer: &Tokenizer, config: &Config) -> Result<()> {
         return fail(format!("{} tokens, more than the model's vocabulary of {vocab}", tokenizer.vocab_size()));
     }
     Ok(())
+}
+
+/// A page ready for generation (see [`Engine::prepare`]).
+struct Prepared {
+    ids: Vec<u32>,
+    embeds: Tensor<2>,
+    placeholders: usize,
+    original_size: [u32; 2],
+    grid: [usize; 2],
+    timings: Timings,
+    started: Instant,
 }
 
 /// What `recognize` streams per generated token.
@@ -296,28 +307,12 @@ impl Engine {
         generation: &GenerationOptions,
         mut on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
     ) -> Result<OcrResult> {
-        let started = Instant::now();
-        let mut timings = Timings::default();
-
-        let views = make_views(image, mode, &self.options.preprocess)?;
-        let tile = if mode.crop_mode() { crate::image::preprocess::TILE_SIZE } else { 0 };
-        let global_side = views.global.width() as usize;
-        let placeholders = image_token_count(global_side, tile, views.grid);
-        let ids = prompt_ids(&self.tokenizer, &task.prompt(), &[placeholders])?;
-        let global = self.pixels(&[&views.global]);
-        let tiles = (!views.tiles.is_empty()).then(|| (self.pixels(&views.tiles.iter().collect::<Vec<_>>()), views.grid));
-        timings.preprocess = ms(started);
-
-        let t = Instant::now();
-        let image_embeds = self.encoder.embed_image(global, tiles);
-        let embeds = self.decoder.embed_prompt(&ids, IMAGE_TOKEN_ID, Some(image_embeds), &self.device)?;
-        timings.encode = ms(t);
-
+        let prepared = self.prepare(image, task, mode)?;
         let t = Instant::now();
         let mut first_token_at = None;
         let mut index = 0;
         let tokenizer = &self.tokenizer;
-        let generated = generate(&self.decoder, embeds, &ids, generation, |id| {
+        let generated = generate(&self.decoder, prepared.embeds.clone(), &prepared.ids, generation, |id| {
             first_token_at.get_or_insert_with(|| ms(t));
             index += 1;
             let text = tokenizer.decode(&[id]).unwrap_or_default();
@@ -326,12 +321,87 @@ impl Engine {
         .await?;
         let generation_ms = ms(t);
         // Prefill ends when the first token is chosen (encoder work is queued lazily on GPU backends).
-        timings.prefill = first_token_at.unwrap_or(generation_ms);
-        timings.decode = generation_ms - timings.prefill;
+        let prefill = first_token_at.unwrap_or(generation_ms);
+        self.finish(prepared, task, generated, prefill, generation_ms - prefill)
+    }
 
+    /// Several pages at once: each is decoded, encoded and prefilled alone, then their decoding steps
+    /// run as one batch (see [`crate::generate::generate_batch`]: each decoder weight is read once
+    /// per step for all pages). `on_token(page, event)` streams each page's tokens; `Break` cancels
+    /// that page only. Results come in the pages' order, each what [`Engine::recognize`] gives (its
+    /// `prefill` timing is the whole batch's prefill, `decode` the batch's decoding).
+    pub async fn recognize_batch(
+        &self,
+        pages: &[(&[u8], &Task, Mode, &GenerationOptions)],
+        mut on_token: impl FnMut(usize, &TokenEvent) -> ControlFlow<()>,
+    ) -> Vec<Result<OcrResult>> {
+        let mut prepared: Vec<Result<Prepared>> = Vec::with_capacity(pages.len());
+        for &(bytes, task, mode, _) in pages {
+            let started = Instant::now();
+            prepared.push(decode(bytes, &self.options.decode_limits).and_then(|image| {
+                let mut p = self.prepare(&image, task, mode)?;
+                p.started = started;
+                Ok(p)
+            }));
+        }
+        let live: Vec<usize> = (0..pages.len()).filter(|&i| prepared[i].is_ok()).collect();
+        let items = live
+            .iter()
+            .map(|&i| {
+                let p = prepared[i].as_ref().expect("live");
+                BatchItem { prompt_embeds: p.embeds.clone(), prompt_ids: &p.ids, options: pages[i].3 }
+            })
+            .collect();
+        let t = Instant::now();
+        let mut counts = vec![0; pages.len()];
+        let tokenizer = &self.tokenizer;
+        let generated = generate_batch(&self.decoder, items, |row, id| {
+            let page = live[row];
+            counts[page] += 1;
+            let text = tokenizer.decode(&[id]).unwrap_or_default();
+            on_token(page, &TokenEvent { id, text, index: counts[page] })
+        })
+        .await;
+        let generation_ms = ms(t);
+        let mut generated = generated.into_iter();
+        prepared
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let p = p?;
+                let g = generated.next().expect("one generation per prepared page")?;
+                self.finish(p, pages[i].1, g, 0.0, generation_ms)
+            })
+            .collect()
+    }
+
+    /// Views, prompt ids and the prompt's embeddings (image vectors spliced in) of an image.
+    fn prepare(&self, image: &RgbImage, task: &Task, mode: Mode) -> Result<Prepared> {
+        let started = Instant::now();
+        let mut timings = Timings::default();
+        let views = make_views(image, mode, &self.options.preprocess)?;
+        let tile = if mode.crop_mode() { crate::image::preprocess::TILE_SIZE } else { 0 };
+        let global_side = views.global.width() as usize;
+        let placeholders = image_token_count(global_side, tile, views.grid);
+        let ids = prompt_ids(&self.tokenizer, &task.prompt(), &[placeholders])?;
+        let global = self.pixels(&[&views.global]);
+        let tiles = (!views.tiles.is_empty()).then(|| (self.pixels(&views.tiles.iter().collect::<Vec<_>>()), views.grid));
+        timings.preprocess = ms(started);
+        let t = Instant::now();
+        let image_embeds = self.encoder.embed_image(global, tiles);
+        let embeds = self.decoder.embed_prompt(&ids, IMAGE_TOKEN_ID, Some(image_embeds), &self.device)?;
+        timings.encode = ms(t);
+        Ok(Prepared { ids, embeds, placeholders, original_size: views.original_size, grid: views.grid, timings, started })
+    }
+
+    /// The result of a prepared page and what was generated for it.
+    fn finish(&self, prepared: Prepared, task: &Task, generated: Generated, prefill_ms: f64, decode_ms: f64) -> Result<OcrResult> {
+        let Prepared { ids, placeholders, original_size, grid, mut timings, started, .. } = prepared;
+        timings.prefill = prefill_ms;
+        timings.decode = decode_ms;
         let decoded = self.tokenizer.decode(&generated.tokens)?;
         let text = strip_eos(&decoded).to_string();
-        let blocks = if task.grounded() { parse_grounding(&text, views.original_size) } else { Vec::new() };
+        let blocks = if task.grounded() { parse_grounding(&text, original_size) } else { Vec::new() };
         let markdown = clean_markdown(&text);
         timings.total = ms(started);
         Ok(OcrResult {
@@ -343,8 +413,8 @@ impl Engine {
             prompt_token_count: ids.len(),
             finish_reason: finish_name(generated.finish).into(),
             ended_without_eos: generated.truncated(),
-            image_size: views.original_size,
-            tile_grid: views.grid,
+            image_size: original_size,
+            tile_grid: grid,
             timings_ms: timings,
         })
     }

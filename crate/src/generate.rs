@@ -138,58 +138,160 @@ pub async fn generate(
     options: &GenerationOptions,
     mut on_token: impl FnMut(u32) -> ControlFlow<()>,
 ) -> Result<Generated> {
-    let [s, _] = prompt_embeds.dims();
-    if s != prompt_ids.len() {
-        return Err(Error::InvalidArgument(format!("{s} prompt embeddings for {} prompt ids", prompt_ids.len())));
+    let mut seq = Sequence::start(decoder, prompt_embeds, prompt_ids, options).await?;
+    let device = seq.device.clone();
+    loop {
+        if let Some(finish) = seq.advance(&mut on_token)? {
+            return Ok(Generated { tokens: seq.tokens, finish });
+        }
+        let x = decoder.embed(&[*seq.tokens.last().expect("advance chose a token")], &device)?;
+        let hidden = decoder.forward(x, &mut seq.cache).await?;
+        seq.logits = last_logits(decoder, hidden).await?;
     }
-    if s == 0 {
-        return Err(Error::InvalidArgument("empty prompt".into()));
+}
+
+/// One prompt of a [`generate_batch`] call.
+pub struct BatchItem<'a> {
+    pub prompt_embeds: Tensor<2>,
+    pub prompt_ids: &'a [u32],
+    pub options: &'a GenerationOptions,
+}
+
+/// [`generate`] for several prompts at once: each is prefilled alone, then every decoding step runs
+/// the sequences still going as one batch ([`Decoder::step_batch`]: each weight read once per step
+/// for all of them). Sequences end on their own (stop id, limits, or `on_token(index, id)` returning
+/// `Break`, which cancels that one only); the results are what separate [`generate`] calls give.
+pub async fn generate_batch(
+    decoder: &Decoder,
+    items: Vec<BatchItem<'_>>,
+    mut on_token: impl FnMut(usize, u32) -> ControlFlow<()>,
+) -> Vec<Result<Generated>> {
+    let mut seqs: Vec<Option<Sequence>> = Vec::with_capacity(items.len());
+    let mut done: Vec<Option<Result<Generated>>> = Vec::with_capacity(items.len());
+    for item in items {
+        match Sequence::start(decoder, item.prompt_embeds, item.prompt_ids, item.options).await {
+            Ok(seq) => (seqs.push(Some(seq)), done.push(None)),
+            Err(e) => (seqs.push(None), done.push(Some(Err(e)))),
+        };
     }
-    if s >= options.context_limit {
-        return Err(Error::ContextOverflow { length: s + 1, limit: options.context_limit });
+    loop {
+        // Choose every live sequence's next token; the ones that end leave the batch.
+        let mut live = Vec::new();
+        for (i, slot) in seqs.iter_mut().enumerate() {
+            let Some(seq) = slot else { continue };
+            match seq.advance(&mut |id| on_token(i, id)) {
+                Ok(None) => live.push(i),
+                Ok(Some(finish)) => done[i] = Some(Ok(Generated { tokens: std::mem::take(&mut seq.tokens), finish })),
+                Err(e) => done[i] = Some(Err(e)),
+            }
+            if done[i].is_some() {
+                *slot = None;
+            }
+        }
+        if live.is_empty() {
+            break;
+        }
+        if let Err(e) = step_batch(decoder, &mut seqs, &live).await {
+            // A failed step fails every sequence that was in it.
+            let message = e.to_string();
+            for &i in &live {
+                done[i] = Some(Err(Error::Backend(message.clone())));
+                seqs[i] = None;
+            }
+        }
     }
-    let device = prompt_embeds.device();
-    let mut rng = match options.sampling {
-        Sampling::Sample { seed, .. } => Some(ChaCha8Rng::seed_from_u64(seed)),
-        Sampling::Greedy => None,
-    };
-    let mut cache = KvCache::default();
-    let mut tokens = Vec::new();
-    if options.max_new_tokens == 0 {
-        return Ok(Generated { tokens, finish: FinishReason::MaxNewTokens });
+    done.into_iter().map(|d| d.expect("every sequence ended")).collect()
+}
+
+/// One decoding step for the sequences `live` of `seqs`: their last tokens in, their next logits stored.
+async fn step_batch(decoder: &Decoder, seqs: &mut [Option<Sequence>], live: &[usize]) -> Result<()> {
+    let last = |seq: &Option<Sequence>| *seq.as_ref().expect("live").tokens.last().expect("advance chose a token");
+    let ids: Vec<u32> = live.iter().map(|&i| last(&seqs[i])).collect();
+    let x = decoder.embed(&ids, &seqs[live[0]].as_ref().expect("live").device)?;
+    // After the choice, the sequences still in `seqs` are exactly the live ones, in order.
+    let mut caches: Vec<&mut KvCache> = seqs.iter_mut().flatten().map(|s| &mut s.cache).collect();
+    debug_assert_eq!(caches.len(), live.len());
+    let hidden = decoder.step_batch(x, &mut caches).await?;
+    let logits = read_f32(decoder.logits(hidden)).await?;
+    let vocab = logits.len() / live.len();
+    for (row, &i) in live.iter().enumerate() {
+        seqs[i].as_mut().expect("live").logits = logits[row * vocab..(row + 1) * vocab].to_vec();
     }
-    let hidden = decoder.forward(prompt_embeds, &mut cache).await?;
-    let mut logits = last_logits(decoder, hidden).await?;
-    let finish = loop {
-        for id in options.repeat_guard.banned(prompt_ids, &tokens) {
-            if let Some(l) = logits.get_mut(id as usize) {
+    Ok(())
+}
+
+/// A generation in progress: the prompt, its cache, what was generated, the next logits.
+struct Sequence {
+    prompt_ids: Vec<u32>,
+    options: GenerationOptions,
+    rng: Option<ChaCha8Rng>,
+    cache: KvCache,
+    tokens: Vec<u32>,
+    /// Logits of the next token (empty once `max_new_tokens` is 0).
+    logits: Vec<f32>,
+    prompt_len: usize,
+    device: burn::tensor::Device,
+}
+
+impl Sequence {
+    /// Checks the prompt and prefills it.
+    async fn start(decoder: &Decoder, prompt_embeds: Tensor<2>, prompt_ids: &[u32], options: &GenerationOptions) -> Result<Sequence> {
+        let [s, _] = prompt_embeds.dims();
+        if s != prompt_ids.len() {
+            return Err(Error::InvalidArgument(format!("{s} prompt embeddings for {} prompt ids", prompt_ids.len())));
+        }
+        if s == 0 {
+            return Err(Error::InvalidArgument("empty prompt".into()));
+        }
+        if s >= options.context_limit {
+            return Err(Error::ContextOverflow { length: s + 1, limit: options.context_limit });
+        }
+        let device = prompt_embeds.device();
+        let rng = match options.sampling {
+            Sampling::Sample { seed, .. } => Some(ChaCha8Rng::seed_from_u64(seed)),
+            Sampling::Greedy => None,
+        };
+        let mut cache = KvCache::default();
+        let logits = if options.max_new_tokens == 0 {
+            Vec::new()
+        } else {
+            let hidden = decoder.forward(prompt_embeds, &mut cache).await?;
+            last_logits(decoder, hidden).await?
+        };
+        Ok(Sequence { prompt_ids: prompt_ids.to_vec(), options: options.clone(), rng, cache, tokens: Vec::new(), logits, prompt_len: s, device })
+    }
+
+    /// Chooses the next token from the logits and tells `on_token`; `Some` when the sequence ends
+    /// (the stop id is not kept), `None` when it needs another step.
+    fn advance(&mut self, on_token: &mut impl FnMut(u32) -> ControlFlow<()>) -> Result<Option<FinishReason>> {
+        let options = &self.options;
+        if options.max_new_tokens == 0 {
+            return Ok(Some(FinishReason::MaxNewTokens));
+        }
+        for id in options.repeat_guard.banned(&self.prompt_ids, &self.tokens) {
+            if let Some(l) = self.logits.get_mut(id as usize) {
                 *l = f32::NEG_INFINITY;
             }
         }
-        let token = match (&options.sampling, rng.as_mut()) {
-            (Sampling::Sample { temperature, top_k, top_p, .. }, Some(rng)) => {
-                sample(&logits, *temperature, *top_k, *top_p, rng)?
-            }
-            _ => argmax(&logits)?,
+        let token = match (&options.sampling, self.rng.as_mut()) {
+            (Sampling::Sample { temperature, top_k, top_p, .. }, Some(rng)) => sample(&self.logits, *temperature, *top_k, *top_p, rng)?,
+            _ => argmax(&self.logits)?,
         };
         if options.stop_ids.contains(&token) {
-            break FinishReason::Stop(token);
+            return Ok(Some(FinishReason::Stop(token)));
         }
-        tokens.push(token);
+        self.tokens.push(token);
         if on_token(token).is_break() {
-            break FinishReason::Cancelled;
+            return Ok(Some(FinishReason::Cancelled));
         }
-        if tokens.len() >= options.max_new_tokens {
-            break FinishReason::MaxNewTokens;
+        if self.tokens.len() >= options.max_new_tokens {
+            return Ok(Some(FinishReason::MaxNewTokens));
         }
-        if s + tokens.len() >= options.context_limit {
-            break FinishReason::ContextLimit;
+        if self.prompt_len + self.tokens.len() >= options.context_limit {
+            return Ok(Some(FinishReason::ContextLimit));
         }
-        let x = decoder.embed(&[token], &device)?;
-        let hidden = decoder.forward(x, &mut cache).await?;
-        logits = last_logits(decoder, hidden).await?;
-    };
-    Ok(Generated { tokens, finish })
+        Ok(None)
+    }
 }
 
 async fn last_logits(decoder: &Decoder, hidden: Tensor<2>) -> Result<Vec<f32>> {

@@ -186,6 +186,38 @@ impl Decoder {
         Ok(self.norm.forward(x).reshape([s, d]))
     }
 
+    /// One new token for each of B sequences: row i of `x` `(B, hidden)` is the embedding of sequence
+    /// i's next token, at position `caches[i].len()`. The projections, MLPs and experts run once over
+    /// all B rows (each weight is read once for the batch: decoding is bound by those reads); attention
+    /// runs per sequence on its own cache. Returns the final-normed hidden states `(B, hidden)`, what B
+    /// separate [`Decoder::forward`] calls give.
+    pub async fn step_batch(&self, x: Tensor<2>, caches: &mut [&mut KvCache]) -> Result<Tensor<2>> {
+        let [b, d] = x.dims();
+        if b != caches.len() || b == 0 {
+            return Err(Error::InvalidArgument(format!("{b} token rows for {} caches", caches.len())));
+        }
+        for cache in caches.iter_mut() {
+            if cache.len + 1 > self.max_positions {
+                return Err(Error::ContextOverflow { length: cache.len + 1, limit: self.max_positions });
+            }
+            if cache.layers.len() != self.layers.len() {
+                cache.layers = vec![None; self.layers.len()];
+            }
+        }
+        let positions: Vec<usize> = caches.iter().map(|c| c.len).collect();
+        let (cos, sin) = self.rope.table(positions.iter().copied(), &x.device());
+        let mut x = x.reshape([b, 1, d]);
+        for (l, layer) in self.layers.iter().enumerate() {
+            let mut entries: Vec<&mut Option<(Tensor<4>, Tensor<4>)>> = caches.iter_mut().map(|c| &mut c.layers[l]).collect();
+            let h = x.clone() + layer.self_attn.forward_rows(layer.input_layernorm.forward(x), &cos, &sin, &mut entries);
+            x = layer.mlp_residual(h).await?;
+        }
+        for cache in caches.iter_mut() {
+            cache.len += 1;
+        }
+        Ok(self.norm.forward(x).reshape([b, d]))
+    }
+
     /// Logits `(S, vocab)` of final hidden states (f32).
     pub fn logits(&self, hidden: Tensor<2>) -> Tensor<2> {
         self.lm_head.logits(hidden)
@@ -208,6 +240,11 @@ struct Positions {
 impl DecoderLayer {
     async fn forward(&self, x: Tensor<3>, positions: &Positions, cache: &mut Option<(Tensor<4>, Tensor<4>)>) -> Result<Tensor<3>> {
         let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), positions, cache);
+        self.mlp_residual(h).await
+    }
+
+    /// `h + mlp(norm(h))`: the layer's second half (dense MLP or experts), row by row.
+    async fn mlp_residual(&self, h: Tensor<3>) -> Result<Tensor<3>> {
         let u = self.post_attention_layernorm.forward(h.clone());
         let y = match (&self.mlp, &self.moe) {
             (Some(mlp), _) => mlp.forward(u),
@@ -250,6 +287,42 @@ impl SelfAttention {
     }
 }
 
+impl SelfAttention {
+    /// [`SelfAttention::forward`] for B sequences of one new token each: `x` `(B, 1, hidden)`, row i
+    /// at the position whose RoPE row is `cos[i]`/`sin[i]`, attending over `caches[i]` (extended).
+    fn forward_rows(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, caches: &mut [&mut Option<(Tensor<4>, Tensor<4>)>]) -> Tensor<3> {
+        let [b, _, _] = x.dims();
+        let hd = self.head_dim;
+        let split = |t: Tensor<3>, heads: usize| t.reshape([b, 1, heads, hd]).swap_dims(1, 2);
+        // One RoPE row per sequence: (B, d) broadcast over heads, as (B, 1, 1, d).
+        let rotate_rows = |t: Tensor<4>| {
+            let [b, h, _, d] = t.dims();
+            let half = d / 2;
+            let x1 = t.clone().slice([0..b, 0..h, 0..1, 0..half]);
+            let x2 = t.clone().slice([0..b, 0..h, 0..1, half..d]);
+            let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+            t * cos.clone().reshape([b, 1, 1, d]) + rotated * sin.clone().reshape([b, 1, 1, d])
+        };
+        let q = rotate_rows(split(self.q_proj.forward(x.clone()), self.heads));
+        let k = rotate_rows(split(self.k_proj.forward(x.clone()), self.kv_heads));
+        let v = split(self.v_proj.forward(x), self.kv_heads);
+        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: false };
+        let mut outs = Vec::with_capacity(b);
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let (ki, vi) = (k.clone().narrow(0, i, 1), v.clone().narrow(0, i, 1));
+            let (ki, vi) = match cache.take() {
+                Some((pk, pv)) => (Tensor::cat(vec![pk, ki], 2), Tensor::cat(vec![pv, vi], 2)),
+                None => (ki, vi),
+            };
+            **cache = Some((ki.clone(), vi.clone()));
+            let (ki, vi) = (repeat_kv(ki, self.heads), repeat_kv(vi, self.heads));
+            outs.push(attention(q.clone().narrow(0, i, 1), ki, vi, None, None, options));
+        }
+        let out = Tensor::cat(outs, 0);
+        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, 1, self.heads * hd]))
+    }
+}
+
 /// `x · cos + rotate_half(x) · sin` with `rotate_half([x₁, x₂]) = [−x₂, x₁]`; `x` is `(B, H, S, d)`.
 fn rotate(x: Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<4> {
     let [b, h, s, d] = x.dims();
@@ -280,11 +353,17 @@ fn causal_mask(s: usize, start: usize, total: usize, b: usize, heads: usize, dev
 impl Rope {
     /// `cos`, `sin` of `(S, d)` for positions `start .. start + S` (angles in f32 like the reference).
     fn cos_sin(&self, start: usize, len: usize, device: &Device) -> (Tensor<2>, Tensor<2>) {
+        self.table(start..start + len, device)
+    }
+
+    /// `cos`, `sin` of `(N, d)`, one row per position given.
+    fn table(&self, positions: impl ExactSizeIterator<Item = usize>, device: &Device) -> (Tensor<2>, Tensor<2>) {
         let half = self.inv_freq.len();
         let d = 2 * half;
+        let len = positions.len();
         let mut cos = Vec::with_capacity(len * d);
         let mut sin = Vec::with_capacity(len * d);
-        for pos in start..start + len {
+        for pos in positions {
             let angles: Vec<f32> = self.inv_freq.iter().map(|&f| pos as f32 * f).collect();
             for _ in 0..2 {
                 cos.extend(angles.iter().map(|&a| (a as f64).cos() as f32));

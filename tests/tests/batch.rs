@@ -1,0 +1,81 @@
+//! Batched decoding (`Engine::recognize_batch`, `generate_batch`, `Decoder::step_batch`): pages of
+//! different images, modes, tasks and lengths decoded together give exactly what each gives alone;
+//! a bad page fails alone; cancelling one page leaves the others going. On the CPU with both MoE
+//! paths (experts grouped per token as on the CPU, stacked and gathered as on GPUs).
+
+use std::ops::ControlFlow;
+use std::path::Path;
+
+use burn::tensor::Device;
+use dsocr::{Engine, EngineOptions, GenerationOptions, Mode, RepeatGuard, Task};
+
+fn engine(options: EngineOptions) -> Engine {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny-a");
+    pollster::block_on(Engine::load_dir(&dir, &Device::flex(), options, None)).unwrap()
+}
+
+fn image(name: &str) -> Vec<u8> {
+    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("fixtures/images/{name}.png"))).unwrap()
+}
+
+fn tokens(n: usize) -> GenerationOptions {
+    GenerationOptions { max_new_tokens: n, repeat_guard: RepeatGuard::hf(), ..GenerationOptions::default() }
+}
+
+#[test]
+fn a_batch_gives_what_each_page_gives_alone() {
+    let (page, note, photo, junk) = (image("page"), image("note"), image("photo"), b"not an image".to_vec());
+    let (free, markdown) = (Task::FreeOcr, Task::Markdown);
+    let (g3, g6, g9) = (tokens(3), tokens(6), tokens(9));
+    let pages: Vec<(&[u8], &Task, Mode, &GenerationOptions)> = vec![
+        (&page, &free, Mode::Tiny, &g9),
+        (&note, &markdown, Mode::Small, &g3),
+        (&junk, &free, Mode::Tiny, &g3),
+        (&photo, &free, Mode::Tiny, &g6),
+        (&page, &markdown, Mode::Gundam, &g6),
+    ];
+    for (label, options) in [("grouped experts", EngineOptions::default()), ("stacked experts", EngineOptions { stacked_experts: true, ..EngineOptions::default() })] {
+        let engine = engine(options);
+        let alone: Vec<_> = pages
+            .iter()
+            .map(|&(bytes, task, mode, generation)| pollster::block_on(engine.recognize(bytes, task, mode, generation, |_| ControlFlow::Continue(()))))
+            .collect();
+        let mut streamed = vec![Vec::new(); pages.len()];
+        let batch = pollster::block_on(engine.recognize_batch(&pages, |page, event| {
+            streamed[page].push(event.id);
+            assert_eq!(event.index, streamed[page].len());
+            ControlFlow::Continue(())
+        }));
+        assert_eq!(batch.len(), pages.len());
+        for (i, (a, b)) in alone.iter().zip(&batch).enumerate() {
+            match (a, b) {
+                (Ok(a), Ok(b)) => {
+                    assert_eq!(b.token_ids, a.token_ids, "{label}: page {i}");
+                    assert_eq!(b.text, a.text, "{label}: page {i}");
+                    assert_eq!(b.finish_reason, a.finish_reason, "{label}: page {i}");
+                    assert_eq!((b.image_token_count, b.prompt_token_count, b.tile_grid), (a.image_token_count, a.prompt_token_count, a.tile_grid));
+                    assert_eq!(streamed[i], b.token_ids, "{label}: page {i} streamed");
+                }
+                (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
+                _ => panic!("{label}: page {i}: alone {a:?}, in the batch {b:?}"),
+            }
+        }
+        assert!(batch[2].is_err(), "the junk page fails alone");
+        assert_eq!(batch[0].as_ref().unwrap().token_ids.len(), 9);
+    }
+}
+
+#[test]
+fn cancelling_one_page_leaves_the_others_going() {
+    let engine = engine(EngineOptions::default());
+    let (page, note) = (image("page"), image("note"));
+    let (free, g8) = (Task::FreeOcr, tokens(8));
+    let pages: Vec<(&[u8], &Task, Mode, &GenerationOptions)> = vec![(&page, &free, Mode::Tiny, &g8), (&note, &free, Mode::Tiny, &g8)];
+    let batch = pollster::block_on(engine.recognize_batch(&pages, |page, event| {
+        if page == 0 && event.index == 2 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+    }));
+    let first = batch[0].as_ref().unwrap();
+    assert_eq!((first.finish_reason.as_str(), first.token_ids.len()), ("cancelled", 2));
+    let alone = pollster::block_on(engine.recognize(&note, &free, Mode::Tiny, &g8, |_| ControlFlow::Continue(()))).unwrap();
+    assert_eq!(batch[1].as_ref().unwrap().token_ids, alone.token_ids);
+}
