@@ -313,7 +313,7 @@ fn post_in_thread(url: String) -> std::thread::JoinHandle<u16> {
 
 #[test]
 fn e2e_serve_queue_timeout_and_disconnect() {
-    let server = Server::start(&["--max-queue", "2", "--timeout-s", "3"]);
+    let server = Server::start(&["--max-queue", "2", "--timeout-s", "3", "--max-batch", "1"]);
     // 16 concurrent requests on a queue of 2 (+ 1 running): each is answered, correctly or with 429.
     let url = server.url(TINY_16);
     let clients: Vec<_> = (0..16)
@@ -375,6 +375,32 @@ fn e2e_serve_queue_timeout_and_disconnect() {
     drop(reader);
     wait_for(|| server.metric("dsocr_cancelled_generations_total") > cancelled, "the abandoned generation to stop");
     wait_for(|| server.metric("dsocr_in_flight") == 0.0, "the model to be free");
+}
+
+#[test]
+fn e2e_serve_concurrent_requests_are_decoded_in_batches() {
+    let server = Server::start(&["--max-queue", "16", "--max-batch", "4"]);
+    // 8 clients at once: every answer is the reference's, and pages were decoded together.
+    let url = server.url(TINY_16);
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let response = agent().post(&url).header("Content-Type", "image/png").send(&page_png()[..]).unwrap();
+                (response.status().as_u16(), response.into_body().read_to_string().unwrap())
+            })
+        })
+        .collect();
+    for client in clients {
+        let (status, body) = client.join().unwrap();
+        assert_eq!(status, 200, "{body}");
+        let body: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["results"][0]["token_ids"].as_array().unwrap(), &reference_tokens());
+    }
+    let (batches, pages) = (server.metric("dsocr_batch_pages_count"), server.metric("dsocr_batch_pages_sum"));
+    assert_eq!(pages, 8.0);
+    assert!(batches < 8.0, "8 pages in {batches} batches: some decoded together");
+    assert_eq!(server.metric("dsocr_in_flight"), 0.0);
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! `GET /metrics`: requests by endpoint and status, latency and queue-wait histograms, pages and
-//! tokens generated, generations stopped early, queue depth and requests in flight.
+//! tokens generated, generations stopped early, queue depth, requests in flight, pages per batch.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -35,8 +35,10 @@ pub struct Metrics {
     pub cancelled: Counter,
     /// Requests admitted and waiting for the model.
     pub queue_depth: Gauge,
-    /// Requests the model is working on (0 or 1: one model, one request at a time).
+    /// Requests the model is working on (up to `--max-batch` at once).
     pub in_flight: Gauge,
+    /// Pages decoded together in one batch.
+    pub batch_pages: Histogram,
 }
 
 impl Default for Metrics {
@@ -55,7 +57,10 @@ impl Default for Metrics {
         registry.register("cancelled_generations", "Generations stopped early: client gone or request timed out", cancelled.clone());
         registry.register("queue_depth", "Requests waiting for the model", queue_depth.clone());
         registry.register("in_flight", "Requests the model is working on", in_flight.clone());
-        Self { registry, requests, latency, queue_wait, pages, tokens, cancelled, queue_depth, in_flight }
+        // 1, 2, 4, … 64 pages.
+        let batch_pages = Histogram::new(exponential_buckets(1.0, 2.0, 7));
+        registry.register("batch_pages", "Pages decoded together in one batch", batch_pages.clone());
+        Self { registry, requests, latency, queue_wait, pages, tokens, cancelled, queue_depth, in_flight, batch_pages }
     }
 }
 

@@ -38,9 +38,13 @@ pub struct ServeArgs {
     /// Largest request body (image, PDF or JSON with a data URL), in MiB: larger ones get 413.
     #[arg(long, default_value_t = 32)]
     max_body_mb: usize,
-    /// Requests that may wait while one runs; more get 429 with Retry-After.
+    /// Requests that may wait while others run; more get 429 with Retry-After.
     #[arg(long, default_value_t = 16)]
     max_queue: usize,
+    /// Requests whose pages are decoded together (each decoding step reads the weights once for all
+    /// of them); 1 runs one request at a time.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    max_batch: u64,
     /// Per-request limit (queue wait included), in seconds: then 504, and the generation stops.
     #[arg(long, default_value_t = 600)]
     timeout_s: u64,
@@ -95,6 +99,7 @@ async fn serve(args: ServeArgs, api_key: Option<[u8; 32]>) -> Result<(), String>
             let _ = loaded_tx.send(outcome);
         },
         args.max_queue,
+        args.max_batch as usize,
         Arc::new(metrics::Metrics::default()),
     );
     let app = Arc::new(http::App {

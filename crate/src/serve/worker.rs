@@ -1,6 +1,8 @@
-//! The model's own thread and the bounded queue in front of it. One engine serves one request at a
-//! time (a decoding step reads every active weight, so requests take turns rather than share the
-//! cores); handlers wait on a channel of [`Event`]s and never block the async runtime.
+//! The model's own thread and the bounded queue in front of it. The thread takes the requests that
+//! are waiting (up to `max_batch`) and decodes their pages together — a decoding step reads every
+//! active weight, so one step for several pages costs little more than for one
+//! ([`Engine::recognize_batch`]); requests that arrive meanwhile wait for the next batch. Handlers wait
+//! on a channel of [`Event`]s and never block the async runtime.
 
 use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
@@ -58,17 +60,19 @@ pub struct Admission(OwnedSemaphorePermit);
 
 impl Queue {
     /// Starts the model thread: it loads the engine with `load`, then runs jobs until the queue is
-    /// closed. `on_load` hears how loading ended. `max_waiting` requests may wait while one runs.
+    /// closed. `on_load` hears how loading ended. `max_waiting` requests may wait while up to
+    /// `max_batch` run together.
     pub fn start(
         load: impl FnOnce() -> Result<Engine, String> + Send + 'static,
         on_load: impl FnOnce(Result<(), String>) + Send + 'static,
         max_waiting: usize,
+        max_batch: usize,
         metrics: Arc<Metrics>,
     ) -> (Arc<Queue>, std::thread::JoinHandle<()>) {
         let (sender, receiver) = std::sync::mpsc::channel::<Job>();
         let queue = Arc::new(Queue {
             jobs: Mutex::new(Some(sender)),
-            permits: Arc::new(Semaphore::new(max_waiting + 1)),
+            permits: Arc::new(Semaphore::new(max_waiting + max_batch.max(1))),
             ready: Arc::new(AtomicBool::new(false)),
             average_ms: Arc::new(AtomicU64::new(0)),
             metrics: metrics.clone(),
@@ -86,9 +90,16 @@ impl Queue {
                 };
                 ready.store(true, Ordering::SeqCst);
                 on_load(Ok(()));
-                for job in receiver {
+                while let Ok(first) = receiver.recv() {
+                    let mut jobs = vec![first];
+                    while jobs.len() < max_batch.max(1) {
+                        match receiver.try_recv() {
+                            Ok(job) => jobs.push(job),
+                            Err(_) => break,
+                        }
+                    }
                     let started = Instant::now();
-                    run(&engine, job, &metrics);
+                    run(&engine, jobs, &metrics);
                     let ms = started.elapsed().as_millis() as u64;
                     let old = average_ms.load(Ordering::Relaxed);
                     average_ms.store(if old == 0 { ms } else { (old * 7 + ms) / 8 }, Ordering::Relaxed);
@@ -141,41 +152,67 @@ impl Queue {
     }
 }
 
-fn run(engine: &Engine, job: Job, metrics: &Metrics) {
-    let Job { work, events, admitted, _permit } = job;
-    metrics.queue_depth.dec();
-    metrics.queue_wait.observe(admitted.elapsed().as_secs_f64());
-    metrics.in_flight.inc();
-    for (page, input) in work.pages.iter().enumerate() {
-        if events.is_closed() {
-            metrics.cancelled.inc();
-            break;
-        }
-        let on_token = |token: &TokenEvent| {
-            if events.send(Event::Token { page, token: token.clone() }).is_err() {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
+/// Runs `jobs` together: in round r, page r of every job that has one (and whose client is still
+/// there) is decoded in one batch; a job's events go out as its pages finish.
+fn run(engine: &Engine, jobs: Vec<Job>, metrics: &Metrics) {
+    for job in &jobs {
+        metrics.queue_depth.dec();
+        metrics.queue_wait.observe(job.admitted.elapsed().as_secs_f64());
+        metrics.in_flight.inc();
+    }
+    let mut open: Vec<bool> = vec![true; jobs.len()];
+    for round in 0.. {
+        // (job, page) of this round.
+        let mut members = Vec::new();
+        for (j, job) in jobs.iter().enumerate() {
+            if !open[j] {
+                continue;
             }
+            if round >= job.work.pages.len() || job.events.is_closed() {
+                if round < job.work.pages.len() {
+                    metrics.cancelled.inc();
+                }
+                open[j] = false;
+                metrics.in_flight.dec();
+                continue;
+            }
+            members.push(j);
+        }
+        if members.is_empty() {
+            return;
+        }
+        metrics.batch_pages.observe(members.len() as f64);
+        let pages: Vec<(&[u8], &Task, Mode, &GenerationOptions)> = members
+            .iter()
+            .map(|&j| {
+                let work = &jobs[j].work;
+                (work.pages[round].bytes.as_slice(), &work.task, work.mode, &work.generation)
+            })
+            .collect();
+        let on_token = |row: usize, token: &TokenEvent| {
+            let sent = jobs[members[row]].events.send(Event::Token { page: round, token: token.clone() });
+            if sent.is_err() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
         };
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            pollster::block_on(engine.recognize(&input.bytes, &work.task, work.mode, &work.generation, on_token))
-        }));
-        let outcome = match outcome {
-            Ok(Ok(result)) => {
+        let outcomes: Vec<Result<OcrResult, ApiError>> =
+            match std::panic::catch_unwind(AssertUnwindSafe(|| pollster::block_on(engine.recognize_batch(&pages, on_token)))) {
+                Ok(results) => results.into_iter().map(|r| r.map_err(ApiError::from)).collect(),
+                Err(_) => members
+                    .iter()
+                    .map(|_| Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the model failed on this input (a bug: please report it)")))
+                    .collect(),
+            };
+        for (&j, outcome) in members.iter().zip(outcomes) {
+            if let Ok(result) = &outcome {
                 metrics.pages.inc();
                 metrics.tokens.inc_by(result.token_ids.len() as u64);
                 if result.finish_reason == "cancelled" {
                     metrics.cancelled.inc();
                 }
-                Ok(result)
             }
-            Ok(Err(error)) => Err(ApiError::from(error)),
-            Err(_) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the model failed on this input (a bug: please report it)")),
-        };
-        if events.send(Event::Page { page, outcome }).is_err() {
-            break;
+            if jobs[j].events.send(Event::Page { page: round, outcome }).is_err() {
+                open[j] = false;
+                metrics.in_flight.dec();
+            }
         }
     }
-    metrics.in_flight.dec();
 }
