@@ -329,7 +329,7 @@ impl Engine {
     /// run as one batch (see [`crate::generate::generate_batch`]: each decoder weight is read once
     /// per step for all pages). `on_token(page, event)` streams each page's tokens; `Break` cancels
     /// that page only. Results come in the pages' order, each what [`Engine::recognize`] gives (its
-    /// `prefill` timing is the whole batch's prefill, `decode` the batch's decoding).
+    /// `prefill` timing is the whole batch's prefills, `decode` the batch's decoding).
     pub async fn recognize_batch(
         &self,
         pages: &[(&[u8], &Task, Mode, &GenerationOptions)],
@@ -354,8 +354,11 @@ impl Engine {
             .collect();
         let t = Instant::now();
         let mut counts = vec![0; pages.len()];
+        // Every page is prefilled before the first token of any is chosen.
+        let mut first_token_at = None;
         let tokenizer = &self.tokenizer;
         let generated = generate_batch(&self.decoder, items, |row, id| {
+            first_token_at.get_or_insert_with(|| ms(t));
             let page = live[row];
             counts[page] += 1;
             let text = tokenizer.decode(&[id]).unwrap_or_default();
@@ -363,6 +366,7 @@ impl Engine {
         })
         .await;
         let generation_ms = ms(t);
+        let prefill = first_token_at.unwrap_or(generation_ms);
         let mut generated = generated.into_iter();
         prepared
             .into_iter()
@@ -370,7 +374,7 @@ impl Engine {
             .map(|(i, p)| {
                 let p = p?;
                 let g = generated.next().expect("one generation per prepared page")?;
-                self.finish(p, pages[i].1, g, 0.0, generation_ms)
+                self.finish(p, pages[i].1, g, prefill, generation_ms - prefill)
             })
             .collect()
     }
