@@ -211,7 +211,11 @@ async fn step_batch(decoder: &Decoder, seqs: &mut [Option<Sequence>], live: &[us
     // After the choice, the sequences still in `seqs` are exactly the live ones, in order.
     let mut caches: Vec<&mut KvCache> = seqs.iter_mut().flatten().map(|s| &mut s.cache).collect();
     debug_assert_eq!(caches.len(), live.len());
-    let hidden = decoder.step_batch(x, &mut caches).await?;
+    // One sequence left: the single-sequence path (no per-row split of attention).
+    let hidden = match caches.as_mut_slice() {
+        [cache] => decoder.forward(x, cache).await?,
+        _ => decoder.step_batch(x, &mut caches).await?,
+    };
     let logits = read_f32(decoder.logits(hidden)).await?;
     let vocab = logits.len() / live.len();
     for (row, &i) in live.iter().enumerate() {
