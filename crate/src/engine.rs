@@ -12,7 +12,7 @@ use crate::config::{Config, Mode};
 #[cfg(not(target_arch = "wasm32"))]
 use crate::error::Error;
 use crate::error::Result;
-use crate::generate::{BatchItem, FinishReason, GenerationOptions, Generated, generate, generate_batch};
+use crate::generate::{BatchItem, FinishReason, GenerationOptions, Generated, generate_batch};
 use crate::image::{DecodeLimits, PreprocessOptions, decode, make_views, normalize};
 use crate::model::layout::image_token_count;
 use crate::model::{Decoder, VisionEncoder};
@@ -308,21 +308,9 @@ impl Engine {
         mut on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
     ) -> Result<OcrResult> {
         let prepared = self.prepare(image, task, mode)?;
-        let t = Instant::now();
-        let mut first_token_at = None;
-        let mut index = 0;
-        let tokenizer = &self.tokenizer;
-        let generated = generate(&self.decoder, prepared.embeds.clone(), &prepared.ids, generation, |id| {
-            first_token_at.get_or_insert_with(|| ms(t));
-            index += 1;
-            let text = tokenizer.decode(&[id]).unwrap_or_default();
-            on_token(&TokenEvent { id, text, index })
-        })
-        .await?;
-        let generation_ms = ms(t);
-        // Prefill ends when the first token is chosen (encoder work is queued lazily on GPU backends).
-        let prefill = first_token_at.unwrap_or(generation_ms);
-        self.finish(prepared, task, generated, prefill, generation_ms - prefill)
+        let (mut generated, prefill, decode) = self.generate_pages(&[(&prepared, generation)], |_, event| on_token(event)).await;
+        let generated = generated.pop().expect("one generation per page")?;
+        self.finish(prepared, task, generated, prefill, decode)
     }
 
     /// Several pages at once: each is decoded, encoded and prefilled alone, then their decoding steps
@@ -345,28 +333,8 @@ impl Engine {
             }));
         }
         let live: Vec<usize> = (0..pages.len()).filter(|&i| prepared[i].is_ok()).collect();
-        let items = live
-            .iter()
-            .map(|&i| {
-                let p = prepared[i].as_ref().expect("live");
-                BatchItem { prompt_embeds: p.embeds.clone(), prompt_ids: &p.ids, options: pages[i].3 }
-            })
-            .collect();
-        let t = Instant::now();
-        let mut counts = vec![0; pages.len()];
-        // Every page is prefilled before the first token of any is chosen.
-        let mut first_token_at = None;
-        let tokenizer = &self.tokenizer;
-        let generated = generate_batch(&self.decoder, items, |row, id| {
-            first_token_at.get_or_insert_with(|| ms(t));
-            let page = live[row];
-            counts[page] += 1;
-            let text = tokenizer.decode(&[id]).unwrap_or_default();
-            on_token(page, &TokenEvent { id, text, index: counts[page] })
-        })
-        .await;
-        let generation_ms = ms(t);
-        let prefill = first_token_at.unwrap_or(generation_ms);
+        let inputs: Vec<(&Prepared, &GenerationOptions)> = live.iter().map(|&i| (prepared[i].as_ref().expect("live"), pages[i].3)).collect();
+        let (generated, prefill, decode) = self.generate_pages(&inputs, |row, event| on_token(live[row], event)).await;
         let mut generated = generated.into_iter();
         prepared
             .into_iter()
@@ -374,9 +342,35 @@ impl Engine {
             .map(|(i, p)| {
                 let p = p?;
                 let g = generated.next().expect("one generation per prepared page")?;
-                self.finish(p, pages[i].1, g, prefill, generation_ms - prefill)
+                self.finish(p, pages[i].1, g, prefill, decode)
             })
             .collect()
+    }
+
+    /// Generates for prepared pages together (one alone takes the single-sequence path), streaming
+    /// each page's tokens as [`TokenEvent`]s numbered from 1; also returns the time until the first
+    /// token (the prefills: encoder work is queued lazily on GPU backends) and the time after it.
+    async fn generate_pages(
+        &self,
+        pages: &[(&Prepared, &GenerationOptions)],
+        mut on_token: impl FnMut(usize, &TokenEvent) -> ControlFlow<()>,
+    ) -> (Vec<Result<Generated>>, f64, f64) {
+        let items = pages.iter().map(|(p, options)| BatchItem { prompt_embeds: p.embeds.clone(), prompt_ids: &p.ids, options }).collect();
+        let t = Instant::now();
+        let mut counts = vec![0; pages.len()];
+        // Every page is prefilled before the first token of any is chosen.
+        let mut first_token_at = None;
+        let tokenizer = &self.tokenizer;
+        let generated = generate_batch(&self.decoder, items, |row, id| {
+            first_token_at.get_or_insert_with(|| ms(t));
+            counts[row] += 1;
+            let text = tokenizer.decode(&[id]).unwrap_or_default();
+            on_token(row, &TokenEvent { id, text, index: counts[row] })
+        })
+        .await;
+        let generation_ms = ms(t);
+        let prefill = first_token_at.unwrap_or(generation_ms);
+        (generated, prefill, generation_ms - prefill)
     }
 
     /// Views, prompt ids and the prompt's embeddings (image vectors spliced in) of an image.

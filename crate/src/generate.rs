@@ -138,16 +138,8 @@ pub async fn generate(
     options: &GenerationOptions,
     mut on_token: impl FnMut(u32) -> ControlFlow<()>,
 ) -> Result<Generated> {
-    let mut seq = Sequence::start(decoder, prompt_embeds, prompt_ids, options).await?;
-    let device = seq.device.clone();
-    loop {
-        if let Some(finish) = seq.advance(&mut on_token)? {
-            return Ok(Generated { tokens: seq.tokens, finish });
-        }
-        let x = decoder.embed(&[*seq.tokens.last().expect("advance chose a token")], &device)?;
-        let hidden = decoder.forward(x, &mut seq.cache).await?;
-        seq.logits = last_logits(decoder, hidden).await?;
-    }
+    let item = BatchItem { prompt_embeds, prompt_ids, options };
+    generate_batch(decoder, vec![item], |_, id| on_token(id)).await.pop().expect("one result per prompt")
 }
 
 /// One prompt of a [`generate_batch`] call.
@@ -192,10 +184,11 @@ pub async fn generate_batch(
             break;
         }
         if let Err(e) = step_batch(decoder, &mut seqs, &live).await {
-            // A failed step fails every sequence that was in it.
+            // A failed step fails every sequence that was in it (one of them with the error itself).
             let message = e.to_string();
+            let mut error = Some(e);
             for &i in &live {
-                done[i] = Some(Err(Error::Backend(message.clone())));
+                done[i] = Some(Err(error.take().unwrap_or_else(|| Error::Backend(message.clone()))));
                 seqs[i] = None;
             }
         }
@@ -233,7 +226,6 @@ struct Sequence {
     tokens: Vec<u32>,
     /// Logits of the next token (empty once `max_new_tokens` is 0).
     logits: Vec<f32>,
-    prompt_len: usize,
     device: burn::tensor::Device,
 }
 
@@ -262,7 +254,7 @@ impl Sequence {
             let hidden = decoder.forward(prompt_embeds, &mut cache).await?;
             last_logits(decoder, hidden).await?
         };
-        Ok(Sequence { prompt_ids: prompt_ids.to_vec(), options: options.clone(), rng, cache, tokens: Vec::new(), logits, prompt_len: s, device })
+        Ok(Sequence { prompt_ids: prompt_ids.to_vec(), options: options.clone(), rng, cache, tokens: Vec::new(), logits, device })
     }
 
     /// Chooses the next token from the logits and tells `on_token`; `Some` when the sequence ends
@@ -291,7 +283,7 @@ impl Sequence {
         if self.tokens.len() >= options.max_new_tokens {
             return Ok(Some(FinishReason::MaxNewTokens));
         }
-        if self.prompt_len + self.tokens.len() >= options.context_limit {
+        if self.prompt_ids.len() + self.tokens.len() >= options.context_limit {
             return Ok(Some(FinishReason::ContextLimit));
         }
         Ok(None)

@@ -55,26 +55,21 @@ export function serve(endpoint: Endpoint): void {
   let queue: Promise<unknown> = Promise.resolve();
 
   const reply = (message: Reply, transfer: Transferable[] = []) => endpoint.postMessage(message, transfer);
-  // A lost device fails every call in flight at once (a readback on it may never settle) and the engine
-  // with it; the page loads a new one.
-  onDeviceLost = (message) => {
+  // A GPU failure that arrives on its own, not on a call — a lost device (a readback on it may never
+  // settle), an out-of-memory (WebGPU says so in an event, and the engine's handler traps) — fails
+  // every call in flight at once and the engine with it; the page loads a new one.
+  const failAll = (error: WireError) => {
     if (disposed || broken) return;
-    broken = { code: 'DEVICE_LOST', message: `the GPU device was lost (${message}); load the model again`, fatal: true };
-    for (const id of controllers.keys()) reply({ type: 'error', id, error: broken });
+    broken = error;
+    for (const id of controllers.keys()) reply({ type: 'error', id, error });
     for (const c of controllers.values()) c.abort();
     controllers.clear();
   };
-  /** What the engine is doing, for errors that arrive on their own (an out-of-memory). */
+  /** What the engine is doing, for the errors that arrive on their own. */
   let doing = 'while idle';
-  // Out of GPU memory: WebGPU says so in an event, not on the call that allocated, and the engine
-  // cannot go on (its handler traps). Every call in flight fails now, naming what was running.
-  onOutOfMemory = (message) => {
-    if (disposed || broken) return;
-    broken = { code: 'OUT_OF_MEMORY', message: `the GPU ran out of memory ${doing} (${message}); try a smaller mode, quantized weights or another device`, fatal: true };
-    for (const id of controllers.keys()) reply({ type: 'error', id, error: broken });
-    for (const c of controllers.values()) c.abort();
-    controllers.clear();
-  };
+  onDeviceLost = (message) => failAll({ code: 'DEVICE_LOST', message: `the GPU device was lost (${message}); load the model again`, fatal: true });
+  onOutOfMemory = (message) =>
+    failAll({ code: 'OUT_OF_MEMORY', message: `the GPU ran out of memory ${doing} (${message}); try a smaller mode, quantized weights or another device`, fatal: true });
   const fail = async (id: number, e: unknown) => {
     let error = toWire(e);
     // A backend error right after a device loss is that loss (reported to every call by onDeviceLost).
@@ -82,8 +77,10 @@ export function serve(endpoint: Endpoint): void {
       const lost = await lostWithin(200);
       if (lost) onDeviceLost?.(lost);
     }
-    if ((broken?.code === 'DEVICE_LOST' || broken?.code === 'OUT_OF_MEMORY') && !controllers.has(id)) return; // already told
-    if (broken?.code === 'DEVICE_LOST' || broken?.code === 'OUT_OF_MEMORY') error = broken;
+    // Those GPU failures were told to every call in flight (by failAll) and are every later call's error.
+    const gpuFailure = broken?.code === 'DEVICE_LOST' || broken?.code === 'OUT_OF_MEMORY';
+    if (gpuFailure && !controllers.has(id)) return;
+    if (gpuFailure && broken) error = broken;
     if (error.fatal) broken = error;
     reply({ type: 'error', id, error });
   };

@@ -7,9 +7,8 @@ use std::path::{Path, PathBuf};
 
 use clap::ValueEnum;
 
-use super::pdf::{Pdf, PdfLimits};
-
 use super::model::ModelArgs;
+use super::pdf::{Pdf, PdfLimits};
 use super::progress::batch_progress;
 use crate::{GenerationOptions, Mode, OcrResult, RepeatGuard, Task};
 
@@ -133,9 +132,9 @@ fn collect_inputs(inputs: &[PathBuf]) -> Vec<PathBuf> {
     out
 }
 
-/// The input's bytes, if it is a regular file within the size limit (never blocks on a FIFO or
-/// device, never reads a file over the limit).
-fn read_input(file: &Path, max_bytes: u64) -> Result<Vec<u8>, String> {
+/// Whether `file` is a regular file within the size limit, from its metadata alone (nothing is read,
+/// so a FIFO or device never blocks and a file over the limit is never loaded).
+fn check_input(file: &Path, max_bytes: u64) -> Result<(), String> {
     let meta = std::fs::metadata(file).map_err(|e| e.to_string())?;
     if meta.is_dir() {
         return Err("is a directory that cannot be read".into());
@@ -143,7 +142,12 @@ fn read_input(file: &Path, max_bytes: u64) -> Result<Vec<u8>, String> {
     if !meta.is_file() {
         return Err("not a regular file (a FIFO, socket or device)".into());
     }
-    check_size(meta.len(), max_bytes)?;
+    check_size(meta.len(), max_bytes)
+}
+
+/// The input's bytes, after [`check_input`].
+fn read_input(file: &Path, max_bytes: u64) -> Result<Vec<u8>, String> {
+    check_input(file, max_bytes)?;
     let bytes = std::fs::read(file).map_err(|e| e.to_string())?;
     check_size(bytes.len() as u64, max_bytes)?; // it may have grown since
     Ok(bytes)
@@ -176,7 +180,7 @@ impl Pages {
         if extension(file) != "pdf" {
             return Ok(Pages::Image(read_input(file, max_bytes)?));
         }
-        read_input(file, max_bytes).map(drop)?; // the same checks as images (the bytes are not kept)
+        check_input(file, max_bytes)?; // poppler reads the file itself
         Ok(Pages::Pdf(Pdf::open(file, limits)?))
     }
 

@@ -265,8 +265,10 @@ impl SelfAttention {
         let [b, s, _] = x.dims();
         let hd = self.head_dim;
         let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, hd]).swap_dims(1, 2);
-        let q = rotate(split(self.q_proj.forward(x.clone()), self.heads), cos, sin);
-        let k = rotate(split(self.k_proj.forward(x.clone()), self.kv_heads), cos, sin);
+        let d = cos.dims()[1];
+        let (cos, sin) = (cos.clone().reshape([1, 1, s, d]), sin.clone().reshape([1, 1, s, d]));
+        let q = rotate(split(self.q_proj.forward(x.clone()), self.heads), &cos, &sin);
+        let k = rotate(split(self.k_proj.forward(x.clone()), self.kv_heads), &cos, &sin);
         let v = split(self.v_proj.forward(x), self.kv_heads);
         let (k, v) = match cache.take() {
             Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
@@ -295,16 +297,10 @@ impl SelfAttention {
         let hd = self.head_dim;
         let split = |t: Tensor<3>, heads: usize| t.reshape([b, 1, heads, hd]).swap_dims(1, 2);
         // One RoPE row per sequence: (B, d) broadcast over heads, as (B, 1, 1, d).
-        let rotate_rows = |t: Tensor<4>| {
-            let [b, h, _, d] = t.dims();
-            let half = d / 2;
-            let x1 = t.clone().slice([0..b, 0..h, 0..1, 0..half]);
-            let x2 = t.clone().slice([0..b, 0..h, 0..1, half..d]);
-            let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-            t * cos.clone().reshape([b, 1, 1, d]) + rotated * sin.clone().reshape([b, 1, 1, d])
-        };
-        let q = rotate_rows(split(self.q_proj.forward(x.clone()), self.heads));
-        let k = rotate_rows(split(self.k_proj.forward(x.clone()), self.kv_heads));
+        let d = cos.dims()[1];
+        let (cos, sin) = (cos.clone().reshape([b, 1, 1, d]), sin.clone().reshape([b, 1, 1, d]));
+        let q = rotate(split(self.q_proj.forward(x.clone()), self.heads), &cos, &sin);
+        let k = rotate(split(self.k_proj.forward(x.clone()), self.kv_heads), &cos, &sin);
         let v = split(self.v_proj.forward(x), self.kv_heads);
         let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: false };
         let mut outs = Vec::with_capacity(b);
@@ -323,14 +319,15 @@ impl SelfAttention {
     }
 }
 
-/// `x · cos + rotate_half(x) · sin` with `rotate_half([x₁, x₂]) = [−x₂, x₁]`; `x` is `(B, H, S, d)`.
-fn rotate(x: Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<4> {
+/// `x · cos + rotate_half(x) · sin` with `rotate_half([x₁, x₂]) = [−x₂, x₁]`; `x` is `(B, H, S, d)`,
+/// `cos` and `sin` broadcast to it (`(1, 1, S, d)`: one table for the batch; `(B, 1, 1, d)`: a row each).
+fn rotate(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
     let [b, h, s, d] = x.dims();
     let half = d / 2;
     let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);
     let x2 = x.clone().slice([0..b, 0..h, 0..s, half..d]);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos.clone().reshape([1, 1, s, d]) + rotated * sin.clone().reshape([1, 1, s, d])
+    x * cos.clone() + rotated * sin.clone()
 }
 
 /// Repeats each of the KV heads `heads / kv_heads` times (transformers' `repeat_kv`).

@@ -69,10 +69,11 @@ impl Queue {
         max_batch: usize,
         metrics: Arc<Metrics>,
     ) -> (Arc<Queue>, std::thread::JoinHandle<()>) {
+        let max_batch = max_batch.max(1);
         let (sender, receiver) = std::sync::mpsc::channel::<Job>();
         let queue = Arc::new(Queue {
             jobs: Mutex::new(Some(sender)),
-            permits: Arc::new(Semaphore::new(max_waiting + max_batch.max(1))),
+            permits: Arc::new(Semaphore::new(max_waiting + max_batch)),
             ready: Arc::new(AtomicBool::new(false)),
             average_ms: Arc::new(AtomicU64::new(0)),
             metrics: metrics.clone(),
@@ -92,7 +93,7 @@ impl Queue {
                 on_load(Ok(()));
                 while let Ok(first) = receiver.recv() {
                     let mut jobs = vec![first];
-                    while jobs.len() < max_batch.max(1) {
+                    while jobs.len() < max_batch {
                         match receiver.try_recv() {
                             Ok(job) => jobs.push(job),
                             Err(_) => break,
