@@ -9,10 +9,8 @@ use image::RgbImage;
 use web_time::Instant;
 
 use crate::config::{Config, Mode};
-#[cfg(not(target_arch = "wasm32"))]
-use crate::error::Error;
-use crate::error::Result;
-use crate::generate::{BatchItem, FinishReason, GenerationOptions, Generated, generate_batch};
+use crate::error::{Error, Result};
+use crate::generate::{Batch, BatchItem, FinishReason, GenerationOptions, Generated};
 use crate::image::{DecodeLimits, PreprocessOptions, decode, make_views, normalize};
 use crate::model::layout::image_token_count;
 use crate::model::{Decoder, VisionEncoder};
@@ -141,7 +139,7 @@ pub struct Engine {
 /// model's vocabulary (a tokenizer from another model would give text that means nothing).
 fn check_tokenizer(tokenizer: &Tokenizer, config: &Config) -> Result<()> {
     let vocab = config.decoder.vocab_size;
-    let fail = |why: String| Err(crate::error::Error::Tokenizer(format!("tokenizer.json does not belong to this model ({why}); use the checkpoint's own tokenizer.json")));
+    let fail = |why: String| Err(Error::Tokenizer(format!("tokenizer.json does not belong to this model ({why}); use the checkpoint's own tokenizer.json")));
     match tokenizer.token_id("<image>") {
         Some(IMAGE_TOKEN_ID) => {}
         Some(id) => return fail(format!("`<image>` is token {id}, DeepSeek-OCR's is {IMAGE_TOKEN_ID}")),
@@ -189,7 +187,7 @@ impl Engine {
         let stored = Recipe::from_config_json(config_json)?;
         if let (Some(stored), Some(wanted)) = (&stored, &options.quantize) {
             if stored != wanted {
-                return Err(crate::error::Error::InvalidArgument(format!(
+                return Err(Error::InvalidArgument(format!(
                     "the checkpoint is already quantized ({}); load it without a quantization option",
                     stored.preset.map_or("custom recipe", |p| p.name())
                 )));
@@ -287,15 +285,11 @@ impl Engine {
         task: &Task,
         mode: Mode,
         generation: &GenerationOptions,
-        on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
+        mut on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
     ) -> Result<OcrResult> {
-        let started = Instant::now();
-        let image = decode(image_bytes, &self.options.decode_limits)?;
-        let decode_ms = ms(started);
-        let mut result = self.recognize_image(&image, task, mode, generation, on_token).await?;
-        result.timings_ms.preprocess += decode_ms;
-        result.timings_ms.total += decode_ms;
-        Ok(result)
+        let mut batch = PageBatch::new(self);
+        batch.join((), image_bytes, task, mode, generation).await?;
+        batch.run(|_, event| on_token(event)).await.pop().expect("one result per page").1
     }
 
     /// Runs the whole pipeline on an RGB image (already EXIF-oriented).
@@ -307,70 +301,31 @@ impl Engine {
         generation: &GenerationOptions,
         mut on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
     ) -> Result<OcrResult> {
-        let prepared = self.prepare(image, task, mode)?;
-        let (mut generated, prefill, decode) = self.generate_pages(&[(&prepared, generation)], |_, event| on_token(event)).await;
-        let generated = generated.pop().expect("one generation per page")?;
-        self.finish(prepared, task, generated, prefill, decode)
+        let mut batch = PageBatch::new(self);
+        batch.join_image((), image, task, mode, generation).await?;
+        batch.run(|_, event| on_token(event)).await.pop().expect("one result per page").1
     }
 
     /// Several pages at once: each is decoded, encoded and prefilled alone, then their decoding steps
-    /// run as one batch (see [`crate::generate::generate_batch`]: each decoder weight is read once
-    /// per step for all pages). `on_token(page, event)` streams each page's tokens; `Break` cancels
-    /// that page only. Results come in the pages' order, each what [`Engine::recognize`] gives (its
-    /// `prefill` timing is the whole batch's prefills, `decode` the batch's decoding).
+    /// run as one batch (a [`PageBatch`]: each decoder weight is read once per step for all pages).
+    /// `on_token(page, event)` streams each page's tokens; `Break` cancels that page only. Results
+    /// come in the pages' order, each what [`Engine::recognize`] gives.
     pub async fn recognize_batch(
         &self,
         pages: &[(&[u8], &Task, Mode, &GenerationOptions)],
-        mut on_token: impl FnMut(usize, &TokenEvent) -> ControlFlow<()>,
+        on_token: impl FnMut(usize, &TokenEvent) -> ControlFlow<()>,
     ) -> Vec<Result<OcrResult>> {
-        let mut prepared: Vec<Result<Prepared>> = Vec::with_capacity(pages.len());
-        for &(bytes, task, mode, _) in pages {
-            let started = Instant::now();
-            prepared.push(decode(bytes, &self.options.decode_limits).and_then(|image| {
-                let mut p = self.prepare(&image, task, mode)?;
-                p.started = started;
-                Ok(p)
-            }));
+        let mut results: Vec<Option<Result<OcrResult>>> = (0..pages.len()).map(|_| None).collect();
+        let mut batch = PageBatch::new(self);
+        for (i, &(bytes, task, mode, generation)) in pages.iter().enumerate() {
+            if let Err(e) = batch.join(i, bytes, task, mode, generation).await {
+                results[i] = Some(Err(e));
+            }
         }
-        let live: Vec<usize> = (0..pages.len()).filter(|&i| prepared[i].is_ok()).collect();
-        let inputs: Vec<(&Prepared, &GenerationOptions)> = live.iter().map(|&i| (prepared[i].as_ref().expect("live"), pages[i].3)).collect();
-        let (generated, prefill, decode) = self.generate_pages(&inputs, |row, event| on_token(live[row], event)).await;
-        let mut generated = generated.into_iter();
-        prepared
-            .into_iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let p = p?;
-                let g = generated.next().expect("one generation per prepared page")?;
-                self.finish(p, pages[i].1, g, prefill, decode)
-            })
-            .collect()
-    }
-
-    /// Generates for prepared pages together (one alone takes the single-sequence path), streaming
-    /// each page's tokens as [`TokenEvent`]s numbered from 1; also returns the time until the first
-    /// token (the prefills: encoder work is queued lazily on GPU backends) and the time after it.
-    async fn generate_pages(
-        &self,
-        pages: &[(&Prepared, &GenerationOptions)],
-        mut on_token: impl FnMut(usize, &TokenEvent) -> ControlFlow<()>,
-    ) -> (Vec<Result<Generated>>, f64, f64) {
-        let items = pages.iter().map(|(p, options)| BatchItem { prompt_embeds: p.embeds.clone(), prompt_ids: &p.ids, options }).collect();
-        let t = Instant::now();
-        let mut counts = vec![0; pages.len()];
-        // Every page is prefilled before the first token of any is chosen.
-        let mut first_token_at = None;
-        let tokenizer = &self.tokenizer;
-        let generated = generate_batch(&self.decoder, items, |row, id| {
-            first_token_at.get_or_insert_with(|| ms(t));
-            counts[row] += 1;
-            let text = tokenizer.decode(&[id]).unwrap_or_default();
-            on_token(row, &TokenEvent { id, text, index: counts[row] })
-        })
-        .await;
-        let generation_ms = ms(t);
-        let prefill = first_token_at.unwrap_or(generation_ms);
-        (generated, prefill, generation_ms - prefill)
+        for (i, result) in batch.run(on_token).await {
+            results[i] = Some(result);
+        }
+        results.into_iter().map(|r| r.expect("one result per page")).collect()
     }
 
     /// Views, prompt ids and the prompt's embeddings (image vectors spliced in) of an image.
@@ -420,6 +375,105 @@ impl Engine {
     fn pixels(&self, views: &[&RgbImage]) -> Tensor<4> {
         let (values, shape) = normalize(views, self.options.preprocess.round_to_bf16);
         Tensor::from_data(TensorData::new(values, shape), &self.device)
+    }
+}
+
+/// Pages recognised together that join and leave between decoding steps (continuous batching over
+/// [`Batch`]): a page joins decoded, encoded and prefilled, and takes part from the next step on;
+/// each [`PageBatch::step`] chooses every page's next token and returns the pages that ended, with
+/// their results. `K` names a page to the caller (distinct keys). `dsocr serve` keeps one for the
+/// whole service, so a request that arrives while others decode joins them at the next step.
+pub struct PageBatch<'e, K> {
+    engine: &'e Engine,
+    batch: Batch<'e, K>,
+    pages: Vec<(K, Page)>,
+}
+
+/// A page of a [`PageBatch`]: what its result needs besides the generated tokens.
+struct Page {
+    prepared: Prepared,
+    task: Task,
+    tokens: usize,
+    prefill_ms: f64,
+    decoding: Instant,
+}
+
+impl<'e, K: Copy + PartialEq> PageBatch<'e, K> {
+    pub fn new(engine: &'e Engine) -> Self {
+        Self { engine, batch: Batch::new(&engine.decoder), pages: Vec::new() }
+    }
+
+    /// Pages still decoding.
+    pub fn len(&self) -> usize {
+        self.pages.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+
+    /// Decodes image bytes and joins them (see [`PageBatch::join_image`]).
+    pub async fn join(&mut self, key: K, image_bytes: &[u8], task: &Task, mode: Mode, generation: &GenerationOptions) -> Result<()> {
+        let started = Instant::now();
+        let image = decode(image_bytes, &self.engine.options.decode_limits)?;
+        let decode_ms = ms(started);
+        self.join_at(key, &image, task, mode, generation, started, decode_ms).await
+    }
+
+    /// Prepares, encodes and prefills an RGB image (already EXIF-oriented); a page that fails does
+    /// not join and leaves the others as they were.
+    pub async fn join_image(&mut self, key: K, image: &RgbImage, task: &Task, mode: Mode, generation: &GenerationOptions) -> Result<()> {
+        self.join_at(key, image, task, mode, generation, Instant::now(), 0.0).await
+    }
+
+    async fn join_at(&mut self, key: K, image: &RgbImage, task: &Task, mode: Mode, generation: &GenerationOptions, started: Instant, decode_ms: f64) -> Result<()> {
+        if self.pages.iter().any(|(k, _)| *k == key) {
+            return Err(Error::InvalidArgument("a page with this key is already in the batch".into()));
+        }
+        let mut prepared = self.engine.prepare(image, task, mode)?;
+        prepared.started = started;
+        prepared.timings.preprocess += decode_ms;
+        let t = Instant::now();
+        let item = BatchItem { prompt_embeds: prepared.embeds.clone(), prompt_ids: &prepared.ids, options: generation };
+        self.batch.join(key, item).await?;
+        let page = Page { prepared, task: task.clone(), tokens: 0, prefill_ms: ms(t), decoding: Instant::now() };
+        self.pages.push((key, page));
+        Ok(())
+    }
+
+    /// Chooses every page's next token (`on_token(key, event)`, events numbered from 1 per page;
+    /// `Break` cancels that page), then one decoding step for the pages that go on. Returns the
+    /// pages that ended, with their results (`prefill` timing: the page's own prefill; `decode`:
+    /// from then to its end, steps shared with the other pages included).
+    pub async fn step(&mut self, mut on_token: impl FnMut(K, &TokenEvent) -> ControlFlow<()>) -> Vec<(K, Result<OcrResult>)> {
+        let (tokenizer, pages) = (&self.engine.tokenizer, &mut self.pages);
+        let ended = self
+            .batch
+            .step(&mut |key, id| {
+                let (_, page) = pages.iter_mut().find(|(k, _)| *k == key).expect("a page per sequence");
+                page.tokens += 1;
+                let text = tokenizer.decode(&[id]).unwrap_or_default();
+                on_token(key, &TokenEvent { id, text, index: page.tokens })
+            })
+            .await;
+        ended
+            .into_iter()
+            .map(|(key, generated)| {
+                let at = self.pages.iter().position(|(k, _)| *k == key).expect("a page per sequence");
+                let (_, page) = self.pages.remove(at);
+                let result = generated.and_then(|g| self.engine.finish(page.prepared, &page.task, g, page.prefill_ms, ms(page.decoding)));
+                (key, result)
+            })
+            .collect()
+    }
+
+    /// Steps until every page has ended; their results in the order they ended.
+    pub async fn run(&mut self, mut on_token: impl FnMut(K, &TokenEvent) -> ControlFlow<()>) -> Vec<(K, Result<OcrResult>)> {
+        let mut ended = Vec::new();
+        while !self.is_empty() {
+            ended.extend(self.step(&mut on_token).await);
+        }
+        ended
     }
 }
 

@@ -142,7 +142,7 @@ pub async fn generate(
     generate_batch(decoder, vec![item], |_, id| on_token(id)).await.pop().expect("one result per prompt")
 }
 
-/// One prompt of a [`generate_batch`] call.
+/// One prompt of a [`generate_batch`] call or a [`Batch`].
 pub struct BatchItem<'a> {
     pub prompt_embeds: Tensor<2>,
     pub prompt_ids: &'a [u32],
@@ -158,61 +158,93 @@ pub async fn generate_batch(
     items: Vec<BatchItem<'_>>,
     mut on_token: impl FnMut(usize, u32) -> ControlFlow<()>,
 ) -> Vec<Result<Generated>> {
-    let mut seqs: Vec<Option<Sequence>> = Vec::with_capacity(items.len());
-    let mut done: Vec<Option<Result<Generated>>> = Vec::with_capacity(items.len());
-    for item in items {
-        match Sequence::start(decoder, item.prompt_embeds, item.prompt_ids, item.options).await {
-            Ok(seq) => (seqs.push(Some(seq)), done.push(None)),
-            Err(e) => (seqs.push(None), done.push(Some(Err(e)))),
-        };
+    let mut done: Vec<Option<Result<Generated>>> = (0..items.len()).map(|_| None).collect();
+    let mut batch = Batch::new(decoder);
+    for (i, item) in items.into_iter().enumerate() {
+        if let Err(e) = batch.join(i, item).await {
+            done[i] = Some(Err(e));
+        }
     }
-    loop {
-        // Choose every live sequence's next token; the ones that end leave the batch.
-        let mut live = Vec::new();
-        for (i, slot) in seqs.iter_mut().enumerate() {
-            let Some(seq) = slot else { continue };
-            match seq.advance(&mut |id| on_token(i, id)) {
-                Ok(None) => live.push(i),
-                Ok(Some(finish)) => done[i] = Some(Ok(Generated { tokens: std::mem::take(&mut seq.tokens), finish })),
-                Err(e) => done[i] = Some(Err(e)),
-            }
-            if done[i].is_some() {
-                *slot = None;
-            }
-        }
-        if live.is_empty() {
-            break;
-        }
-        if let Err(e) = step_batch(decoder, &mut seqs, &live).await {
-            // A failed step fails every sequence that was in it (one of them with the error itself).
-            let message = e.to_string();
-            let mut error = Some(e);
-            for &i in &live {
-                done[i] = Some(Err(error.take().unwrap_or_else(|| Error::Backend(message.clone()))));
-                seqs[i] = None;
-            }
+    while !batch.is_empty() {
+        for (i, result) in batch.step(&mut on_token).await {
+            done[i] = Some(result);
         }
     }
     done.into_iter().map(|d| d.expect("every sequence ended")).collect()
 }
 
-/// One decoding step for the sequences `live` of `seqs`: their last tokens in, their next logits stored.
-async fn step_batch(decoder: &Decoder, seqs: &mut [Option<Sequence>], live: &[usize]) -> Result<()> {
-    let last = |seq: &Option<Sequence>| *seq.as_ref().expect("live").tokens.last().expect("advance chose a token");
-    let ids: Vec<u32> = live.iter().map(|&i| last(&seqs[i])).collect();
-    let x = decoder.embed(&ids, &seqs[live[0]].as_ref().expect("live").device)?;
-    // After the choice, the sequences still in `seqs` are exactly the live ones, in order.
-    let mut caches: Vec<&mut KvCache> = seqs.iter_mut().flatten().map(|s| &mut s.cache).collect();
-    debug_assert_eq!(caches.len(), live.len());
-    // One sequence left: the single-sequence path (no per-row split of attention).
+/// Sequences decoded together that join and leave between steps (continuous batching): a sequence
+/// joins with its prefill and takes part from the next step on; each step chooses every
+/// sequence's next token, lets those that end leave, and runs one decoding step for the others, so
+/// each weight is read once a step for all of them. `K` names a sequence to the caller.
+pub struct Batch<'d, K> {
+    decoder: &'d Decoder,
+    seqs: Vec<(K, Sequence)>,
+}
+
+impl<'d, K: Copy> Batch<'d, K> {
+    pub fn new(decoder: &'d Decoder) -> Self {
+        Self { decoder, seqs: Vec::new() }
+    }
+
+    /// Sequences still going.
+    pub fn len(&self) -> usize {
+        self.seqs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+
+    /// Checks and prefills a prompt; a prompt that fails leaves the batch as it was.
+    pub async fn join(&mut self, key: K, item: BatchItem<'_>) -> Result<()> {
+        let seq = Sequence::start(self.decoder, item.prompt_embeds, item.prompt_ids, item.options).await?;
+        self.seqs.push((key, seq));
+        Ok(())
+    }
+
+    /// Chooses each sequence's next token (`on_token(key, id)`; `Break` cancels that sequence), then
+    /// one decoding step for those that go on. Returns the sequences that ended, in the batch's order.
+    pub async fn step(&mut self, on_token: &mut impl FnMut(K, u32) -> ControlFlow<()>) -> Vec<(K, Result<Generated>)> {
+        let mut ended = Vec::new();
+        let mut going = Vec::with_capacity(self.seqs.len());
+        for (key, mut seq) in self.seqs.drain(..) {
+            match seq.advance(&mut |id| on_token(key, id)) {
+                Ok(None) => going.push((key, seq)),
+                Ok(Some(finish)) => ended.push((key, Ok(Generated { tokens: seq.tokens, finish }))),
+                Err(e) => ended.push((key, Err(e))),
+            }
+        }
+        self.seqs = going;
+        if self.seqs.is_empty() {
+            return ended;
+        }
+        if let Err(e) = step_batch(self.decoder, &mut self.seqs).await {
+            // A failed step fails every sequence that was in it (one of them with the error itself).
+            let message = e.to_string();
+            let mut error = Some(e);
+            for (key, _) in self.seqs.drain(..) {
+                ended.push((key, Err(error.take().unwrap_or_else(|| Error::Backend(message.clone())))));
+            }
+        }
+        ended
+    }
+}
+
+/// One decoding step for `seqs`: their last tokens in, their next logits stored.
+async fn step_batch<K>(decoder: &Decoder, seqs: &mut [(K, Sequence)]) -> Result<()> {
+    let ids: Vec<u32> = seqs.iter().map(|(_, s)| *s.tokens.last().expect("advance chose a token")).collect();
+    let x = decoder.embed(&ids, &seqs[0].1.device)?;
+    let mut caches: Vec<&mut KvCache> = seqs.iter_mut().map(|(_, s)| &mut s.cache).collect();
+    // One sequence: the single-sequence path (no per-row split of attention).
     let hidden = match caches.as_mut_slice() {
         [cache] => decoder.forward(x, cache).await?,
         _ => decoder.step_batch(x, &mut caches).await?,
     };
     let logits = read_f32(decoder.logits(hidden)).await?;
-    let vocab = logits.len() / live.len();
-    for (row, &i) in live.iter().enumerate() {
-        seqs[i].as_mut().expect("live").logits = logits[row * vocab..(row + 1) * vocab].to_vec();
+    let vocab = logits.len() / seqs.len();
+    for (row, (_, seq)) in seqs.iter_mut().enumerate() {
+        seq.logits = logits[row * vocab..(row + 1) * vocab].to_vec();
     }
     Ok(())
 }

@@ -27,7 +27,7 @@ pub mod web;
 pub mod weights;
 
 pub use config::{Config, Mode};
-pub use engine::{Engine, EngineOptions, TokenEvent};
+pub use engine::{Engine, EngineOptions, PageBatch, TokenEvent};
 #[cfg(all(feature = "hub", not(target_arch = "wasm32")))]
 pub use engine::LoadOptions;
 pub use generate::{GenerationOptions, RepeatGuard, Sampling};

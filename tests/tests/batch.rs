@@ -1,5 +1,6 @@
-//! Batched decoding (`Engine::recognize_batch`, `generate_batch`, `Decoder::step_batch`): pages of
-//! different images, modes, tasks and lengths decoded together give exactly what each gives alone;
+//! Batched decoding (`Engine::recognize_batch`, `PageBatch`, `generate_batch`, `Decoder::step_batch`):
+//! pages of different images, modes, tasks and lengths decoded together give exactly what each
+//! gives alone, also when they join a batch that is already decoding (caches of different lengths);
 //! a bad page fails alone; cancelling one page leaves the others going. On the CPU with both MoE
 //! paths (experts grouped per token as on the CPU, stacked and gathered as on GPUs).
 
@@ -7,7 +8,7 @@ use std::ops::ControlFlow;
 use std::path::Path;
 
 use burn::tensor::Device;
-use dsocr::{Engine, EngineOptions, GenerationOptions, Mode, RepeatGuard, Task};
+use dsocr::{Engine, EngineOptions, GenerationOptions, Mode, PageBatch, RepeatGuard, Task};
 
 fn engine(options: EngineOptions) -> Engine {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny-a");
@@ -78,4 +79,70 @@ fn cancelling_one_page_leaves_the_others_going() {
     assert_eq!((first.finish_reason.as_str(), first.token_ids.len()), ("cancelled", 2));
     let alone = pollster::block_on(engine.recognize(&note, &free, Mode::Tiny, &g8, |_| ControlFlow::Continue(()))).unwrap();
     assert_eq!(batch[1].as_ref().unwrap().token_ids, alone.token_ids);
+}
+
+#[test]
+fn pages_that_join_a_running_batch_give_what_they_give_alone() {
+    let (page, note, photo) = (image("page"), image("note"), image("photo"));
+    let (free, markdown) = (Task::FreeOcr, Task::Markdown);
+    let (g4, g7, g10) = (tokens(4), tokens(7), tokens(10));
+    // (key, bytes, task, mode, options, the step before which it joins)
+    let plan: Vec<(char, &[u8], &Task, Mode, &GenerationOptions, usize)> = vec![
+        ('a', &page, &free, Mode::Tiny, &g10, 0),
+        ('b', &note, &markdown, Mode::Small, &g4, 3),
+        ('c', &photo, &free, Mode::Tiny, &g7, 3),
+        ('d', &page, &markdown, Mode::Tiny, &g4, 6),
+        ('e', &note, &free, Mode::Tiny, &g4, 9), // after 'b' and 'd' left
+    ];
+    for (label, options) in [("grouped experts", EngineOptions::default()), ("stacked experts", EngineOptions { stacked_experts: true, ..EngineOptions::default() })] {
+        let engine = engine(options);
+        let mut batch = PageBatch::new(&engine);
+        let mut streamed: Vec<(char, Vec<u32>)> = plan.iter().map(|p| (p.0, Vec::new())).collect();
+        let mut results = Vec::new();
+        let mut sizes = Vec::new();
+        for step in 0.. {
+            for &(key, bytes, task, mode, generation, at) in &plan {
+                if at == step {
+                    pollster::block_on(batch.join(key, bytes, task, mode, generation)).unwrap();
+                }
+            }
+            if batch.is_empty() {
+                break;
+            }
+            sizes.push(batch.len());
+            results.extend(pollster::block_on(batch.step(|key, event| {
+                let (_, ids) = streamed.iter_mut().find(|(k, _)| *k == key).unwrap();
+                ids.push(event.id);
+                assert_eq!(event.index, ids.len());
+                ControlFlow::Continue(())
+            })));
+        }
+        assert_eq!(results.len(), plan.len(), "{label}");
+        assert!(sizes.iter().any(|&n| n >= 3), "{label}: pages decoded together ({sizes:?})");
+        for &(key, bytes, task, mode, generation, _) in &plan {
+            let alone = pollster::block_on(engine.recognize(bytes, task, mode, generation, |_| ControlFlow::Continue(()))).unwrap();
+            let (_, joined) = results.iter().find(|(k, _)| *k == key).unwrap();
+            let joined = joined.as_ref().unwrap();
+            assert_eq!(joined.token_ids, alone.token_ids, "{label}: page {key}");
+            assert_eq!(joined.finish_reason, alone.finish_reason, "{label}: page {key}");
+            assert_eq!(streamed.iter().find(|(k, _)| *k == key).unwrap().1, joined.token_ids, "{label}: page {key} streamed");
+        }
+    }
+}
+
+#[test]
+fn a_page_that_cannot_join_leaves_the_batch_as_it_was() {
+    let engine = engine(EngineOptions::default());
+    let (page, free, g5) = (image("page"), Task::FreeOcr, tokens(5));
+    let mut batch = PageBatch::new(&engine);
+    pollster::block_on(batch.join(1, &page, &free, Mode::Tiny, &g5)).unwrap();
+    let junk = pollster::block_on(batch.join(2, b"not an image", &free, Mode::Tiny, &g5));
+    assert!(matches!(junk, Err(dsocr::Error::ImageFormat(_)) | Err(dsocr::Error::ImageDecode(_))), "{junk:?}");
+    let twice = pollster::block_on(batch.join(1, &page, &free, Mode::Tiny, &g5));
+    assert!(matches!(twice, Err(dsocr::Error::InvalidArgument(_))), "{twice:?}");
+    assert_eq!(batch.len(), 1);
+    let ended = pollster::block_on(batch.run(|_, _| ControlFlow::Continue(())));
+    let alone = pollster::block_on(engine.recognize(&page, &free, Mode::Tiny, &g5, |_| ControlFlow::Continue(()))).unwrap();
+    assert_eq!(ended.len(), 1);
+    assert_eq!(ended[0].1.as_ref().unwrap().token_ids, alone.token_ids);
 }

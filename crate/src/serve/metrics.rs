@@ -1,5 +1,5 @@
 //! `GET /metrics`: requests by endpoint and status, latency and queue-wait histograms, pages and
-//! tokens generated, generations stopped early, queue depth, requests in flight, pages per batch.
+//! tokens generated, generations stopped early, queue depth, requests in flight, pages per decoding step.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -37,7 +37,7 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     /// Requests the model is working on (up to `--max-batch` at once).
     pub in_flight: Gauge,
-    /// Pages decoded together in one batch.
+    /// Pages in each decoding step (up to `--max-batch`).
     pub batch_pages: Histogram,
 }
 
@@ -59,7 +59,7 @@ impl Default for Metrics {
         registry.register("in_flight", "Requests the model is working on", in_flight.clone());
         // 1, 2, 4, … 64 pages.
         let batch_pages = Histogram::new(exponential_buckets(1.0, 2.0, 7));
-        registry.register("batch_pages", "Pages decoded together in one batch", batch_pages.clone());
+        registry.register("batch_pages", "Pages in each decoding step", batch_pages.clone());
         Self { registry, requests, latency, queue_wait, pages, tokens, cancelled, queue_depth, in_flight, batch_pages }
     }
 }

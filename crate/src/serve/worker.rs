@@ -1,8 +1,9 @@
-//! The model's own thread and the bounded queue in front of it. The thread takes the requests that
-//! are waiting (up to `max_batch`) and decodes their pages together — a decoding step reads every
-//! active weight, so one step for several pages costs little more than for one
-//! ([`Engine::recognize_batch`]); requests that arrive meanwhile wait for the next batch. Handlers wait
-//! on a channel of [`Event`]s and never block the async runtime.
+//! The model's own thread and the bounded queue in front of it. The thread keeps one
+//! [`PageBatch`] for the whole service: up to `max_batch` requests decode together, one page of
+//! each at a time, and a request that arrives while others decode joins them at the next step
+//! (continuous batching) — a decoding step reads every active weight, so one step for several pages
+//! costs little more than for one. Handlers wait on a channel of [`Event`]s and never block the
+//! async runtime.
 
 use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
@@ -15,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::error::ApiError;
 use super::metrics::Metrics;
-use crate::{Engine, GenerationOptions, Mode, OcrResult, Task, TokenEvent};
+use crate::{Engine, Mode, OcrResult, PageBatch, Task, TokenEvent, GenerationOptions};
 
 /// One image to recognise: an image file, or one rendered page of a PDF (numbered from 1).
 pub struct PageInput {
@@ -52,6 +53,7 @@ pub struct Queue {
     ready: Arc<AtomicBool>,
     /// Moving average of a request's time with the model, for `Retry-After`.
     average_ms: Arc<AtomicU64>,
+    max_batch: usize,
     pub metrics: Arc<Metrics>,
 }
 
@@ -76,6 +78,7 @@ impl Queue {
             permits: Arc::new(Semaphore::new(max_waiting + max_batch)),
             ready: Arc::new(AtomicBool::new(false)),
             average_ms: Arc::new(AtomicU64::new(0)),
+            max_batch,
             metrics: metrics.clone(),
         });
         let (ready, average_ms) = (queue.ready.clone(), queue.average_ms.clone());
@@ -91,20 +94,7 @@ impl Queue {
                 };
                 ready.store(true, Ordering::SeqCst);
                 on_load(Ok(()));
-                while let Ok(first) = receiver.recv() {
-                    let mut jobs = vec![first];
-                    while jobs.len() < max_batch {
-                        match receiver.try_recv() {
-                            Ok(job) => jobs.push(job),
-                            Err(_) => break,
-                        }
-                    }
-                    let started = Instant::now();
-                    run(&engine, jobs, &metrics);
-                    let ms = started.elapsed().as_millis() as u64;
-                    let old = average_ms.load(Ordering::Relaxed);
-                    average_ms.store(if old == 0 { ms } else { (old * 7 + ms) / 8 }, Ordering::Relaxed);
-                }
+                serve(&engine, &receiver, max_batch, &metrics, &average_ms);
             })
             .expect("the OS refused a thread for the model");
         (queue, thread)
@@ -125,7 +115,8 @@ impl Queue {
             Ok(permit) => Ok(Admission(permit)),
             Err(_) => {
                 let waiting = self.metrics.queue_depth.get().max(0) as u64 + 1;
-                let seconds = (self.average_ms.load(Ordering::Relaxed) * waiting).div_ceil(1000).max(1);
+                let per_place = self.average_ms.load(Ordering::Relaxed) * waiting / self.max_batch as u64;
+                let seconds = per_place.div_ceil(1000).max(1);
                 let mut error = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", "the queue is full; retry later");
                 error.retry_after = Some(seconds);
                 Err(error)
@@ -153,56 +144,57 @@ impl Queue {
     }
 }
 
-/// Runs `jobs` together: in round r, page r of every job that has one (and whose client is still
-/// there) is decoded in one batch; a job's events go out as its pages finish.
-fn run(engine: &Engine, jobs: Vec<Job>, metrics: &Metrics) {
-    for job in &jobs {
-        metrics.queue_depth.dec();
-        metrics.queue_wait.observe(job.admitted.elapsed().as_secs_f64());
-        metrics.in_flight.inc();
-    }
-    let mut open: Vec<bool> = vec![true; jobs.len()];
-    for round in 0.. {
-        // (job, page) of this round.
-        let mut members = Vec::new();
-        for (j, job) in jobs.iter().enumerate() {
-            if !open[j] {
-                continue;
+/// A request the model is working on: one of its pages is in the batch (`page`), the others wait.
+struct Running {
+    job: Job,
+    page: usize,
+    started: Instant,
+}
+
+/// The model thread's loop: free places in the batch are filled from the queue (waiting for a
+/// job only when nothing decodes), then one decoding step runs for every page in the batch; a
+/// request's next page joins as soon as its page before ends. Returns when the queue is closed and
+/// empty and nothing decodes.
+fn serve(engine: &Engine, jobs: &std::sync::mpsc::Receiver<Job>, max_batch: usize, metrics: &Metrics, average_ms: &AtomicU64) {
+    let mut batch = PageBatch::new(engine);
+    let mut running: Vec<(u64, Running)> = Vec::new();
+    let mut next_key = 0u64;
+    loop {
+        while running.len() < max_batch {
+            let job = if running.is_empty() { jobs.recv().ok() } else { jobs.try_recv().ok() };
+            let Some(job) = job else { break };
+            metrics.queue_depth.dec();
+            metrics.queue_wait.observe(job.admitted.elapsed().as_secs_f64());
+            metrics.in_flight.inc();
+            let mut request = Running { job, page: 0, started: Instant::now() };
+            if join_next_page(&mut batch, next_key, &mut request, 0, metrics) {
+                running.push((next_key, request));
+            } else {
+                end(request, metrics, average_ms);
             }
-            if round >= job.work.pages.len() || job.events.is_closed() {
-                if round < job.work.pages.len() {
-                    metrics.cancelled.inc();
-                }
-                open[j] = false;
-                metrics.in_flight.dec();
-                continue;
-            }
-            members.push(j);
+            next_key += 1;
         }
-        if members.is_empty() {
-            return;
+        if running.is_empty() {
+            return; // the queue is closed
         }
-        metrics.batch_pages.observe(members.len() as f64);
-        let pages: Vec<(&[u8], &Task, Mode, &GenerationOptions)> = members
-            .iter()
-            .map(|&j| {
-                let work = &jobs[j].work;
-                (work.pages[round].bytes.as_slice(), &work.task, work.mode, &work.generation)
-            })
-            .collect();
-        let on_token = |row: usize, token: &TokenEvent| {
-            let sent = jobs[members[row]].events.send(Event::Token { page: round, token: token.clone() });
+        metrics.batch_pages.observe(batch.len() as f64);
+        let on_token = |key: u64, token: &TokenEvent| {
+            let (_, request) = running.iter().find(|(k, _)| *k == key).expect("a request per page");
+            let sent = request.job.events.send(Event::Token { page: request.page, token: token.clone() });
             if sent.is_err() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
         };
-        let outcomes: Vec<Result<OcrResult, ApiError>> =
-            match std::panic::catch_unwind(AssertUnwindSafe(|| pollster::block_on(engine.recognize_batch(&pages, on_token)))) {
-                Ok(results) => results.into_iter().map(|r| r.map_err(ApiError::from)).collect(),
-                Err(_) => members
-                    .iter()
-                    .map(|_| Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the model failed on this input (a bug: please report it)")))
-                    .collect(),
+        let ended: Vec<(u64, Result<OcrResult, ApiError>)> =
+            match std::panic::catch_unwind(AssertUnwindSafe(|| pollster::block_on(batch.step(on_token)))) {
+                Ok(ended) => ended.into_iter().map(|(key, r)| (key, r.map_err(ApiError::from))).collect(),
+                Err(_) => {
+                    // The batch's state is unknown after a panic: every page in it fails.
+                    batch = PageBatch::new(engine);
+                    running.iter().map(|(key, _)| (*key, Err(internal()))).collect()
+                }
             };
-        for (&j, outcome) in members.iter().zip(outcomes) {
+        for (key, outcome) in ended {
+            let at = running.iter().position(|(k, _)| *k == key).expect("a request per page");
+            let (_, mut request) = running.remove(at);
             if let Ok(result) = &outcome {
                 metrics.pages.inc();
                 metrics.tokens.inc_by(result.token_ids.len() as u64);
@@ -210,10 +202,52 @@ fn run(engine: &Engine, jobs: Vec<Job>, metrics: &Metrics) {
                     metrics.cancelled.inc();
                 }
             }
-            if jobs[j].events.send(Event::Page { page: round, outcome }).is_err() {
-                open[j] = false;
-                metrics.in_flight.dec();
+            let page = request.page;
+            let sent = request.job.events.send(Event::Page { page, outcome }).is_ok();
+            if sent && join_next_page(&mut batch, key, &mut request, page + 1, metrics) {
+                running.push((key, request));
+            } else {
+                end(request, metrics, average_ms);
             }
         }
     }
+}
+
+/// Joins the request's first page from `from` that can be prepared (a page that cannot gets its
+/// error event at once). False when the request has no page left or its client went away.
+fn join_next_page(batch: &mut PageBatch<'_, u64>, key: u64, request: &mut Running, from: usize, metrics: &Metrics) -> bool {
+    let work = &request.job.work;
+    for page in from..work.pages.len() {
+        if request.job.events.is_closed() {
+            metrics.cancelled.inc();
+            return false;
+        }
+        let joined = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            pollster::block_on(batch.join(key, &work.pages[page].bytes, &work.task, work.mode, &work.generation))
+        }));
+        let error = match joined {
+            Ok(Ok(())) => {
+                request.page = page;
+                return true;
+            }
+            Ok(Err(e)) => ApiError::from(e),
+            Err(_) => internal(),
+        };
+        if request.job.events.send(Event::Page { page, outcome: Err(error) }).is_err() {
+            return false;
+        }
+    }
+    false
+}
+
+/// A request is done: its place in the queue is given back (the job's permit is dropped).
+fn end(request: Running, metrics: &Metrics, average_ms: &AtomicU64) {
+    metrics.in_flight.dec();
+    let ms = request.started.elapsed().as_millis() as u64;
+    let old = average_ms.load(Ordering::Relaxed);
+    average_ms.store(if old == 0 { ms } else { (old * 7 + ms) / 8 }, Ordering::Relaxed);
+}
+
+fn internal() -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the model failed on this input (a bug: please report it)")
 }
