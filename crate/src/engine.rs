@@ -41,9 +41,11 @@ pub struct EngineOptions {
     /// Quantize a float checkpoint's weights as they are loaded (`Recipe::preset(Preset::Q4, None)`
     /// …): the same numbers as loading the checkpoint `dsocr quantize` writes with that recipe.
     pub quantize: Option<Recipe>,
-    /// Keep quantized weights packed on the host and multiply them with the crate's CPU kernels
-    /// (the CPU backend; default). Off, quantized weights are dequantized onto the device when
-    /// loaded (GPUs, until they have kernels of their own).
+    /// Keep quantized weights packed on the host and multiply them with the crate's CPU kernels,
+    /// and the decoder's KV cache in host memory, where a decoding step appends to it and attends
+    /// without copying it (the CPU backend; default). Off, quantized weights are dequantized onto
+    /// the device when loaded (GPUs, until they have kernels of their own) and the cache is device
+    /// tensors.
     pub host_kernels: bool,
 }
 

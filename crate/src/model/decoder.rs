@@ -8,30 +8,13 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 
+use super::kv::{HostKv, KvCache, LayerKv, attend};
 use super::moe::{Mlp, Moe};
 use super::vocab::{EmbeddingShards, LmHeadShards};
 use crate::config::DecoderConfig;
 use crate::error::{Error, Result};
 use crate::quant::QLinear;
 use crate::weights::Loader;
-
-/// Keys (after RoPE) and values of every layer for the tokens seen so far.
-#[derive(Debug, Clone, Default)]
-pub struct KvCache {
-    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
-    len: usize,
-}
-
-impl KvCache {
-    /// Number of cached positions (the position of the next token).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
 
 #[derive(Module, Debug)]
 pub struct Decoder {
@@ -65,6 +48,8 @@ struct SelfAttention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    /// Keys and values in host memory, decoding steps attending there ([`super::kv`]; the CPU backend).
+    host_cache: bool,
 }
 
 /// Rotate-half ("NeoX") rotary embedding: `inv_freq[i] = θ^(−2i/d)` (spec §6.3).
@@ -95,6 +80,7 @@ impl Decoder {
                     heads: c.num_attention_heads,
                     kv_heads: c.num_key_value_heads,
                     head_dim: c.head_dim,
+                    host_cache: l.host_kernels(),
                 },
                 post_attention_layernorm: rms_norm(l, &format!("{p}.post_attention_layernorm.weight"), h, c.rms_norm_eps).await?,
                 mlp,
@@ -208,7 +194,7 @@ impl Decoder {
         let (cos, sin) = self.rope.table(positions.iter().copied(), &x.device());
         let mut x = x.reshape([b, 1, d]);
         for (l, layer) in self.layers.iter().enumerate() {
-            let mut entries: Vec<&mut Option<(Tensor<4>, Tensor<4>)>> = caches.iter_mut().map(|c| &mut c.layers[l]).collect();
+            let mut entries: Vec<&mut Option<LayerKv>> = caches.iter_mut().map(|c| &mut c.layers[l]).collect();
             let h = x.clone() + layer.self_attn.forward_rows(layer.input_layernorm.forward(x), &cos, &sin, &mut entries);
             x = layer.mlp_residual(h).await?;
         }
@@ -238,7 +224,7 @@ struct Positions {
 }
 
 impl DecoderLayer {
-    async fn forward(&self, x: Tensor<3>, positions: &Positions, cache: &mut Option<(Tensor<4>, Tensor<4>)>) -> Result<Tensor<3>> {
+    async fn forward(&self, x: Tensor<3>, positions: &Positions, cache: &mut Option<LayerKv>) -> Result<Tensor<3>> {
         let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), positions, cache);
         self.mlp_residual(h).await
     }
@@ -259,7 +245,7 @@ impl DecoderLayer {
 }
 
 impl SelfAttention {
-    fn forward(&self, x: Tensor<3>, positions: &Positions, cache: &mut Option<(Tensor<4>, Tensor<4>)>) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, positions: &Positions, cache: &mut Option<LayerKv>) -> Tensor<3> {
         let Positions { cos, sin, start } = positions;
         let start = *start;
         let [b, s, _] = x.dims();
@@ -270,11 +256,17 @@ impl SelfAttention {
         let q = rotate(split(self.q_proj.forward(x.clone()), self.heads), &cos, &sin);
         let k = rotate(split(self.k_proj.forward(x.clone()), self.kv_heads), &cos, &sin);
         let v = split(self.v_proj.forward(x), self.kv_heads);
+        if let (1, Some(LayerKv::Host(host))) = (s, cache.as_mut()) {
+            return self.attend_on_host(q, k, v, &mut [host]);
+        }
         let (k, v) = match cache.take() {
-            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+            Some(cached) => {
+                let (pk, pv) = cached.tensors(&q.device());
+                (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2))
+            }
             None => (k, v),
         };
-        *cache = Some((k.clone(), v.clone()));
+        *cache = Some(self.store(k.clone(), v.clone()));
         let total = start + s;
         let (k, v) = (repeat_kv(k, self.heads), repeat_kv(v, self.heads));
         let (mask, is_causal) = match (s, start) {
@@ -292,7 +284,7 @@ impl SelfAttention {
 impl SelfAttention {
     /// [`SelfAttention::forward`] for B sequences of one new token each: `x` `(B, 1, hidden)`, row i
     /// at the position whose RoPE row is `cos[i]`/`sin[i]`, attending over `caches[i]` (extended).
-    fn forward_rows(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, caches: &mut [&mut Option<(Tensor<4>, Tensor<4>)>]) -> Tensor<3> {
+    fn forward_rows(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, caches: &mut [&mut Option<LayerKv>]) -> Tensor<3> {
         let [b, _, _] = x.dims();
         let hd = self.head_dim;
         let split = |t: Tensor<3>, heads: usize| t.reshape([b, 1, heads, hd]).swap_dims(1, 2);
@@ -302,20 +294,54 @@ impl SelfAttention {
         let q = rotate(split(self.q_proj.forward(x.clone()), self.heads), &cos, &sin);
         let k = rotate(split(self.k_proj.forward(x.clone()), self.kv_heads), &cos, &sin);
         let v = split(self.v_proj.forward(x), self.kv_heads);
+        let hosts: Option<Vec<&mut HostKv>> = caches
+            .iter_mut()
+            .map(|c| match &mut **c {
+                Some(LayerKv::Host(host)) => Some(host),
+                _ => None,
+            })
+            .collect();
+        if let Some(mut hosts) = hosts {
+            return self.attend_on_host(q, k, v, &mut hosts);
+        }
         let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: false };
         let mut outs = Vec::with_capacity(b);
         for (i, cache) in caches.iter_mut().enumerate() {
             let (ki, vi) = (k.clone().narrow(0, i, 1), v.clone().narrow(0, i, 1));
             let (ki, vi) = match cache.take() {
-                Some((pk, pv)) => (Tensor::cat(vec![pk, ki], 2), Tensor::cat(vec![pv, vi], 2)),
+                Some(cached) => {
+                    let (pk, pv) = cached.tensors(&ki.device());
+                    (Tensor::cat(vec![pk, ki], 2), Tensor::cat(vec![pv, vi], 2))
+                }
                 None => (ki, vi),
             };
-            **cache = Some((ki.clone(), vi.clone()));
+            **cache = Some(self.store(ki.clone(), vi.clone()));
             let (ki, vi) = (repeat_kv(ki, self.heads), repeat_kv(vi, self.heads));
             outs.push(attention(q.clone().narrow(0, i, 1), ki, vi, None, None, options));
         }
         let out = Tensor::cat(outs, 0);
         self.o_proj.forward(out.swap_dims(1, 2).reshape([b, 1, self.heads * hd]))
+    }
+
+    /// A layer's keys and values `(1, kv_heads, T, head_dim)` as the cache keeps them.
+    fn store(&self, k: Tensor<4>, v: Tensor<4>) -> LayerKv {
+        if self.host_cache { LayerKv::Host(HostKv::from_tensors(k, v)) } else { LayerKv::Tensors(k, v) }
+    }
+
+    /// One token per sequence on the host: `q` `(B, heads, 1, d)`, `k`/`v` `(B, kv_heads, 1, d)` are
+    /// appended to `caches[i]`, attention runs there ([`attend`]), then `o_proj`: `(B, 1, hidden)`.
+    fn attend_on_host(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, caches: &mut [&mut HostKv]) -> Tensor<3> {
+        let b = caches.len();
+        let device = q.device();
+        let host = |t: Tensor<4>| t.into_data().convert::<f32>().try_into_vec::<f32>().expect("converted to f32");
+        let (q, k, v) = (host(q), host(k), host(v));
+        let row = self.kv_heads * self.head_dim;
+        for (i, cache) in caches.iter_mut().enumerate() {
+            cache.push(&k[i * row..(i + 1) * row], &v[i * row..(i + 1) * row]);
+        }
+        let caches: Vec<&HostKv> = caches.iter().map(|c| &**c).collect();
+        let out = attend(&caches, &q, self.heads);
+        self.o_proj.forward(Tensor::<3>::from_data(TensorData::new(out, [b, 1, self.heads * self.head_dim]), &device))
     }
 }
 

@@ -2,6 +2,7 @@
 //! `projector`, `layout`) and the MoE language model (`decoder`, `moe`).
 
 mod grid_cache;
+mod kv;
 pub(crate) mod ops;
 mod readback;
 pub mod clip;
@@ -20,7 +21,8 @@ use crate::error::Result;
 use crate::weights::Loader;
 
 pub use clip::Clip;
-pub use decoder::{Decoder, KvCache};
+pub use decoder::Decoder;
+pub use kv::KvCache;
 pub use readback::{read_f32, read_i64};
 pub use projector::Projector;
 pub use sam::{Sam, SamOutput};

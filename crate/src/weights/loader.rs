@@ -71,11 +71,17 @@ impl<'c, 'b> Loader<'c, 'b> {
         self
     }
 
-    /// Keep quantized matrices packed on the host and multiply them with the CPU kernels: for the
-    /// CPU backend. Off (the default), they are dequantized onto the device.
+    /// Keep quantized matrices packed on the host and multiply them with the CPU kernels, and the
+    /// decoder's KV cache in host memory: for the CPU backend. Off (the default), quantized
+    /// matrices are dequantized onto the device and the cache is device tensors.
     pub fn with_host_kernels(mut self, on: bool) -> Self {
         self.host_kernels = on;
         self
+    }
+
+    /// See [`Loader::with_host_kernels`].
+    pub fn host_kernels(&self) -> bool {
+        self.host_kernels
     }
 
     /// Rows `rows` of the `(rows, cols)` matrix `name`: packed when the checkpoint stores it so or
