@@ -405,6 +405,22 @@ fn e2e_serve_concurrent_requests_are_decoded_in_batches() {
 }
 
 #[test]
+fn e2e_serve_a_request_joins_one_that_is_decoding() {
+    let server = Server::start(&["--max-batch", "2"]);
+    let long = post_in_thread(server.url("/v1/ocr?max_new_tokens=3000&repeat_guard=off"));
+    wait_for(|| server.metric("dsocr_in_flight") == 1.0, "the long request to start");
+    // Continuous batching: the short request is prefilled and decoded beside the long one, and
+    // answered while the long one is still going (one at a time, it would wait for all 3000 tokens).
+    let reply = server.post(TINY_16, &[("Content-Type", "image/png")], &page_png());
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    assert_eq!(reply.json()["results"][0]["token_ids"].as_array().unwrap(), &reference_tokens());
+    assert_eq!(server.metric("dsocr_in_flight"), 1.0, "the long request is still decoding");
+    assert_eq!(long.join().unwrap(), 200);
+    let (steps, pages) = (server.metric("dsocr_batch_pages_count"), server.metric("dsocr_batch_pages_sum"));
+    assert!(pages > steps, "some steps decoded both requests ({pages} page-steps in {steps} steps)");
+}
+
+#[test]
 fn e2e_serve_sigterm_finishes_requests_in_flight() {
     let mut server = Server::start(&[]);
     let running = post_in_thread(server.url("/v1/ocr?max_new_tokens=400&repeat_guard=off"));

@@ -42,8 +42,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 16)]
     max_queue: usize,
     /// Requests whose pages are decoded together (each decoding step reads the weights once for all
-    /// of them); 1 (the default, until batching is faster through the service too) runs one at a time.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    /// of them; a request arriving meanwhile joins at the next step); 1 runs one at a time.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
     max_batch: u64,
     /// Per-request limit (queue wait included), in seconds: then 504, and the generation stops.
     #[arg(long, default_value_t = 600)]
