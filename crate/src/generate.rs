@@ -253,6 +253,8 @@ async fn step_batch<K>(decoder: &Decoder, seqs: &mut [(K, Sequence)]) -> Result<
 struct Sequence {
     prompt_ids: Vec<u32>,
     options: GenerationOptions,
+    /// Prompt + generated tokens never reach past this: `context_limit` or the model's positions.
+    limit: usize,
     rng: Option<ChaCha8Rng>,
     cache: KvCache,
     tokens: Vec<u32>,
@@ -271,8 +273,11 @@ impl Sequence {
         if s == 0 {
             return Err(Error::InvalidArgument("empty prompt".into()));
         }
-        if s >= options.context_limit {
-            return Err(Error::ContextOverflow { length: s + 1, limit: options.context_limit });
+        // The model's positions bound the context too: a sequence that reaches them ends alone
+        // (`ContextLimit`) instead of failing the batching step it is in.
+        let limit = options.context_limit.min(decoder.max_positions());
+        if s >= limit {
+            return Err(Error::ContextOverflow { length: s + 1, limit });
         }
         let device = prompt_embeds.device();
         let rng = match options.sampling {
@@ -286,7 +291,7 @@ impl Sequence {
             let hidden = decoder.forward(prompt_embeds, &mut cache).await?;
             last_logits(decoder, hidden).await?
         };
-        Ok(Sequence { prompt_ids: prompt_ids.to_vec(), options: options.clone(), rng, cache, tokens: Vec::new(), logits, device })
+        Ok(Sequence { prompt_ids: prompt_ids.to_vec(), options: options.clone(), limit, rng, cache, tokens: Vec::new(), logits, device })
     }
 
     /// Chooses the next token from the logits and tells `on_token`; `Some` when the sequence ends
@@ -315,7 +320,7 @@ impl Sequence {
         if self.tokens.len() >= options.max_new_tokens {
             return Ok(Some(FinishReason::MaxNewTokens));
         }
-        if self.prompt_ids.len() + self.tokens.len() >= options.context_limit {
+        if self.prompt_ids.len() + self.tokens.len() >= self.limit {
             return Ok(Some(FinishReason::ContextLimit));
         }
         Ok(None)

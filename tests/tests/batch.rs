@@ -146,3 +146,38 @@ fn a_page_that_cannot_join_leaves_the_batch_as_it_was() {
     assert_eq!(ended.len(), 1);
     assert_eq!(ended[0].1.as_ref().unwrap().token_ids, alone.token_ids);
 }
+
+#[test]
+fn a_page_that_reaches_the_models_positions_ends_alone() {
+    // tiny-a with room for the Small page's prompt and 2 more positions only.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny-a");
+    let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+    let (note, page, free) = (image("note"), image("page"), Task::FreeOcr);
+    let full = engine(EngineOptions::default());
+    let prompt = |mode| pollster::block_on(full.recognize(&note, &free, mode, &tokens(1), |_| ControlFlow::Continue(()))).unwrap().prompt_token_count;
+    let (small_prompt, tiny_prompt) = (prompt(Mode::Small), prompt(Mode::Tiny));
+    assert!(tiny_prompt + 8 < small_prompt + 2, "the Tiny page has room for its 8 tokens");
+    let mut config: serde_json::Value = serde_json::from_slice(&read("config.json")).unwrap();
+    let positions = small_prompt + 2;
+    let mut set = |v: &mut serde_json::Value| {
+        if let Some(p) = v.get_mut("max_position_embeddings") {
+            *p = positions.into();
+        }
+    };
+    set(&mut config);
+    for key in ["language_config", "text_config"] {
+        if let Some(c) = config.get_mut(key) {
+            set(c);
+        }
+    }
+    let device = Device::flex();
+    let engine = pollster::block_on(Engine::from_parts(&config.to_string(), &read("model.safetensors"), &read("tokenizer.json"), &device, EngineOptions::default())).unwrap();
+    assert_eq!(engine.decoder().max_positions(), positions);
+    let (g20, g8) = (tokens(20), tokens(8));
+    let pages: Vec<(&[u8], &Task, Mode, &GenerationOptions)> = vec![(&note, &free, Mode::Small, &g20), (&page, &free, Mode::Tiny, &g8)];
+    let batch = pollster::block_on(engine.recognize_batch(&pages, |_, _| ControlFlow::Continue(())));
+    let small = batch[0].as_ref().unwrap();
+    assert_eq!((small.finish_reason.as_str(), small.token_ids.len()), ("context_limit", 2));
+    let alone = pollster::block_on(full.recognize(&page, &free, Mode::Tiny, &g8, |_| ControlFlow::Continue(()))).unwrap();
+    assert_eq!(batch[1].as_ref().unwrap().token_ids, alone.token_ids, "the other page goes on as alone");
+}

@@ -112,6 +112,11 @@ impl Decoder {
         self.vocab_size
     }
 
+    /// Positions the model has (`max_position_embeddings`).
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
     /// Token embeddings `(S, hidden)`; ids outside the vocabulary are an error.
     pub fn embed(&self, ids: &[u32], device: &Device) -> Result<Tensor<2>> {
         if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {
