@@ -848,6 +848,90 @@ def bench_e2e(modeling, deepencoder, ckpt: pathlib.Path, tokens: int) -> None:
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB", flush=True)
 
 
+
+@torch.no_grad()
+def profile_encoder(modeling, deepencoder, ckpt: pathlib.Path) -> None:
+    """Per-stage wall times of the official vision encoder (f32) on a --full checkpoint, `page.png`, per
+    mode (Gundam: the 1024 global view and its 640 tiles): module hooks time every SAM and CLIP
+    projection, MLP, norm and convolution; an attention's core (scores, rel-pos, softmax, values) is
+    its time less its projections; "other" is the rest (window partitions, residuals, reshapes).
+    Second of two runs. Compare with dsocr's `encoder_profile` binary (same categories)."""
+    model = load_full_model(modeling, deepencoder, ckpt)
+    tokenizer = load_tokenizer(ckpt)
+    image_path = pathlib.Path(tempfile.mkdtemp()) / "page.png"
+    make_images()["page"].save(image_path)
+    m = model.model
+    times: dict[str, float] = {}
+    started: dict[int, float] = {}
+
+    def category(name: str, module) -> str | None:
+        sam, clip = name.startswith("sam_model."), name.startswith("vision_model.")
+        leaf = name.rsplit(".", 1)[-1]
+        if sam:
+            if ".blocks." in name:
+                block = m.sam_model.blocks[int(name.split(".")[2])]
+                kind = "global" if block.window_size == 0 else "windowed"
+                return {"qkv": "SAM qkv", "proj": "SAM proj", "lin1": "SAM MLP + GELU", "lin2": "SAM MLP + GELU", "act": "SAM MLP + GELU",
+                        "norm1": "SAM layer norm", "norm2": "SAM layer norm", "attn": f"SAM attention core ({kind})"}.get(leaf)
+            if name == "sam_model.patch_embed":
+                return "SAM patch embed"
+            if name == "sam_model.neck":
+                return "SAM neck"
+            if name in ("sam_model.net_2", "sam_model.net_3"):
+                return "compressor convs"
+            return None
+        if clip:
+            if name == "vision_model.embeddings":
+                return "CLIP embeddings"
+            if ".layers." in name:
+                # Its attention and MLP modules are not called through `__call__` (no hooks): their cores and
+                # quick-GELU fall in "other".
+                return {"qkv_proj": "CLIP qkv", "out_proj": "CLIP out proj", "fc1": "CLIP MLP", "fc2": "CLIP MLP",
+                        "layer_norm1": "CLIP layer norm", "layer_norm2": "CLIP layer norm"}.get(leaf)
+            if leaf == "pre_layrnorm":
+                return "CLIP layer norm"
+        return None
+
+    # Modules that contain timed ones: their own time excludes those (e.g. an attention's projections).
+    inner = {"SAM attention core (global)": ("SAM qkv", "SAM proj"), "SAM attention core (windowed)": ("SAM qkv", "SAM proj")}
+    hooks = []
+    for name, module in m.named_modules():
+        kind = category(name, module)
+        if kind is None:
+            continue
+        def pre(mod, args, key=id(module), kind=kind):
+            started[key] = (time.perf_counter(), sum(times.get(k, 0.0) for k in inner.get(kind, ())))
+        def post(mod, args, out, key=id(module), kind=kind):
+            t0, children = started[key]
+            own = time.perf_counter() - t0 - (sum(times.get(k, 0.0) for k in inner.get(kind, ())) - children)
+            times[kind] = times.get(kind, 0.0) + own
+        hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    def encode(pixels):
+        sam = m.sam_model(pixels)
+        clip = m.vision_model(pixels, sam)
+        return m.projector(torch.cat((clip[:, 1:], sam.flatten(2).permute(0, 2, 1)), dim=-1))
+
+    for mode in [x for x in MODES if x[0] in ("tiny", "small", "base", "gundam")]:
+        inputs = official_inputs(modeling, model, tokenizer, image_path, IMAGES[0][1], mode)
+        views = [inputs["images_ori"].float()]
+        if mode[3] and inputs["images_crop"].abs().sum() > 0:
+            views.append(inputs["images_crop"].float())
+        for run in range(2):
+            times.clear()
+            t = time.perf_counter()
+            for pixels in views:
+                encode(pixels)
+            total = time.perf_counter() - t
+        times["other"] = total - sum(times.values())
+        shapes = " + ".join("x".join(str(d) for d in v.shape) for v in views)
+        print(f"== {mode[0]} ({shapes}): encoder {total:.3f} s")
+        for kind, seconds in sorted(times.items(), key=lambda kv: -kv[1]):
+            print(f"  {kind:34s} {seconds:8.3f} s {100 * seconds / total:5.1f} %")
+    for h in hooks:
+        h.remove()
+
+
 @torch.no_grad()
 def bench_load(code_dir: pathlib.Path, ckpt: pathlib.Path, dtype: str) -> None:
     """The official loading path timed: `AutoModel.from_pretrained(..., trust_remote_code=True,
@@ -891,6 +975,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=64, help="tokens per page for --bench-e2e")
     parser.add_argument("--bench-load", type=pathlib.Path, help="time the official from_pretrained on a full checkpoint folder")
     parser.add_argument("--load-dtype", default="float32", help="torch dtype for --bench-load")
+    parser.add_argument("--profile-encoder", type=pathlib.Path, help="per-stage times of the official encoder on a --full checkpoint")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (fixtures: 1, for reproducibility)")
     args = parser.parse_args()
 
@@ -905,6 +990,9 @@ def main() -> int:
         return 0
     if args.bench_load:
         bench_load(args.ref_code, args.bench_load, args.load_dtype)
+        return 0
+    if args.profile_encoder:
+        profile_encoder(modeling, deepencoder, args.profile_encoder)
         return 0
     if args.full_reference:
         full_reference(modeling, deepencoder, args.full_reference, tokens=16, bench=args.bench)

@@ -9,6 +9,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::grid_cache::GridCache;
+use super::profile::span;
 use crate::config::ClipConfig;
 use crate::error::Result;
 use crate::image::resample::resize_bicubic_f32;
@@ -83,8 +84,8 @@ impl Clip {
         let tokens = patches.reshape([b, c, gh * gw]).swap_dims(1, 2);
         let class = self.class_embedding.val().reshape([1, 1, c]).expand([b, 1, c]);
         let x = Tensor::cat(vec![class, tokens], 1);
-        let x = x + self.positions.for_grid(gh, &self.class_embedding.val().device()).unsqueeze_dim::<3>(0);
-        let mut x = self.pre_layrnorm.forward(x);
+        let x = span("CLIP embeddings", || x + self.positions.for_grid(gh, &self.class_embedding.val().device()).unsqueeze_dim::<3>(0));
+        let mut x = span("CLIP layer norm", || self.pre_layrnorm.forward(x));
         for layer in &self.layers {
             x = layer.forward(x);
         }
@@ -107,19 +108,20 @@ impl ClipPositions {
 
 impl ClipLayer {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = x.clone() + self.attention(self.layer_norm1.forward(x));
-        let y = self.fc1.forward(self.layer_norm2.forward(h.clone()));
-        h + self.fc2.forward(quick_gelu(y))
+        let u = span("CLIP layer norm", || self.layer_norm1.forward(x.clone()));
+        let h = x + self.attention(u);
+        let u = span("CLIP layer norm", || self.layer_norm2.forward(h.clone()));
+        h + span("CLIP MLP + GELU", || self.fc2.forward(quick_gelu(self.fc1.forward(u))))
     }
 
     /// Full bidirectional attention; `qkv_proj` output is `[q | k | v]`, each head-major.
     fn attention(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, n, c] = x.dims();
         let hd = c / self.heads;
-        let qkv = self.qkv_proj.forward(x).reshape([b, n, 3, self.heads, hd]).permute([2, 0, 3, 1, 4]);
+        let qkv = span("CLIP qkv", || self.qkv_proj.forward(x)).reshape([b, n, 3, self.heads, hd]).permute([2, 0, 3, 1, 4]);
         let take = |i: usize| qkv.clone().slice([i..i + 1]).reshape([b, self.heads, n, hd]);
-        let out = attention(take(0), take(1), take(2), None, None, AttentionModuleOptions::default());
-        self.out_proj.forward(out.swap_dims(1, 2).reshape([b, n, c]))
+        let out = span("CLIP attention core", || attention(take(0), take(1), take(2), None, None, AttentionModuleOptions::default()));
+        span("CLIP out proj", || self.out_proj.forward(out.swap_dims(1, 2).reshape([b, n, c])))
     }
 }
 

@@ -5,10 +5,12 @@ mod grid_cache;
 mod kv;
 pub(crate) mod ops;
 mod readback;
+mod rel_attention;
 pub mod clip;
 pub mod decoder;
 pub mod layout;
 pub mod moe;
+pub mod profile;
 pub mod projector;
 pub mod sam;
 pub mod vocab;
@@ -68,7 +70,7 @@ impl VisionEncoder {
         let sam_tokens = sam.compressed.clone().reshape([b, c, g * g]).swap_dims(1, 2);
         let clip_tokens = clip.clone().slice([0..b, 1..g * g + 1, 0..clip_width]);
         // CLIP first, SAM second (spec §4.1).
-        let projected = self.projector.forward(Tensor::cat(vec![clip_tokens, sam_tokens], 2));
+        let projected = profile::span("projector", || self.projector.forward(Tensor::cat(vec![clip_tokens, sam_tokens], 2)));
         ViewFeatures { sam, clip, projected }
     }
 

@@ -14,6 +14,8 @@ use crate::config::SamConfig;
 use crate::error::Result;
 use crate::image::resample::{resize_bicubic_f32, resize_linear_rows_f32};
 use super::ops;
+use super::profile::span;
+use super::rel_attention::{self, Grid};
 use crate::quant::QLinear;
 use crate::weights::Loader;
 
@@ -74,6 +76,8 @@ struct SamAttention {
     qkv: QLinear,
     proj: QLinear,
     heads: usize,
+    /// Attention on the host ([`super::rel_attention`]; the CPU backend).
+    host: bool,
     #[module(skip)]
     rel_pos: RelativePositions,
 }
@@ -104,6 +108,7 @@ impl Sam {
                     qkv: l.qlinear(&format!("{q}.attn.qkv"), w, 3 * w, true).await?,
                     proj: l.qlinear(&format!("{q}.attn.proj"), w, w, true).await?,
                     heads: c.heads,
+                    host: l.host_kernels(),
                     rel_pos: RelativePositions {
                         h: l.host(&format!("{q}.attn.rel_pos_h"), &[rows, hd]).await?,
                         w: l.host(&format!("{q}.attn.rel_pos_w"), &[rows, hd]).await?,
@@ -143,20 +148,24 @@ impl Sam {
     /// Encodes views `(B, 3, S, S)` (normalised pixels) into SAM's stage outputs.
     pub fn forward(&self, pixels: Tensor<4>) -> SamOutput {
         // Patch embedding, then NHWC like the reference.
-        let x = self.patch_embed.forward(pixels).permute([0, 2, 3, 1]);
-        let [_, grid, _, _] = x.dims();
-        let pos = self.pos_embed.for_grid(grid, &x.device());
-        let mut x = x + pos;
+        let mut x = span("SAM patch embed", || {
+            let x = self.patch_embed.forward(pixels).permute([0, 2, 3, 1]);
+            let [_, grid, _, _] = x.dims();
+            let pos = self.pos_embed.for_grid(grid, &x.device());
+            x + pos
+        });
         for block in &self.blocks {
             x = block.forward(x);
         }
         // Neck in NCHW; its LayerNorm2d normalises over channels, i.e. the last axis in NHWC.
-        let x = self.neck_conv1.forward(x.permute([0, 3, 1, 2]));
-        let x = self.neck_norm1.forward(x.permute([0, 2, 3, 1])).permute([0, 3, 1, 2]);
-        let x = self.neck_conv2.forward(x);
-        let neck = self.neck_norm2.forward(x.permute([0, 2, 3, 1])).permute([0, 3, 1, 2]);
-        let compressor_1 = self.net_2.forward(neck.clone());
-        let compressed = self.net_3.forward(compressor_1.clone());
+        let neck = span("SAM neck", || {
+            let x = self.neck_conv1.forward(x.permute([0, 3, 1, 2]));
+            let x = self.neck_norm1.forward(x.permute([0, 2, 3, 1])).permute([0, 3, 1, 2]);
+            let x = self.neck_conv2.forward(x);
+            self.neck_norm2.forward(x.permute([0, 2, 3, 1])).permute([0, 3, 1, 2])
+        });
+        let compressor_1 = span("compressor convs", || self.net_2.forward(neck.clone()));
+        let compressed = span("compressor convs", || self.net_3.forward(compressor_1.clone()));
         SamOutput { neck, compressor_1, compressed }
     }
 }
@@ -174,22 +183,26 @@ impl PositionTable {
 impl SamBlock {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let shortcut = x.clone();
-        let x = self.norm1.forward(x);
+        let x = span("SAM layer norm", || self.norm1.forward(x));
         let x = if self.window > 0 {
             // The reference pads the normalised grid with zeros, then runs qkv → attention → proj per
             // window. A zero token's qkv is the qkv bias, and proj is per token, so qkv runs on the
             // real tokens only (padding with the bias) and proj after the padding is cut off: the same
             // numbers, with up to 42% fewer tokens through both projections (512 px: 32² of 42²).
             let [b, h, w, c] = x.dims();
-            let qkv = self.attn.qkv.forward(x);
+            let qkv = span("SAM qkv", || self.attn.qkv.forward(x));
             let (windows, padded) = window_partition(qkv, self.window, self.attn.qkv.bias());
-            let y = window_unpartition(self.attn.attend(windows), self.window, padded, [b, h, w, c]);
-            self.attn.proj.forward(y)
+            let y = span("SAM attention core (windowed)", || self.attn.attend(windows));
+            let y = window_unpartition(y, self.window, padded, [b, h, w, c]);
+            span("SAM proj", || self.attn.proj.forward(y))
         } else {
-            self.attn.forward(x)
+            let qkv = span("SAM qkv", || self.attn.qkv.forward(x));
+            let y = span("SAM attention core (global)", || self.attn.attend(qkv));
+            span("SAM proj", || self.attn.proj.forward(y))
         };
         let x = shortcut + x;
-        let y = ops::rows_par(self.norm2.forward(x.clone()), self.threads, |x| self.lin2.forward_threads(gelu(self.lin1.forward_threads(x, 1)), 1));
+        let u = span("SAM layer norm", || self.norm2.forward(x.clone()));
+        let y = span("SAM MLP + GELU", || ops::rows_par(u, self.threads, |x| self.lin2.forward_threads(gelu(self.lin1.forward_threads(x, 1)), 1)));
         x + y
     }
 }
@@ -224,12 +237,8 @@ fn window_unpartition(windows: Tensor<4>, ws: usize, [hp, wp]: [usize; 2], [b, h
 }
 
 impl SamAttention {
-    /// Multi-head attention over a `(B, h, w, C)` grid with decomposed relative positions.
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.proj.forward(self.attend(self.qkv.forward(x)))
-    }
-
-    /// The attention between the projections: `(B, h, w, 3C)` qkv → `(B, h, w, C)` before `proj`.
+    /// Multi-head attention over a `(B, h, w, C)` grid with decomposed relative positions, between
+    /// the projections: `(B, h, w, 3C)` qkv → `(B, h, w, C)` before `proj`.
     fn attend(&self, qkv: Tensor<4>) -> Tensor<4> {
         let [b, h, w, c3] = qkv.dims();
         let c = c3 / 3;
@@ -242,7 +251,8 @@ impl SamAttention {
         let (q, k, v) = (take(0), take(1), take(2));
 
         // Relative-position terms from the unscaled queries (spec §3.4).
-        let (rh, rw) = self.rel_pos.for_grid(h, w, &q.device());
+        let device = q.device();
+        let (rh, rw) = self.rel_pos.for_grid(h, w, &device);
         let bh = b * heads;
         let q4 = q.clone().reshape([bh, h, w, hd]);
         // rel_h[n, y, x, ky] = Σ_c q[n, y, x, c] · Rh[y, ky, c]: a batched matmul over y.
@@ -263,6 +273,13 @@ impl SamAttention {
             .permute([1, 2, 0, 3])
             .reshape([bh, n, w]);
 
+        if self.host {
+            let host = |t: Tensor<4>| t.into_data().convert::<f32>().try_into_vec::<f32>().expect("converted to f32");
+            let (rel_h, rel_w) = (host(rel_h.unsqueeze_dim(0)), host(rel_w.unsqueeze_dim(0)));
+            let out = rel_attention::attend(Grid { bh, h, w, hd }, &host(q), &host(k), &host(v), &rel_h, &rel_w);
+            let out = Tensor::<4>::from_data(TensorData::new(out, [b, heads, n, hd]), &device);
+            return out.reshape([b, heads, h, w, hd]).permute([0, 2, 3, 1, 4]).reshape([b, h, w, c]);
+        }
         // The dense bias (n × n per head) is built per chunk of queries to bound memory.
         let chunk = (MAX_SCORE_ELEMENTS / (bh * n).max(1)).clamp(1, n);
         let mut outputs = Vec::with_capacity(n.div_ceil(chunk));
