@@ -6,6 +6,7 @@ mod kv;
 pub(crate) mod ops;
 mod readback;
 mod rel_attention;
+mod vmath;
 pub mod clip;
 pub mod decoder;
 pub mod layout;

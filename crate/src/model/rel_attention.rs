@@ -7,6 +7,7 @@
 //! global block's time.
 
 use super::ops::map_par;
+use super::vmath::exp;
 
 /// Score floats per block of queries (4 MiB).
 const BLOCK_SCORES: usize = 1 << 20;
@@ -83,7 +84,7 @@ fn positions_softmax_rows(scores: &mut [f32], rh: &[f32], rw: &[f32], h: usize, 
     }
 }
 
-/// In place, with the maximum subtracted; the exponential is [`exp`]. Maximum and sum run in 16
+/// In place, with the maximum subtracted; the exponential is [`exp`] (vectorised). Maximum and sum run in 16
 /// lanes (so they vectorise); the lanes then fold in a fixed order.
 #[inline(always)]
 fn softmax(row: &mut [f32]) {
@@ -112,40 +113,9 @@ fn softmax(row: &mut [f32]) {
     }
 }
 
-/// `eᵡ` for `x ≤ 0` (Cephes' `expf`: 2ⁿ · e^r with |r| ≤ ln2/2 and a degree-6 polynomial, about 1 ulp),
-/// in operations the compiler vectorises (no library call); below −87 it is 0.
-#[inline]
-fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const ROUND: f32 = 12_582_912.0; // 1.5 · 2²³: adding and subtracting it rounds to an integer
-    let x = x.max(-87.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
-    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
-    let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
-    let y = p * r * r + r + 1.0;
-    y * f32::from_bits(((n as i32 + 127) << 23) as u32)
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{Grid, attend, exp};
-
-    #[test]
-    fn exp_is_within_two_ulps_of_std() {
-        let mut x = -87.0f32;
-        while x <= 0.0 {
-            let (got, want) = (exp(x), x.exp());
-            assert!((got - want).abs() <= 2.0 * f32::EPSILON * want, "exp({x}) = {got}, std {want}");
-            x += 0.001_3;
-        }
-        assert_eq!(exp(0.0), 1.0);
-        assert_eq!(exp(-1000.0), exp(-87.0));
-    }
+    use super::{Grid, attend};
 
     /// Against a plain softmax over the dense bias, in f64: grids 1×1 … 9×7 (several query blocks
     /// for 64×64), head sizes 1 … 64.
