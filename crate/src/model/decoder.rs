@@ -10,6 +10,7 @@ use burn::tensor::{Bool, Device, Tensor, TensorData};
 
 use super::kv::{HostKv, KvCache, LayerKv, attend};
 use super::moe::{Mlp, Moe};
+use super::ops::host_values;
 use super::vocab::{EmbeddingShards, LmHeadShards};
 use crate::config::DecoderConfig;
 use crate::error::{Error, Result};
@@ -338,8 +339,7 @@ impl SelfAttention {
     fn attend_on_host(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, caches: &mut [&mut HostKv]) -> Tensor<3> {
         let b = caches.len();
         let device = q.device();
-        let host = |t: Tensor<4>| t.into_data().convert::<f32>().try_into_vec::<f32>().expect("converted to f32");
-        let (q, k, v) = (host(q), host(k), host(v));
+        let (q, k, v) = (host_values(q), host_values(k), host_values(v));
         let row = self.kv_heads * self.head_dim;
         for (i, cache) in caches.iter_mut().enumerate() {
             cache.push(&k[i * row..(i + 1) * row], &v[i * row..(i + 1) * row]);

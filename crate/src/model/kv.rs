@@ -9,7 +9,7 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::ops::map_par;
+use super::ops::{host_values, map_par};
 
 /// Keys (after RoPE) and values of every layer for the tokens seen so far.
 #[derive(Debug, Clone, Default)]
@@ -61,11 +61,7 @@ impl HostKv {
     /// From `(1, kv_heads, T, head_dim)` tensors (a prefill's keys and values).
     pub(super) fn from_tensors(k: Tensor<4>, v: Tensor<4>) -> Self {
         let [_, kv_heads, len, head_dim] = k.dims();
-        let split = |t: Tensor<4>| -> Vec<Vec<f32>> {
-            let data = t.into_data().convert::<f32>();
-            let values = data.as_slice::<f32>().expect("converted to f32");
-            values.chunks_exact(len * head_dim).map(|head| head.to_vec()).collect()
-        };
+        let split = |t: Tensor<4>| -> Vec<Vec<f32>> { host_values(t).chunks_exact(len * head_dim).map(|head| head.to_vec()).collect() };
         let (keys, values) = (split(k), split(v));
         debug_assert_eq!(keys.len(), kv_heads);
         Self { head_dim, len, keys, values }

@@ -43,10 +43,9 @@ impl Mlp {
             return ops::as_rows(x, |x| {
                 let [m, k] = x.dims();
                 let device = x.device();
-                let input = x.into_data().convert::<f32>();
-                let values = input.as_slice::<f32>().expect("converted to f32");
+                let values = ops::host_values(x);
                 debug_assert_eq!(k, g.cols);
-                Tensor::from_data(TensorData::new(PackedMatrix::mlp(g, u, d, values, m, t), [m, d.rows]), &device)
+                Tensor::from_data(TensorData::new(PackedMatrix::mlp(g, u, d, &values, m, t), [m, d.rows]), &device)
             });
         }
         let hidden = silu(self.gate_proj.forward_threads(x.clone(), t)) * self.up_proj.forward_threads(x, t);

@@ -65,6 +65,12 @@ pub fn as_rows<const D: usize>(x: Tensor<D>, f: impl FnOnce(Tensor<2>) -> Tensor
     y.reshape(out)
 }
 
+/// A tensor's values as f32, in row-major order, on the host (synchronous: for the CPU backend's
+/// host kernels, where reading a tensor is a copy).
+pub fn host_values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().expect("converted to f32")
+}
+
 /// `0..len` cut into consecutive ranges of `block` (the last may be shorter).
 fn blocks(len: usize, block: usize) -> Vec<std::ops::Range<usize>> {
     (0..len).step_by(block.max(1)).map(|start| start..(start + block).min(len)).collect()

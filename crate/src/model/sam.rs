@@ -216,7 +216,7 @@ impl SamBlock {
             return gelu(x);
         }
         let (shape, device) = (x.dims(), x.device());
-        let mut values = x.into_data().convert::<f32>().try_into_vec::<f32>().expect("converted to f32");
+        let mut values = ops::host_values(x);
         vmath::gelu_in_place(&mut values);
         Tensor::from_data(TensorData::new(values, shape), &device)
     }
@@ -289,9 +289,8 @@ impl SamAttention {
             .reshape([bh, n, w]);
 
         if self.host {
-            let host = |t: Tensor<4>| t.into_data().convert::<f32>().try_into_vec::<f32>().expect("converted to f32");
-            let (rel_h, rel_w) = (host(rel_h.unsqueeze_dim(0)), host(rel_w.unsqueeze_dim(0)));
-            let out = rel_attention::attend(Grid { bh, h, w, hd }, &host(q), &host(k), &host(v), &rel_h, &rel_w);
+            let (q, k, v) = (ops::host_values(q), ops::host_values(k), ops::host_values(v));
+            let out = rel_attention::attend(Grid { bh, h, w, hd }, &q, &k, &v, &ops::host_values(rel_h), &ops::host_values(rel_w));
             let out = Tensor::<4>::from_data(TensorData::new(out, [b, heads, n, hd]), &device);
             return out.reshape([b, heads, h, w, hd]).permute([0, 2, 3, 1, 4]).reshape([b, h, w, c]);
         }

@@ -67,9 +67,8 @@ impl QLinear {
         let [m, k] = x.dims();
         debug_assert_eq!(k, w.cols);
         let device = x.device();
-        let input = x.into_data().convert::<f32>();
-        let values = input.as_slice::<f32>().expect("converted to f32");
-        let y = Tensor::<2>::from_data(TensorData::new(w.matmul(values, m, threads), [m, w.rows]), &device);
+        let values = crate::model::ops::host_values(x);
+        let y = Tensor::<2>::from_data(TensorData::new(w.matmul(&values, m, threads), [m, w.rows]), &device);
         match &self.bias {
             Some(bias) => y + bias.val().unsqueeze_dim(0),
             None => y,
