@@ -206,9 +206,7 @@ impl SamBlock {
         let y = span("SAM MLP + GELU", || ops::rows_par(u, self.threads, |x| self.lin2.forward_threads(self.gelu(self.lin1.forward_threads(x, 1)), 1)));
         x + y
     }
-}
 
-impl SamBlock {
     /// burn's GELU, or on the CPU backend the host one ([`super::vmath`]: vectorised, where burn's
     /// calls libm's `erff` per value; within 3e-7 of it).
     fn gelu(&self, x: Tensor<2>) -> Tensor<2> {
