@@ -159,7 +159,7 @@ fn a_page_that_reaches_the_models_positions_ends_alone() {
     assert!(tiny_prompt + 8 < small_prompt + 2, "the Tiny page has room for its 8 tokens");
     let mut config: serde_json::Value = serde_json::from_slice(&read("config.json")).unwrap();
     let positions = small_prompt + 2;
-    let mut set = |v: &mut serde_json::Value| {
+    let set = |v: &mut serde_json::Value| {
         if let Some(p) = v.get_mut("max_position_embeddings") {
             *p = positions.into();
         }

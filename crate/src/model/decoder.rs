@@ -265,14 +265,7 @@ impl SelfAttention {
         if let (1, Some(LayerKv::Host(host))) = (s, cache.as_mut()) {
             return self.attend_on_host(q, k, v, &mut [host]);
         }
-        let (k, v) = match cache.take() {
-            Some(cached) => {
-                let (pk, pv) = cached.tensors(&q.device());
-                (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2))
-            }
-            None => (k, v),
-        };
-        *cache = Some(self.store(k.clone(), v.clone()));
+        let (k, v) = self.extend(cache, k, v);
         let total = start + s;
         let (k, v) = (repeat_kv(k, self.heads), repeat_kv(v, self.heads));
         let (mask, is_causal) = match (s, start) {
@@ -313,15 +306,7 @@ impl SelfAttention {
         let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: false };
         let mut outs = Vec::with_capacity(b);
         for (i, cache) in caches.iter_mut().enumerate() {
-            let (ki, vi) = (k.clone().narrow(0, i, 1), v.clone().narrow(0, i, 1));
-            let (ki, vi) = match cache.take() {
-                Some(cached) => {
-                    let (pk, pv) = cached.tensors(&ki.device());
-                    (Tensor::cat(vec![pk, ki], 2), Tensor::cat(vec![pv, vi], 2))
-                }
-                None => (ki, vi),
-            };
-            **cache = Some(self.store(ki.clone(), vi.clone()));
+            let (ki, vi) = self.extend(cache, k.clone().narrow(0, i, 1), v.clone().narrow(0, i, 1));
             let (ki, vi) = (repeat_kv(ki, self.heads), repeat_kv(vi, self.heads));
             outs.push(attention(q.clone().narrow(0, i, 1), ki, vi, None, None, options));
         }
@@ -329,9 +314,18 @@ impl SelfAttention {
         self.o_proj.forward(out.swap_dims(1, 2).reshape([b, 1, self.heads * hd]))
     }
 
-    /// A layer's keys and values `(1, kv_heads, T, head_dim)` as the cache keeps them.
-    fn store(&self, k: Tensor<4>, v: Tensor<4>) -> LayerKv {
-        if self.host_cache { LayerKv::Host(HostKv::from_tensors(k, v)) } else { LayerKv::Tensors(k, v) }
+    /// Appends `k`, `v` `(1, kv_heads, S, head_dim)` to a layer's cache as tensors (the cache keeps
+    /// them on the host with `host_cache`); returns all the layer's keys and values so far.
+    fn extend(&self, cache: &mut Option<LayerKv>, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        let (k, v) = match cache.take() {
+            Some(cached) => {
+                let (pk, pv) = cached.tensors(&k.device());
+                (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2))
+            }
+            None => (k, v),
+        };
+        *cache = Some(if self.host_cache { LayerKv::Host(HostKv::from_tensors(k.clone(), v.clone())) } else { LayerKv::Tensors(k.clone(), v.clone()) });
+        (k, v)
     }
 
     /// One token per sequence on the host: `q` `(B, heads, 1, d)`, `k`/`v` `(B, kv_heads, 1, d)` are
