@@ -11,8 +11,8 @@ use web_time::Instant;
 use crate::config::{Config, Mode};
 use crate::error::{Error, Result};
 use crate::generate::{Batch, BatchItem, FinishReason, GenerationOptions, Generated};
-use crate::image::{DecodeLimits, PreprocessOptions, decode, make_views, normalize};
-use crate::model::layout::image_token_count;
+use crate::image::{DecodeLimits, PreprocessOptions, decode, make_views_for, normalize};
+use crate::model::layout::image_tokens;
 use crate::model::{Decoder, VisionEncoder};
 use crate::output::{OcrResult, Timings, clean_markdown, parse_grounding, strip_eos};
 use crate::quant::Recipe;
@@ -334,16 +334,16 @@ impl Engine {
     fn prepare(&self, image: &RgbImage, task: &Task, mode: Mode) -> Result<Prepared> {
         let started = Instant::now();
         let mut timings = Timings::default();
-        let views = make_views(image, mode, &self.options.preprocess)?;
-        let tile = if mode.crop_mode() { crate::image::preprocess::TILE_SIZE } else { 0 };
-        let global_side = views.global.width() as usize;
-        let placeholders = image_token_count(global_side, tile, views.grid);
+        let version = self.config.version();
+        let geometry = mode.geometry(version)?;
+        let views = make_views_for(image, &geometry, &self.options.preprocess)?;
+        let placeholders = image_tokens(version, &geometry, views.grid);
         let ids = prompt_ids(&self.tokenizer, &task.prompt(), &[placeholders])?;
         let global = self.pixels(&[&views.global]);
         let tiles = (!views.tiles.is_empty()).then(|| (self.pixels(&views.tiles.iter().collect::<Vec<_>>()), views.grid));
         timings.preprocess = ms(started);
         let t = Instant::now();
-        let image_embeds = self.encoder.embed_image(global, tiles);
+        let image_embeds = self.encoder.embed_image(global, tiles)?;
         let embeds = self.decoder.embed_prompt(&ids, IMAGE_TOKEN_ID, Some(image_embeds), &self.device)?;
         timings.encode = ms(t);
         Ok(Prepared { ids, embeds, placeholders, original_size: views.original_size, grid: views.grid, timings, started })
@@ -360,6 +360,7 @@ impl Engine {
         let markdown = clean_markdown(&text);
         timings.total = ms(started);
         Ok(OcrResult {
+            model: self.config.version().name().into(),
             text,
             markdown,
             blocks,

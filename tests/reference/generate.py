@@ -721,8 +721,8 @@ def write_manifest(out: pathlib.Path) -> None:
     lines = []
     for path in sorted(p for p in out.rglob("*") if p.is_file() and p.name != "MANIFEST.sha256"):
         rel = path.relative_to(out).as_posix()
-        if rel.startswith("hub/"):
-            continue  # copied hub files, not generated
+        if rel.startswith(("hub/", "hub-ocr2/", "ocr2/")):
+            continue  # copied hub files, not generated; OCR-2's fixtures have their own manifest
         lines.append(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {rel}")
     (out / "MANIFEST.sha256").write_text("\n".join(lines) + "\n")
 

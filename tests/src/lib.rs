@@ -17,6 +17,9 @@ pub fn fixtures_dir() -> PathBuf {
 /// The tiny random-weight checkpoints the generator writes, in the original hub layout.
 pub const TINY_CHECKPOINTS: [&str; 2] = ["tiny-a", "tiny-b"];
 
+/// The tiny DeepSeek-OCR-2 checkpoints (`tests/reference/generate_v2.py`), as paths under the fixtures.
+pub const TINY_V2_CHECKPOINTS: [&str; 2] = ["ocr2/tiny-v2a", "ocr2/tiny-v2b"];
+
 pub fn checkpoint_dir(name: &str) -> PathBuf {
     fixtures_dir().join(name)
 }
@@ -284,6 +287,26 @@ pub fn load_views(image: &str, mode: &str) -> Views {
         None
     };
     Views { global, tiles }
+}
+
+/// The views of `image` in `mode` for a fixture checkpoint: DeepSeek-OCR's from the recorded PNGs;
+/// DeepSeek-OCR-2's (recorded as hashes, checked by `parity_preprocess`) made by dsocr's own
+/// preprocessing from the source image.
+pub fn views_for(checkpoint: &str, image: &str, mode: &str) -> Views {
+    if !checkpoint.starts_with("ocr2/") {
+        return load_views(image, mode);
+    }
+    let bytes = read_fixture(&fixtures_dir().join("images").join(format!("{image}.png")));
+    let source = dsocr::image::decode(&bytes, &dsocr::image::DecodeLimits::default()).unwrap();
+    let mode: dsocr::Mode = mode.parse().unwrap();
+    let geometry = mode.geometry(dsocr::config::ModelVersion::Ocr2).unwrap();
+    let views = dsocr::image::make_views_for(&source, &geometry, &dsocr::image::PreprocessOptions::default()).unwrap();
+    let array = |images: &[&image::RgbImage]| {
+        let (values, shape) = dsocr::image::normalize(images, true);
+        Array::new(shape.to_vec(), values)
+    };
+    let tiles = (!views.tiles.is_empty()).then(|| (array(&views.tiles.iter().collect::<Vec<_>>()), views.grid));
+    Views { global: array(&[&views.global]), tiles }
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use dsocr::generate::{FinishReason, GenerationOptions, RepeatGuard, Sampling, ge
 use dsocr::model::{Decoder, KvCache, ViewFeatures, VisionEncoder};
 use dsocr::weights::{Checkpoint, Loader};
 
-use crate::{Array, Case, CaseIndex, Fixture, Tolerance, assert_close, checkpoint_dir, load_views, read_fixture, to_array, to_tensor};
+use crate::{Array, Case, CaseIndex, Fixture, Tolerance, assert_close, checkpoint_dir, read_fixture, to_array, to_tensor, views_for};
 
 pub const IMAGE_TOKEN: u32 = 128815;
 
@@ -44,11 +44,13 @@ pub fn load_model_with(checkpoint: &str, device: &Device, max_tensor_bytes: usiz
 }
 
 fn check_stages(label: &str, view: &str, ours: &ViewFeatures, fixture: &Fixture, tolerance: Tolerance) {
+    // The stage after SAM: CLIP (v1) or the query encoder (v2, recorded as `queries`).
+    let tower = if fixture.contains(&format!("{view}.queries")) { "queries" } else { "clip" };
     let stages: [(&str, Array); 5] = [
         ("sam", to_array(ours.sam.neck.clone())),
         ("compressor_1", to_array(ours.sam.compressor_1.clone())),
         ("compressor", to_array(ours.sam.compressed.clone())),
-        ("clip", to_array(ours.clip.clone())),
+        (tower, to_array(ours.tower.clone())),
         ("projector", to_array(ours.projected.clone())),
     ];
     for (stage, actual) in stages {
@@ -66,11 +68,11 @@ pub fn encoder_parity(m: &Model, checkpoint: &str, mode: &str, tolerance: Tolera
     for case in cases {
         let label = format!("{checkpoint} {} {mode}", case.image);
         let fixture = case.fixture(checkpoint);
-        let views = load_views(&case.image, mode);
-        let global = m.encoder.encode_views(to_tensor(&views.global, &m.device));
+        let views = views_for(checkpoint, &case.image, mode);
+        let global = m.encoder.encode_views(to_tensor(&views.global, &m.device)).unwrap();
         check_stages(&label, "global", &global, &fixture, tolerance);
         let local = views.tiles.as_ref().map(|(pixels, grid)| {
-            let features = m.encoder.encode_views(to_tensor(pixels, &m.device));
+            let features = m.encoder.encode_views(to_tensor(pixels, &m.device)).unwrap();
             check_stages(&label, "local", &features, &fixture, tolerance);
             (features.projected, *grid)
         });
@@ -117,9 +119,9 @@ pub fn greedy_parity(m: &Model, checkpoint: &str, mode: &str, only_image: Option
     let index = CaseIndex::load(checkpoint);
     for case in index.cases.iter().filter(|c| c.mode == mode && only_image.is_none_or(|i| c.image == i)) {
         let label = format!("{checkpoint} {} {mode}", case.image);
-        let views = load_views(&case.image, mode);
+        let views = views_for(checkpoint, &case.image, mode);
         let tiles = views.tiles.as_ref().map(|(p, g)| (to_tensor(p, &m.device), *g));
-        let images = m.encoder.embed_image(to_tensor(&views.global, &m.device), tiles);
+        let images = m.encoder.embed_image(to_tensor(&views.global, &m.device), tiles).unwrap();
         let ids = prompt_ids(case, checkpoint);
         let embeds = m.decoder.embed_prompt(&ids, IMAGE_TOKEN, Some(images), &m.device).unwrap();
         let options = GenerationOptions {

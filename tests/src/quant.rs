@@ -6,8 +6,8 @@ use std::path::Path;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use dsocr::generate::{GenerationOptions, RepeatGuard, generate};
-use dsocr::image::{DecodeLimits, PreprocessOptions, decode, make_views, normalize};
-use dsocr::model::layout::image_token_count;
+use dsocr::image::{DecodeLimits, PreprocessOptions, decode, make_views_for, normalize};
+use dsocr::model::layout::image_tokens;
 use dsocr::model::read_f32;
 use dsocr::quant::Recipe;
 use dsocr::text::{Task, prompt_ids};
@@ -35,16 +35,17 @@ pub fn load(dir: &Path, quantize: Option<Recipe>, threads: usize) -> Engine {
 pub fn run_page(engine: &Engine, image: &[u8], mode: Mode, tokens: usize) -> PageRun {
     let device = Device::flex();
     let page = decode(image, &DecodeLimits::default()).unwrap();
-    let views = make_views(&page, mode, &PreprocessOptions::default()).unwrap();
+    let version = engine.config().version();
+    let geometry = mode.geometry(version).unwrap();
+    let views = make_views_for(&page, &geometry, &PreprocessOptions::default()).unwrap();
     let pixels = |v: &[&image::RgbImage]| {
         let (values, shape) = normalize(v, true);
         Tensor::<4>::from_data(TensorData::new(values, shape), &device)
     };
-    let tile = if mode.crop_mode() { dsocr::image::preprocess::TILE_SIZE } else { 0 };
-    let count = image_token_count(views.global.width() as usize, tile, views.grid);
+    let count = image_tokens(version, &geometry, views.grid);
     let ids = prompt_ids(engine.tokenizer(), &Task::Markdown.prompt(), &[count]).unwrap();
     let tiles = (!views.tiles.is_empty()).then(|| (pixels(&views.tiles.iter().collect::<Vec<_>>()), views.grid));
-    let images = engine.encoder().embed_image(pixels(&[&views.global]), tiles);
+    let images = engine.encoder().embed_image(pixels(&[&views.global]), tiles).unwrap();
     let image_values = pollster::block_on(read_f32(images.clone())).unwrap();
     let decoder = engine.decoder();
     let embeds = decoder.embed_prompt(&ids, 128815, Some(images), &device).unwrap();

@@ -45,7 +45,7 @@ fn hub_config_resolves_to_the_spec_values() {
     assert_eq!(s.layer_norm_eps, 1e-6);
     assert_eq!((s.rel_pos_side(0), s.rel_pos_side(2)), (14, 64));
 
-    let v = &c.clip;
+    let v = c.clip().unwrap();
     assert_eq!((v.width, v.layers, v.heads, v.head_dim()), (1024, 24, 16, 64));
     assert_eq!((v.ffn_hidden_size, v.patch_size, v.image_size), (4096, 14, 224));
     assert_eq!((v.pretrain_grid(), v.num_positions()), (16, 257));
@@ -60,12 +60,12 @@ fn tiny_configs_apply_the_test_overrides() {
     assert_eq!((a.sam.width, a.sam.layers, a.sam.heads), (32, 4, 2));
     assert_eq!(a.sam.global_attn_indexes, vec![1, 3]);
     assert_eq!((a.sam.window_size, a.sam.out_chans, a.sam.mlp_ratio), (14, 16, 4.0));
-    assert_eq!(a.clip.ffn_hidden_size, 96);
+    assert_eq!(a.clip().unwrap().ffn_hidden_size, 96);
     assert_eq!((a.decoder.hidden_size, a.decoder.n_routed_experts, a.decoder.num_experts_per_tok), (48, 8, 3));
 
     let b = Config::from_json(&std::fs::read_to_string(checkpoint_dir("tiny-b").join("config.json")).unwrap()).unwrap();
     assert_eq!((b.sam.window_size, b.sam.out_chans, b.sam.mlp_ratio, b.sam.mlp_dim()), (7, 24, 2.0, 96));
-    assert_eq!((b.clip.width, b.clip.heads, b.clip.ffn_hidden_size), (40, 5, 80));
+    assert_eq!((b.clip().unwrap().width, b.clip().unwrap().heads, b.clip().unwrap().ffn_hidden_size), (40, 5, 80));
     assert_eq!((b.decoder.hidden_size, b.decoder.num_attention_heads, b.decoder.head_dim), (32, 2, 16));
     assert_eq!((b.decoder.n_shared_experts, b.decoder.num_experts_per_tok), (1, 2));
     assert_ne!(a, b);

@@ -45,11 +45,11 @@ fn full_size_checkpoint_matches_the_reference_at_tiny_and_small() {
         let views = make_views(&page, mode, &PreprocessOptions::default()).unwrap();
         let (values, shape) = normalize(&[&views.global], true);
         let pixels = burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(values, shape), &device);
-        let features = encoder.encode_views(pixels);
+        let features = encoder.encode_views(pixels).unwrap();
         let stages: [(&str, Array); 4] = [
             ("global.sam", to_array(features.sam.neck.clone())),
             ("global.compressor", to_array(features.sam.compressed.clone())),
-            ("global.clip", to_array(features.clip.clone())),
+            ("global.clip", to_array(features.tower.clone())),
             ("global.projector", to_array(features.projected.clone())),
         ];
         for (stage, ours) in stages {

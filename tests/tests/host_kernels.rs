@@ -29,7 +29,7 @@ fn host_kernels_match_burns_ops_at_any_thread_count() {
         let inputs = if views.tiles.is_empty() { vec![views.global.clone()] } else { views.tiles.clone() };
         let (values, shape) = normalize(&inputs.iter().collect::<Vec<_>>(), true);
         let encode = |e: &Engine| {
-            let features = e.encoder().encode_views(Tensor::<4>::from_data(TensorData::new(values.clone(), shape), &Device::flex()));
+            let features = e.encoder().encode_views(Tensor::<4>::from_data(TensorData::new(values.clone(), shape), &Device::flex())).unwrap();
             (to_array(features.sam.compressed), to_array(features.projected))
         };
         let (burn_sam, burn_projected) = encode(&plain);

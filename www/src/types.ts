@@ -10,7 +10,8 @@ export type Task =
   | `locate=${string}`
   | `prompt=${string}`;
 
-/** Resolution mode: Tiny 512 px → 64 image tokens, Small 640 → 100, Base 1024 → 256, Large 1280 → 400, Gundam (tiled). */
+/** Resolution mode: Tiny 512 px → 64 image tokens, Small 640 → 100, Base 1024 → 256, Large 1280 → 400, Gundam (tiled).
+ * DeepSeek-OCR-2 checkpoints have Base (257 tokens) and Gundam (768-px tiles, 144 tokens each) only. */
 export type Mode = 'tiny' | 'small' | 'base' | 'large' | 'gundam';
 
 /**
@@ -120,7 +121,7 @@ export interface TokenEvent {
 export interface RecognizeOptions {
   /** Default `markdown`. `locate=TEXT` finds TEXT; `prompt=RAW` sends a raw prompt. */
   task?: Task;
-  /** Default `tiny`. Base, Large and Gundam are heavy for a browser. */
+  /** Default: the model's smallest mode, `tiny` (`base` for DeepSeek-OCR-2). Base, Large and Gundam are heavy for a browser. */
   mode?: Mode;
   /** Most tokens to generate (default 8192, bounded by the context). */
   maxNewTokens?: number;
@@ -146,6 +147,8 @@ export interface Block {
 
 /** What a recognition gives: the same object as `dsocr ocr --format json` writes. */
 export interface OcrResult {
+  /** Which model read it (from the checkpoint's config). */
+  model: 'deepseek-ocr' | 'deepseek-ocr-2';
   /** The model's output with special tokens kept, the final end-of-sequence removed, trimmed. */
   text: string;
   /** `text` cleaned as the official `result.mmd` (grounding tags removed, images as links). */

@@ -30,9 +30,10 @@ pub struct ModelArgs {
     /// larger ones are refused, not decoded.
     #[arg(long, default_value_t = 100_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     max_pixels: u64,
-    /// Most tiles Gundam mode cuts a page into (the official default is 9).
-    #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u64).range(2..=12))]
-    max_tiles: u64,
+    /// Most tiles Gundam mode cuts a page into (default: the model's own, 9 for DeepSeek-OCR and 6
+    /// for DeepSeek-OCR-2).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(2..=12))]
+    max_tiles: Option<u64>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -73,7 +74,7 @@ impl ModelArgs {
     pub fn load_with(&self, adjust: impl FnOnce(&mut EngineOptions)) -> Result<Engine, String> {
         let (device, mut engine) = device(self.device)?;
         engine.decode_limits.max_pixels = self.max_pixels;
-        engine.preprocess.max_tiles = self.max_tiles as usize;
+        engine.preprocess.max_tiles = self.max_tiles.map(|n| n as usize);
         adjust(&mut engine);
         engine.quantize = self.quantize.map(|p| Recipe::preset(p.preset(), self.group)).transpose().map_err(|e| e.to_string())?;
         let dtype = match self.dtype {

@@ -203,6 +203,9 @@ pub fn run(args: &OcrArgs) -> Result<bool, String> {
     };
     let max_bytes = args.max_file_mib << 20;
     let engine = args.model.load_with(|engine| engine.decode_limits.max_bytes = max_bytes)?;
+    // A mode the checkpoint's model does not have (DeepSeek-OCR-2: base and gundam only) fails here,
+    // before any input is read.
+    mode.geometry(engine.config().version()).map_err(|e| e.to_string())?;
     let pdf_limits = PdfLimits { max_pages: args.max_pdf_pages as usize, max_pixels: engine.options().decode_limits.max_pixels, ..PdfLimits::default() };
     if let Some(out) = &args.out {
         std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;

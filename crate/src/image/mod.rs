@@ -6,4 +6,4 @@ pub mod preprocess;
 pub mod resample;
 
 pub use decode::{DecodeLimits, decode};
-pub use preprocess::{PreprocessOptions, Views, make_views, normalize};
+pub use preprocess::{PreprocessOptions, Views, make_views, make_views_for, normalize};

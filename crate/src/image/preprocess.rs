@@ -1,31 +1,33 @@
 //! RGB image → the views a mode feeds the encoder, exactly as the reference's `infer` makes them
 //! (spec §2): squash-resize (Tiny/Small), fit + centre-pad with grey 127 (Base/Large/Gundam global view),
-//! Gundam tiles cut from a squash-resize to the chosen grid; then `(x/255 − 0.5)/0.5`.
+//! Gundam tiles cut from a squash-resize to the chosen grid; then `(x/255 − 0.5)/0.5`. DeepSeek-OCR-2
+//! does the same with 768-pixel tiles and at most 6 of them ([`Geometry`]).
 
 use image::RgbImage;
 
 use super::resample::resize_rgb8;
-use crate::config::Mode;
+use crate::config::{Geometry, ModelVersion, Mode};
 use crate::error::{Error, Result};
 
 /// The pad colour: `int(0.5 · 255)` per channel.
 pub const PAD_GREY: [u8; 3] = [127, 127, 127];
-/// Gundam's tile side (hard-wired in the reference's `dynamic_preprocess`).
+/// DeepSeek-OCR's Gundam tile side (hard-wired in the reference's `dynamic_preprocess`).
 pub const TILE_SIZE: usize = 640;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PreprocessOptions {
-    /// Bounds on the number of Gundam tiles (`min_num`, `max_num`): the model card uses 2..=9, the
-    /// official vLLM config 2..=6. Supported maxima: 2..=12.
+    /// Bounds on the number of Gundam tiles (`min_num`, `max_num`). `max_tiles` `None` is the
+    /// model's own: DeepSeek-OCR's model card 9 (its vLLM config uses 6), DeepSeek-OCR-2's 6.
+    /// Supported maxima: 2..=12.
     pub min_tiles: usize,
-    pub max_tiles: usize,
+    pub max_tiles: Option<usize>,
     /// Round normalised pixels to bf16 as the official `infer` does (`.to(torch.bfloat16)`).
     pub round_to_bf16: bool,
 }
 
 impl Default for PreprocessOptions {
     fn default() -> Self {
-        Self { min_tiles: 2, max_tiles: 9, round_to_bf16: true }
+        Self { min_tiles: 2, max_tiles: None, round_to_bf16: true }
     }
 }
 
@@ -42,26 +44,32 @@ pub struct Views {
     pub original_size: [u32; 2],
 }
 
-/// Builds the views of `image` for `mode`.
+/// Builds the views of `image` for `mode` as DeepSeek-OCR makes them.
 pub fn make_views(image: &RgbImage, mode: Mode, options: &PreprocessOptions) -> Result<Views> {
+    make_views_for(image, &mode.geometry(ModelVersion::Ocr1)?, options)
+}
+
+/// Builds the views of `image` for a mode's [`Geometry`] (see [`Mode::geometry`]).
+pub fn make_views_for(image: &RgbImage, geometry: &Geometry, options: &PreprocessOptions) -> Result<Views> {
     let (w, h) = image.dimensions();
     if w == 0 || h == 0 {
         return Err(Error::ImageDecode(format!("image has size {w}×{h}")));
     }
     let original_size = [w, h];
-    if !mode.crop_mode() {
-        let s = mode.image_size() as u32;
-        // `infer`: sides ≤ 640 are squash-resized; larger views are fit + padded.
-        let global = if mode.image_size() <= TILE_SIZE { resize(image, s, s) } else { pad_to_square(image, s, PAD_GREY) };
+    let s = geometry.global as u32;
+    let Some(tile) = geometry.tile else {
+        // `infer`: small views are squash-resized; larger ones are fit + padded.
+        let global = if geometry.squash { resize(image, s, s) } else { pad_to_square(image, s, PAD_GREY) };
         return Ok(Views { global, tiles: Vec::new(), grid: [1, 1], original_size });
-    }
-    let (tiles, grid) = if w as usize <= TILE_SIZE && h as usize <= TILE_SIZE {
+    };
+    let (tiles, grid) = if w as usize <= tile && h as usize <= tile {
         (Vec::new(), [1, 1])
     } else {
-        let grid = tile_grid(w as usize, h as usize, options.min_tiles, options.max_tiles)?;
-        (cut_tiles(image, grid), grid)
+        let max_tiles = options.max_tiles.unwrap_or(geometry.default_max_tiles);
+        let grid = tile_grid(w as usize, h as usize, tile, options.min_tiles, max_tiles)?;
+        (cut_tiles(image, tile, grid), grid)
     };
-    let global = pad_to_square(image, mode.base_size() as u32, PAD_GREY);
+    let global = pad_to_square(image, s, PAD_GREY);
     Ok(Views { global, tiles, grid, original_size })
 }
 
@@ -121,14 +129,14 @@ fn candidate_grids(max: usize) -> Result<&'static [(usize, usize)]> {
 }
 
 /// The reference's `find_closest_aspect_ratio`: the grid whose aspect is nearest the image's; exact ties
-/// go to the later candidate when the image is large enough for it.
-pub fn tile_grid(w: usize, h: usize, min_tiles: usize, max_tiles: usize) -> Result<[usize; 2]> {
+/// go to the later candidate when the image is large enough for it (`tile`: the tile side).
+pub fn tile_grid(w: usize, h: usize, tile: usize, min_tiles: usize, max_tiles: usize) -> Result<[usize; 2]> {
     if min_tiles < 2 || min_tiles > max_tiles {
         return Err(Error::InvalidArgument(format!("tile bounds {min_tiles}..={max_tiles}: need 2 ≤ min ≤ max")));
     }
     let aspect = w as f64 / h as f64;
     let area = (w * h) as f64;
-    let tile = TILE_SIZE as f64;
+    let tile = tile as f64;
     let mut best = [1, 1];
     let mut best_diff = f64::INFINITY;
     for &(i, j) in candidate_grids(max_tiles)?.iter().filter(|(i, j)| i * j >= min_tiles) {
@@ -143,9 +151,9 @@ pub fn tile_grid(w: usize, h: usize, min_tiles: usize, max_tiles: usize) -> Resu
     Ok(best)
 }
 
-/// Squash-resizes to `(640·across, 640·down)` and cuts the tiles row by row.
-fn cut_tiles(image: &RgbImage, [across, down]: [usize; 2]) -> Vec<RgbImage> {
-    let t = TILE_SIZE as u32;
+/// Squash-resizes to `(tile·across, tile·down)` and cuts the tiles row by row.
+fn cut_tiles(image: &RgbImage, tile: usize, [across, down]: [usize; 2]) -> Vec<RgbImage> {
+    let t = tile as u32;
     let resized = resize(image, t * across as u32, t * down as u32);
     (0..across * down)
         .map(|k| {
@@ -180,7 +188,7 @@ mod tests {
 
     #[test]
     fn grids_of_the_spec_examples() {
-        let g = |w, h, max| tile_grid(w, h, 2, max).unwrap();
+        let g = |w, h, max| tile_grid(w, h, TILE_SIZE, 2, max).unwrap();
         assert_eq!(g(1190, 1684, 9), [2, 3]);
         assert_eq!(g(800, 600, 9), [3, 2]);
         assert_eq!(g(1250, 1000, 9), [3, 2]); // exact tie with (2,2); the area rule picks (3,2)
@@ -191,7 +199,9 @@ mod tests {
         assert_eq!(g(700, 2800, 9), [1, 4]);
         assert_eq!(g(1400, 1400, 9), [3, 3]);
         assert_eq!(g(1400, 1400, 6), [2, 2]);
-        assert!(tile_grid(100, 100, 2, 13).is_err());
+        assert!(tile_grid(100, 100, TILE_SIZE, 2, 13).is_err());
+        // DeepSeek-OCR-2's 768 tiles: the area rule's threshold scales with the tile.
+        assert_eq!(tile_grid(1250, 1000, 768, 2, 6).unwrap(), [2, 2]);
     }
 
     #[test]

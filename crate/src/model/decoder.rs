@@ -55,7 +55,7 @@ struct SelfAttention {
 
 /// Rotate-half ("NeoX") rotary embedding: `inv_freq[i] = θ^(−2i/d)` (spec §6.3).
 #[derive(Debug, Clone)]
-struct Rope {
+pub(super) struct Rope {
     inv_freq: Vec<f32>,
 }
 
@@ -90,15 +90,12 @@ impl Decoder {
         }
         let embed_tokens = EmbeddingShards::load(l, "model.embed_tokens.weight", [c.vocab_size, h]).await?;
         let lm_head_name = if c.tie_word_embeddings { "model.embed_tokens" } else { "lm_head" };
-        let inv_freq = (0..c.head_dim / 2)
-            .map(|i| (1.0 / c.rope_theta.powf((2 * i) as f64 / c.head_dim as f64)) as f32)
-            .collect();
         Ok(Self {
             embed_tokens,
             layers,
             norm: rms_norm(l, "model.norm.weight", h, c.rms_norm_eps).await?,
             lm_head: LmHeadShards::load(l, &format!("{lm_head_name}.weight"), [c.vocab_size, h]).await?,
-            rope: Rope { inv_freq },
+            rope: Rope::new(c.head_dim, c.rope_theta),
             vocab_size: c.vocab_size,
             max_positions: c.max_position_embeddings,
         })
@@ -216,7 +213,7 @@ impl Decoder {
     }
 }
 
-async fn rms_norm(l: &Loader<'_, '_>, name: &str, d: usize, eps: f64) -> Result<RmsNorm> {
+pub(super) async fn rms_norm(l: &Loader<'_, '_>, name: &str, d: usize, eps: f64) -> Result<RmsNorm> {
     let mut norm = RmsNormConfig::new(d).with_epsilon(eps).init(l.device());
     norm.gamma = l.param(name, [d]).await?;
     Ok(norm)
@@ -346,7 +343,7 @@ impl SelfAttention {
 
 /// `x · cos + rotate_half(x) · sin` with `rotate_half([x₁, x₂]) = [−x₂, x₁]`; `x` is `(B, H, S, d)`,
 /// `cos` and `sin` broadcast to it (`(1, 1, S, d)`: one table for the batch; `(B, 1, 1, d)`: a row each).
-fn rotate(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+pub(super) fn rotate(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
     let [b, h, s, d] = x.dims();
     let half = d / 2;
     let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);
@@ -356,7 +353,7 @@ fn rotate(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
 }
 
 /// Repeats each of the KV heads `heads / kv_heads` times (transformers' `repeat_kv`).
-fn repeat_kv(x: Tensor<4>, heads: usize) -> Tensor<4> {
+pub(super) fn repeat_kv(x: Tensor<4>, heads: usize) -> Tensor<4> {
     let [b, kv, t, d] = x.dims();
     if kv == heads {
         return x;
@@ -373,8 +370,13 @@ fn causal_mask(s: usize, start: usize, total: usize, b: usize, heads: usize, dev
 }
 
 impl Rope {
+    /// `inv_freq[i] = θ^(−2i/d)` for a head size `d`.
+    pub(super) fn new(head_dim: usize, theta: f64) -> Self {
+        Self { inv_freq: (0..head_dim / 2).map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32).collect() }
+    }
+
     /// `cos`, `sin` of `(S, d)` for positions `start .. start + S` (angles in f32 like the reference).
-    fn cos_sin(&self, start: usize, len: usize, device: &Device) -> (Tensor<2>, Tensor<2>) {
+    pub(super) fn cos_sin(&self, start: usize, len: usize, device: &Device) -> (Tensor<2>, Tensor<2>) {
         self.table(start..start + len, device)
     }
 

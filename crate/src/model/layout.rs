@@ -1,7 +1,11 @@
 //! The image-embedding sequence: per-row newline vectors, local tiles stitched into one grid before
 //! the global view, then the view separator (reference: `DeepseekOCRModel.forward`; spec §5.1–5.2).
+//! DeepSeek-OCR-2 has no newlines and does not stitch: each tile's query outputs in tile order, then
+//! the global view's, then the separator (`DeepseekOCR2Model.forward`).
 
 use burn::tensor::Tensor;
+
+use crate::config::{Geometry, ModelVersion};
 
 /// Tokens per side after SAM's 16-px patches and the 4× compressor: `ceil((size / 16) / 4)`.
 pub fn tokens_per_side(view_size: usize) -> usize {
@@ -18,6 +22,40 @@ pub fn image_token_count(base_size: usize, tile_size: usize, [across, down]: [us
         count += (t * across + 1) * (t * down);
     }
     count
+}
+
+/// `<image>` placeholders for an image with `grid` tiles cut by a mode's `geometry`, per model version.
+pub fn image_tokens(version: ModelVersion, geometry: &Geometry, grid: [usize; 2]) -> usize {
+    let tile = geometry.tile.unwrap_or(0);
+    match version {
+        ModelVersion::Ocr1 => image_token_count(geometry.global, tile, grid),
+        ModelVersion::Ocr2 => image_token_count_v2(geometry.global, tile, grid),
+    }
+}
+
+/// DeepSeek-OCR-2's count: `g² + 1` for the global view plus `t²` per tile when tiled.
+pub fn image_token_count_v2(base_size: usize, tile_size: usize, [across, down]: [usize; 2]) -> usize {
+    let g = tokens_per_side(base_size);
+    let mut count = g * g + 1;
+    if across > 1 || down > 1 {
+        let t = tokens_per_side(tile_size);
+        count += t * t * across * down;
+    }
+    count
+}
+
+/// DeepSeek-OCR-2's sequence for one image: `tiles` `(k, t², D)` flattened in tile order (when
+/// tiled), the global view's `(1, g², D)`, then `separator`.
+pub fn image_sequence_v2(global: Tensor<3>, tiles: Option<Tensor<3>>, separator: Tensor<1>) -> Tensor<2> {
+    let [_, tokens, d] = global.dims();
+    let mut parts = Vec::with_capacity(3);
+    if let Some(tiles) = tiles {
+        let [k, t, _] = tiles.dims();
+        parts.push(tiles.reshape([k * t, d]));
+    }
+    parts.push(global.reshape([tokens, d]));
+    parts.push(separator.reshape([1, d]));
+    Tensor::cat(parts, 0)
 }
 
 /// Appends `newline` after each row of a `(rows, cols, D)` grid and flattens it row-major.
@@ -76,5 +114,9 @@ mod tests {
         for (grid, n) in [([2, 3], 903), ([3, 2], 893), ([2, 2], 693), ([3, 1], 583), ([4, 1], 683), ([1, 4], 713), ([3, 3], 1203)] {
             assert_eq!(image_token_count(1024, 640, grid), n, "{grid:?}");
         }
+        // DeepSeek-OCR-2: 256 + 1, plus 144 per 768 tile.
+        assert_eq!(image_token_count_v2(1024, 768, [1, 1]), 257);
+        assert_eq!(image_token_count_v2(1024, 768, [2, 3]), 257 + 6 * 144);
+        assert_eq!(image_token_count_v2(1024, 768, [2, 1]), 545);
     }
 }

@@ -16,6 +16,8 @@ pub struct Timings {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct OcrResult {
+    /// The model that read it: `deepseek-ocr` or `deepseek-ocr-2` (from the checkpoint's config).
+    pub model: String,
     /// The decoded output with special tokens kept, the trailing EOS removed, trimmed.
     pub text: String,
     /// `text` cleaned as the reference's `result.mmd` (grounding tags removed, images as links).

@@ -68,6 +68,10 @@ impl Role {
         if stem.starts_with("model.vision_model.transformer.layers.") {
             return matches!(last, "qkv_proj" | "out_proj" | "fc1" | "fc2").then_some(Role::Vision);
         }
+        // DeepSeek-OCR-2's query encoder: its projections (not the norms, not the learned queries).
+        if stem.starts_with("model.qwen2_model.model.model.layers.") {
+            return matches!(last, "q_proj" | "k_proj" | "v_proj" | "o_proj" | "gate_proj" | "up_proj" | "down_proj").then_some(Role::Vision);
+        }
         None
     }
 }
@@ -294,6 +298,12 @@ mod tests {
             ("model.vision_model.embeddings.patch_embedding.weight", None),
             ("model.projector.layers.weight", Some(Role::Vision)),
             ("model.norm.weight", None),
+            ("model.qwen2_model.model.model.layers.5.self_attn.k_proj.weight", Some(Role::Vision)),
+            ("model.qwen2_model.model.model.layers.5.mlp.down_proj.weight", Some(Role::Vision)),
+            ("model.qwen2_model.model.model.layers.5.self_attn.k_proj.bias", None),
+            ("model.qwen2_model.model.model.layers.5.input_layernorm.weight", None),
+            ("model.qwen2_model.model.model.norm.weight", None),
+            ("model.qwen2_model.query_768.weight", None),
         ] {
             assert_eq!(Role::of(name), role, "{name}");
         }

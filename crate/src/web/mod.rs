@@ -208,7 +208,11 @@ impl Dsocr {
     /// same object as the native `OcrResult` JSON.
     pub async fn recognize(&self, input: JsValue, options: JsValue) -> Result<JsValue, JsValue> {
         let task = task_of(&options)?;
-        let mode: Mode = get_string(&options, "mode").unwrap_or_else(|| "tiny".into()).parse().map_err(from_error)?;
+        // Default: the model's smallest mode (Tiny; DeepSeek-OCR-2: Base).
+        let mode: Mode = match get_string(&options, "mode") {
+            Some(name) => name.parse().map_err(from_error)?,
+            None => Mode::available(self.engine.config().version())[0],
+        };
         let generation = generation_of(&options)?;
         let on_token = get(&options, "onToken").and_then(|f| f.dyn_into::<Function>().ok());
         let signal = Net::from_options(&options);

@@ -2,7 +2,7 @@
 //!
 //! Shapes are PyTorch's: Linear weights `(out, in)`, conv weights `(out, in, kh, kw)`.
 
-use crate::config::Config;
+use crate::config::{Config, ModelVersion, Tower};
 
 /// One tensor the model expects, by its original checkpoint name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,36 +56,66 @@ pub fn expected_tensors(config: &Config) -> Vec<TensorSpec> {
     push(format!("{p}.net_2.weight"), &[d0, o, 3, 3]);
     push(format!("{p}.net_3.weight"), &[d1, d0, 3, 3]);
 
-    // CLIP-L body.
-    let c = &config.clip;
-    let (cw, f) = (c.width, c.ffn_hidden_size);
-    let p = "model.vision_model";
-    push(format!("{p}.embeddings.class_embedding"), &[cw]);
-    push(format!("{p}.embeddings.patch_embedding.weight"), &[cw, 3, c.patch_size, c.patch_size]);
-    push(format!("{p}.embeddings.position_embedding.weight"), &[c.num_positions(), cw]);
-    push(format!("{p}.pre_layrnorm.weight"), &[cw]);
-    push(format!("{p}.pre_layrnorm.bias"), &[cw]);
-    for l in 0..c.layers {
-        let q = format!("{p}.transformer.layers.{l}");
-        push(format!("{q}.layer_norm1.weight"), &[cw]);
-        push(format!("{q}.layer_norm1.bias"), &[cw]);
-        push(format!("{q}.self_attn.qkv_proj.weight"), &[3 * cw, cw]);
-        push(format!("{q}.self_attn.qkv_proj.bias"), &[3 * cw]);
-        push(format!("{q}.self_attn.out_proj.weight"), &[cw, cw]);
-        push(format!("{q}.self_attn.out_proj.bias"), &[cw]);
-        push(format!("{q}.layer_norm2.weight"), &[cw]);
-        push(format!("{q}.layer_norm2.bias"), &[cw]);
-        push(format!("{q}.mlp.fc1.weight"), &[f, cw]);
-        push(format!("{q}.mlp.fc1.bias"), &[f]);
-        push(format!("{q}.mlp.fc2.weight"), &[cw, f]);
-        push(format!("{q}.mlp.fc2.bias"), &[cw]);
+    match &config.tower {
+        Tower::Clip(c) => {
+            // CLIP-L body.
+            let (cw, f) = (c.width, c.ffn_hidden_size);
+            let p = "model.vision_model";
+            push(format!("{p}.embeddings.class_embedding"), &[cw]);
+            push(format!("{p}.embeddings.patch_embedding.weight"), &[cw, 3, c.patch_size, c.patch_size]);
+            push(format!("{p}.embeddings.position_embedding.weight"), &[c.num_positions(), cw]);
+            push(format!("{p}.pre_layrnorm.weight"), &[cw]);
+            push(format!("{p}.pre_layrnorm.bias"), &[cw]);
+            for l in 0..c.layers {
+                let q = format!("{p}.transformer.layers.{l}");
+                push(format!("{q}.layer_norm1.weight"), &[cw]);
+                push(format!("{q}.layer_norm1.bias"), &[cw]);
+                push(format!("{q}.self_attn.qkv_proj.weight"), &[3 * cw, cw]);
+                push(format!("{q}.self_attn.qkv_proj.bias"), &[3 * cw]);
+                push(format!("{q}.self_attn.out_proj.weight"), &[cw, cw]);
+                push(format!("{q}.self_attn.out_proj.bias"), &[cw]);
+                push(format!("{q}.layer_norm2.weight"), &[cw]);
+                push(format!("{q}.layer_norm2.bias"), &[cw]);
+                push(format!("{q}.mlp.fc1.weight"), &[f, cw]);
+                push(format!("{q}.mlp.fc1.bias"), &[f]);
+                push(format!("{q}.mlp.fc2.weight"), &[cw, f]);
+                push(format!("{q}.mlp.fc2.bias"), &[cw]);
+            }
+        }
+        Tower::Queries(q) => {
+            // DeepSeek-OCR-2's Qwen2 encoder (no token embedding) and its two learned query sets.
+            let (w, f) = (q.hidden_size, q.intermediate_size);
+            let (q_out, kv_out) = (q.heads * q.head_dim, q.kv_heads * q.head_dim);
+            let p = "model.qwen2_model.model.model";
+            for l in 0..q.layers {
+                let n = format!("{p}.layers.{l}");
+                push(format!("{n}.input_layernorm.weight"), &[w]);
+                push(format!("{n}.self_attn.q_proj.weight"), &[q_out, w]);
+                push(format!("{n}.self_attn.q_proj.bias"), &[q_out]);
+                push(format!("{n}.self_attn.k_proj.weight"), &[kv_out, w]);
+                push(format!("{n}.self_attn.k_proj.bias"), &[kv_out]);
+                push(format!("{n}.self_attn.v_proj.weight"), &[kv_out, w]);
+                push(format!("{n}.self_attn.v_proj.bias"), &[kv_out]);
+                push(format!("{n}.self_attn.o_proj.weight"), &[w, q_out]);
+                push(format!("{n}.post_attention_layernorm.weight"), &[w]);
+                push(format!("{n}.mlp.gate_proj.weight"), &[f, w]);
+                push(format!("{n}.mlp.up_proj.weight"), &[f, w]);
+                push(format!("{n}.mlp.down_proj.weight"), &[w, f]);
+            }
+            push(format!("{p}.norm.weight"), &[w]);
+            for (side, count) in q.query_sets {
+                push(format!("model.qwen2_model.query_{side}.weight"), &[count, w]);
+            }
+        }
     }
 
     // Projector and the learned layout vectors.
     let pr = &config.projector;
     push("model.projector.layers.weight".into(), &[pr.n_embed, pr.input_dim]);
     push("model.projector.layers.bias".into(), &[pr.n_embed]);
-    push("model.image_newline".into(), &[pr.n_embed]);
+    if config.version() == ModelVersion::Ocr1 {
+        push("model.image_newline".into(), &[pr.n_embed]);
+    }
     push("model.view_seperator".into(), &[pr.n_embed]);
 
     // Decoder.

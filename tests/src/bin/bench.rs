@@ -103,9 +103,9 @@ fn bench_model(engine: &Engine, reference: &serde_json::Value, tokens: usize, wi
         let views = make_views(&page, mode, &PreprocessOptions::default()).unwrap();
         let (values, shape) = normalize(&[&views.global], true);
         let pixels = || Tensor::<4>::from_data(TensorData::new(values.clone(), shape), &device);
-        let _ = dsocr_tests::to_array(encoder.encode_views(pixels()).projected); // warm-up
+        let _ = dsocr_tests::to_array(encoder.encode_views(pixels()).unwrap().projected); // warm-up
         let t = Instant::now();
-        let _ = dsocr_tests::to_array(encoder.encode_views(pixels()).projected);
+        let _ = dsocr_tests::to_array(encoder.encode_views(pixels()).unwrap().projected);
         row(format!("{name} encode (s)"), t.elapsed().as_secs_f64(), &format!("{name}.encode_s"), false);
         if mode == Mode::Base {
             continue;
@@ -113,7 +113,7 @@ fn bench_model(engine: &Engine, reference: &serde_json::Value, tokens: usize, wi
         let count = image_token_count(mode.image_size(), 0, [1, 1]);
         let ids = prompt_ids(tokenizer, &Task::Markdown.prompt(), &[count]).unwrap();
         let run = |n: usize| {
-            let images = encoder.embed_image(pixels(), None);
+            let images = encoder.embed_image(pixels(), None).unwrap();
             let embeds = decoder.embed_prompt(&ids, 128815, Some(images), &device).unwrap();
             let options = GenerationOptions { max_new_tokens: n, repeat_guard: RepeatGuard::hf(), ..GenerationOptions::default() };
             pollster::block_on(generate(decoder, embeds, &ids, &options, |_| ControlFlow::Continue(()))).unwrap()

@@ -38,7 +38,7 @@ fn main() {
             let t = Instant::now();
             for (values, shape) in &batches {
                 let pixels = Tensor::<4>::from_data(TensorData::new(values.clone(), shape.clone()), &device);
-                let _ = dsocr_tests::to_array(encoder.encode_views(pixels).projected);
+                let _ = dsocr_tests::to_array(encoder.encode_views(pixels).unwrap().projected);
             }
             total = t.elapsed().as_secs_f64();
         }

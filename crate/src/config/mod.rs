@@ -1,11 +1,24 @@
 //! The checkpoint's `config.json` in the original hub format, resolved into typed configs, and the
-//! inference modes (Tiny … Gundam).
+//! inference modes (Tiny … Gundam, [`mode`]).
 //!
 //! The hub file does not express every size: the official code hard-codes SAM's window, neck width
-//! and MLP ratio and CLIP's FFN width. Those are the constants below; test checkpoints of other sizes
-//! override them with a top-level `dsocr_test_overrides` object (spec, Appendix A).
+//! and MLP ratio, CLIP's FFN width and DeepSeek-OCR-2's Qwen2 encoder sizes. Those are the constants
+//! below; test checkpoints of other sizes override them with a top-level `dsocr_test_overrides`
+//! object (spec, Appendix A).
+//!
+//! Both model versions say `model_type: deepseek_vl_v2`; DeepSeek-OCR-2 is told apart by
+//! `vision_config.model_name == "deepencoderv2"`. Its hub config also misstates SAM's last conv
+//! (`downsample_channels` ends in 1024; the conv outputs the query encoder's width, 896): that
+//! entry is not used for v2, and the checkpoint's tensor shapes are checked against the width.
+
+mod mode;
+mod query_encoder;
 
 use serde::Deserialize;
+
+pub use mode::{Geometry, Mode};
+pub use query_encoder::QueryEncoderConfig;
+use query_encoder::query_encoder_config;
 
 use crate::error::{Error, Result};
 
@@ -14,8 +27,67 @@ use crate::error::{Error, Result};
 pub struct Config {
     pub decoder: DecoderConfig,
     pub sam: SamConfig,
-    pub clip: ClipConfig,
+    /// What reads SAM's compressed features: CLIP-L (v1) or the Qwen2 query encoder (v2).
+    pub tower: Tower,
     pub projector: ProjectorConfig,
+}
+
+/// Which DeepSeek-OCR a checkpoint is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ModelVersion {
+    /// DeepSeek-OCR: SAM + CLIP-L, newline vectors, five modes.
+    Ocr1,
+    /// DeepSeek-OCR-2: SAM + a Qwen2 encoder with learned queries ("visual causal flow").
+    Ocr2,
+}
+
+impl ModelVersion {
+    /// The name results carry (`model` in the JSON output).
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelVersion::Ocr1 => "deepseek-ocr",
+            ModelVersion::Ocr2 => "deepseek-ocr-2",
+        }
+    }
+
+    pub fn display_name(self) -> &'static str {
+        match self {
+            ModelVersion::Ocr1 => "DeepSeek-OCR",
+            ModelVersion::Ocr2 => "DeepSeek-OCR-2",
+        }
+    }
+}
+
+/// The encoder stage after SAM.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Tower {
+    Clip(ClipConfig),
+    Queries(QueryEncoderConfig),
+}
+
+impl Config {
+    pub fn version(&self) -> ModelVersion {
+        match self.tower {
+            Tower::Clip(_) => ModelVersion::Ocr1,
+            Tower::Queries(_) => ModelVersion::Ocr2,
+        }
+    }
+
+    /// CLIP's config (DeepSeek-OCR checkpoints).
+    pub fn clip(&self) -> Option<&ClipConfig> {
+        match &self.tower {
+            Tower::Clip(c) => Some(c),
+            Tower::Queries(_) => None,
+        }
+    }
+
+    /// The query encoder's config (DeepSeek-OCR-2 checkpoints).
+    pub fn queries(&self) -> Option<&QueryEncoderConfig> {
+        match &self.tower {
+            Tower::Queries(q) => Some(q),
+            Tower::Clip(_) => None,
+        }
+    }
 }
 
 /// DeepSeek-V2-style language model (MHA variant, `use_mla = false`).
@@ -140,6 +212,8 @@ const CLIP_FFN_HIDDEN_SIZE: usize = 4096;
 const CLIP_LAYER_NORM_EPS: f64 = 1e-5;
 const CLIP_KEY: &str = "clip-l-14-224";
 const SAM_KEY: &str = "sam_vit_b";
+const QWEN2_KEY: &str = "qwen2-0-5b";
+const OCR2_ENCODER_NAME: &str = "deepencoderv2";
 
 // ---- raw JSON shapes -------------------------------------------------------------------------
 
@@ -180,7 +254,13 @@ struct RawHub {
 
 #[derive(Debug, Deserialize)]
 struct RawVision {
+    model_name: Option<String>,
     width: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawQwen2 {
+    dim: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -215,6 +295,10 @@ struct RawOverrides {
     sam_out_chans: Option<usize>,
     sam_mlp_ratio: Option<f64>,
     clip_ffn_hidden_size: Option<usize>,
+    qwen2_layers: Option<usize>,
+    qwen2_heads: Option<usize>,
+    qwen2_kv_heads: Option<usize>,
+    qwen2_intermediate_size: Option<usize>,
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -237,13 +321,17 @@ const CEILINGS: [(&str, usize); 9] = [
     ("num_attention_heads", 1024),
     ("vocab_size", 4_194_304),
     ("vision_config layers (SAM)", 256),
-    ("vision_config layers (CLIP)", 256),
+    ("vision_config layers (CLIP / Qwen2 encoder)", 256),
     ("SAM global_attn_indexes", 256),
 ];
 
 impl Config {
     fn check_ceilings(&self) -> Result<()> {
         let d = &self.decoder;
+        let tower_layers = match &self.tower {
+            Tower::Clip(c) => c.layers,
+            Tower::Queries(q) => q.layers,
+        };
         let values = [
             d.num_hidden_layers,
             d.n_routed_experts,
@@ -252,7 +340,7 @@ impl Config {
             d.num_attention_heads,
             d.vocab_size,
             self.sam.layers,
-            self.clip.layers,
+            tower_layers,
             self.sam.global_attn_indexes.len(),
         ];
         for ((name, limit), value) in CEILINGS.iter().zip(values) {
@@ -262,8 +350,8 @@ impl Config {
         }
         // Widths and sizes: at least 1 (several are divisors), at most 2^20 (no product of two of
         // them overflows, no table they size is unbounded).
-        let (sam, clip) = (&self.sam, &self.clip);
-        let sizes = [
+        let sam = &self.sam;
+        let mut sizes = vec![
             ("hidden_size", d.hidden_size),
             ("SAM width", sam.width),
             ("SAM patch_size", sam.patch_size),
@@ -272,17 +360,23 @@ impl Config {
             ("SAM out_chans", sam.out_chans),
             ("SAM downsample_channels[0]", sam.downsample_channels[0]),
             ("SAM downsample_channels[1]", sam.downsample_channels[1]),
-            ("CLIP width", clip.width),
-            ("CLIP patch_size", clip.patch_size),
-            ("CLIP image_size", clip.image_size),
             ("projector n_embed", self.projector.n_embed),
         ];
-        let widths = [
+        let mut widths = vec![
             ("intermediate_size", d.intermediate_size),
             ("moe_intermediate_size", d.moe_intermediate_size),
-            ("CLIP ffn_hidden_size", clip.ffn_hidden_size),
             ("max_position_embeddings", d.max_position_embeddings),
         ];
+        match &self.tower {
+            Tower::Clip(clip) => {
+                sizes.extend([("CLIP width", clip.width), ("CLIP patch_size", clip.patch_size), ("CLIP image_size", clip.image_size)]);
+                widths.push(("CLIP ffn_hidden_size", clip.ffn_hidden_size));
+            }
+            Tower::Queries(q) => {
+                sizes.extend([("qwen2 dim", q.hidden_size), ("qwen2 heads", q.heads)]);
+                widths.push(("qwen2 intermediate_size", q.intermediate_size));
+            }
+        }
         const MAX_SIZE: usize = 1 << 20;
         for (name, value) in sizes {
             if !(1..=MAX_SIZE).contains(&value) {
@@ -386,15 +480,22 @@ impl Config {
         };
 
         let overrides = raw.dsocr_test_overrides;
+        let ocr2 = match raw.vision_config.model_name.as_deref() {
+            Some(OCR2_ENCODER_NAME) => true,
+            None | Some("deepencoder") => false,
+            Some(other) => return Err(unsupported(format!("vision_config.model_name {other:?} (DeepSeek-OCR's or \"{OCR2_ENCODER_NAME}\")"))),
+        };
         let sam_raw: RawSam = vision_entry(&raw.vision_config, SAM_KEY)?;
         let [d0, d1] = <[usize; 2]>::try_from(sam_raw.downsample_channels.as_slice())
             .map_err(|_| bad("vision_config.width.sam_vit_b.downsample_channels must have two entries"))?;
+        // v2: the last conv outputs the query encoder's width (the hub file says 1024 there; see above).
+        let qwen2_dim = if ocr2 { Some(vision_entry::<RawQwen2>(&raw.vision_config, QWEN2_KEY)?.dim) } else { None };
         let sam = SamConfig {
             width: sam_raw.width,
             layers: sam_raw.layers,
             heads: sam_raw.heads,
             global_attn_indexes: sam_raw.global_attn_indexes,
-            downsample_channels: [d0, d1],
+            downsample_channels: [d0, qwen2_dim.unwrap_or(d1)],
             patch_size: SAM_PATCH_SIZE,
             pretrain_grid: SAM_PRETRAIN_IMAGE / SAM_PATCH_SIZE,
             window_size: overrides.sam_window_size.unwrap_or(SAM_WINDOW_SIZE),
@@ -412,29 +513,14 @@ impl Config {
             return Err(bad("sam_window_size must be at least 1"));
         }
 
-        let clip_raw: RawClip = vision_entry(&raw.vision_config, CLIP_KEY)?;
-        let clip = ClipConfig {
-            width: clip_raw.width,
-            layers: clip_raw.layers,
-            heads: clip_raw.heads,
-            ffn_hidden_size: overrides.clip_ffn_hidden_size.unwrap_or(CLIP_FFN_HIDDEN_SIZE),
-            patch_size: clip_raw.patch_size.unwrap_or(14),
-            image_size: clip_raw.image_size.unwrap_or(224),
-            layer_norm_eps: CLIP_LAYER_NORM_EPS,
+        let tower = match qwen2_dim {
+            Some(dim) => Tower::Queries(query_encoder_config(dim, &overrides)?),
+            None => Tower::Clip(clip_config(&raw.vision_config, &overrides, &sam)?),
         };
-        if clip.heads == 0 || clip.width % clip.heads != 0 {
-            return Err(bad(format!("CLIP width {} is not divisible by heads {}", clip.width, clip.heads)));
-        }
-        if clip.patch_size == 0 || clip.image_size % clip.patch_size != 0 {
-            return Err(bad("CLIP image_size must be a multiple of patch_size"));
-        }
-        // CLIP takes the compressor's output as its patch embeddings.
-        if clip.width != sam.downsample_channels[1] {
-            return Err(bad(format!(
-                "CLIP width {} must equal SAM's last downsample channel count {}",
-                clip.width, sam.downsample_channels[1]
-            )));
-        }
+        let tower_width = match &tower {
+            Tower::Clip(clip) => clip.width + sam.downsample_channels[1],
+            Tower::Queries(q) => q.hidden_size,
+        };
 
         if raw.projector_config.projector_type != "linear" {
             return Err(unsupported(format!(
@@ -446,12 +532,9 @@ impl Config {
             input_dim: raw.projector_config.input_dim,
             n_embed: raw.projector_config.n_embed,
         };
-        if projector.input_dim != clip.width + sam.downsample_channels[1] {
-            return Err(bad(format!(
-                "projector input_dim {} must equal CLIP width + SAM channels ({})",
-                projector.input_dim,
-                clip.width + sam.downsample_channels[1]
-            )));
+        if projector.input_dim != tower_width {
+            let what = if ocr2 { "the query encoder's width" } else { "CLIP width + SAM channels" };
+            return Err(bad(format!("projector input_dim {} must equal {what} ({tower_width})", projector.input_dim)));
         }
         if projector.n_embed != decoder.hidden_size {
             return Err(bad(format!(
@@ -459,10 +542,37 @@ impl Config {
                 projector.n_embed, decoder.hidden_size
             )));
         }
-        let config = Config { decoder, sam, clip, projector };
+        let config = Config { decoder, sam, tower, projector };
         config.check_ceilings()?;
         Ok(config)
     }
+}
+
+fn clip_config(vision: &RawVision, overrides: &RawOverrides, sam: &SamConfig) -> Result<ClipConfig> {
+    let clip_raw: RawClip = vision_entry(vision, CLIP_KEY)?;
+    let clip = ClipConfig {
+        width: clip_raw.width,
+        layers: clip_raw.layers,
+        heads: clip_raw.heads,
+        ffn_hidden_size: overrides.clip_ffn_hidden_size.unwrap_or(CLIP_FFN_HIDDEN_SIZE),
+        patch_size: clip_raw.patch_size.unwrap_or(14),
+        image_size: clip_raw.image_size.unwrap_or(224),
+        layer_norm_eps: CLIP_LAYER_NORM_EPS,
+    };
+    if clip.heads == 0 || clip.width % clip.heads != 0 {
+        return Err(bad(format!("CLIP width {} is not divisible by heads {}", clip.width, clip.heads)));
+    }
+    if clip.patch_size == 0 || clip.image_size % clip.patch_size != 0 {
+        return Err(bad("CLIP image_size must be a multiple of patch_size"));
+    }
+    // CLIP takes the compressor's output as its patch embeddings.
+    if clip.width != sam.downsample_channels[1] {
+        return Err(bad(format!(
+            "CLIP width {} must equal SAM's last downsample channel count {}",
+            clip.width, sam.downsample_channels[1]
+        )));
+    }
+    Ok(clip)
 }
 
 fn vision_entry<T: serde::de::DeserializeOwned>(vision: &RawVision, key: &str) -> Result<T> {
@@ -471,69 +581,4 @@ fn vision_entry<T: serde::de::DeserializeOwned>(vision: &RawVision, key: &str) -
         .get(key)
         .ok_or_else(|| bad(format!("vision_config.width has no {key:?} entry")))?;
     serde_json::from_value(value.clone()).map_err(|e| bad(format!("vision_config.width.{key}: {e}")))
-}
-
-/// How an image is turned into views (spec §2.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Mode {
-    /// 512×512 squash-resize, 64 vision tokens.
-    Tiny,
-    /// 640×640 squash-resize, 100 vision tokens.
-    Small,
-    /// 1024×1024 fit + pad, 256 vision tokens.
-    Base,
-    /// 1280×1280 fit + pad, 400 vision tokens.
-    Large,
-    /// 1024 global view (fit + pad) plus 640×640 tiles for larger images.
-    Gundam,
-}
-
-impl Mode {
-    pub const ALL: [Mode; 5] = [Mode::Tiny, Mode::Small, Mode::Base, Mode::Large, Mode::Gundam];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::Tiny => "tiny",
-            Mode::Small => "small",
-            Mode::Base => "base",
-            Mode::Large => "large",
-            Mode::Gundam => "gundam",
-        }
-    }
-
-    /// `base_size` of the reference `infer` call: the global view's side in crop mode.
-    pub fn base_size(self) -> usize {
-        match self {
-            Mode::Tiny => 512,
-            Mode::Small => 640,
-            Mode::Base | Mode::Gundam => 1024,
-            Mode::Large => 1280,
-        }
-    }
-
-    /// `image_size` of the reference `infer` call: the view side (native modes) or tile side (Gundam).
-    pub fn image_size(self) -> usize {
-        match self {
-            Mode::Tiny => 512,
-            Mode::Small => 640,
-            Mode::Base => 1024,
-            Mode::Large => 1280,
-            Mode::Gundam => 640,
-        }
-    }
-
-    /// Whether the image is also cut into tiles (the reference's `crop_mode`).
-    pub fn crop_mode(self) -> bool {
-        matches!(self, Mode::Gundam)
-    }
-}
-
-impl std::str::FromStr for Mode {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Mode::ALL
-            .into_iter()
-            .find(|m| m.name().eq_ignore_ascii_case(s))
-            .ok_or_else(|| Error::InvalidArgument(format!("unknown mode {s:?} (tiny, small, base, large, gundam)")))
-    }
 }
