@@ -68,6 +68,7 @@ fn e2e_cli_json_follows_the_documented_schema() {
     for (key, check) in [
         ("input", Value::is_string as fn(&Value) -> bool),
         ("page", Value::is_null),
+        ("model", Value::is_string),
         ("text", Value::is_string),
         ("markdown", Value::is_string),
         ("blocks", Value::is_array),
@@ -85,11 +86,54 @@ fn e2e_cli_json_follows_the_documented_schema() {
     for stage in ["preprocess", "encode", "prefill", "decode", "total"] {
         assert!(r["timings_ms"][stage].is_number(), "timings_ms.{stage}");
     }
+    assert_eq!(r["model"], "deepseek-ocr");
     assert_eq!(r["image_size"], serde_json::json!([800, 600]));
     assert_eq!(r["tile_grid"], serde_json::json!([3, 2]));
     assert_eq!(r["image_token_count"], 893);
     assert_eq!(r["finish_reason"], "max_new_tokens");
     assert_eq!(r["ended_without_eos"], true);
+}
+
+/// A DeepSeek-OCR-2 checkpoint: picked from its config, the reference's tokens in both its modes,
+/// `model` says which; a v1-only mode is a usage error; q8 at load time equals the converted checkpoint.
+#[test]
+fn e2e_cli_ocr2_checkpoint() {
+    let model = checkpoint_dir("ocr2/tiny-v2a").display().to_string();
+    for case in cases("ocr2/tiny-v2a").iter().filter(|c| c["image"] == "page") {
+        let mode = case["mode"].as_str().unwrap();
+        let out = run(&["ocr", &image("page"), "--model", &model, "--mode", mode, "--max-new-tokens", "16", "--repeat-guard", "hf", "--format", "json"]);
+        assert!(out.status.success(), "{mode}: {}", String::from_utf8_lossy(&out.stderr));
+        let result = &json(&out)["results"][0];
+        let mut expected = case["greedy_tokens"].as_array().unwrap().clone();
+        if expected.last() == Some(&Value::from(1)) {
+            expected.pop();
+        }
+        assert_eq!(result["token_ids"].as_array().unwrap(), &expected, "tiny-v2a page {mode}");
+        assert_eq!(result["image_token_count"], case["image_tokens"]);
+        assert_eq!(result["tile_grid"], case["grid"]);
+        assert_eq!(result["model"], "deepseek-ocr-2");
+    }
+    let out = run(&["ocr", &image("note"), "--model", &model, "--mode", "tiny"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("mode tiny does not exist for DeepSeek-OCR-2"), "{stderr}");
+
+    let out_dir = std::env::temp_dir().join(format!("dsocr-e2e-ocr2-q8-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let quantized = out_dir.display().to_string();
+    let q = run(&["quantize", &model, "--scheme", "q8", "--out", &quantized]);
+    assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
+    let tokens = |extra: &[&str]| {
+        let mut args = vec!["ocr", &image("page"), "--mode", "base", "--max-new-tokens", "6", "--repeat-guard", "hf", "--format", "json"].into_iter().map(String::from).collect::<Vec<_>>();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let out = Command::new(env!("CARGO_BIN_EXE_dsocr")).args(&args).output().unwrap();
+        assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+        json(&out)["results"][0]["token_ids"].clone()
+    };
+    let converted = tokens(&["--model", &quantized]);
+    assert_eq!(converted, tokens(&["--model", &model, "--quantize", "q8"]), "load-time q8 equals the converted v2 checkpoint");
+    assert_eq!(converted.as_array().unwrap().len(), 6);
+    let _ = std::fs::remove_dir_all(out_dir);
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The parity checks on the native GPU through wgpu (Vulkan; Mesa's lavapipe in CI, where `.ci/run`
 //! sets `DSOCR_REQUIRE_WGPU=1`), so the GPU kernels are checked outside the browser too: tiny-a's
-//! encoder stages, prompt logits, KV-cached logits and greedy tokens in f32, and the model in f16
+//! encoder stages, prompt logits, KV-cached logits and greedy tokens in f32 (and DeepSeek-OCR-2's
+//! tiny-v2a), and the model in f16
 //! (what the browser picks on adapters with `shader-f16`; lavapipe has it) close to the reference.
 //! Without a GPU adapter (and without `DSOCR_REQUIRE_WGPU`) each test says so and passes.
 #![cfg(feature = "wgpu")]
@@ -48,6 +49,17 @@ fn parity_wgpu_greedy_tiny_a_small_with_vocabulary_shards() {
     let model = load_model_with("tiny-a", &device, max_tensor_bytes.min(3 << 20), true, 1);
     assert!(model.decoder.vocab_shards().0 > 2);
     greedy_parity(&model, "tiny-a", "small", None);
+}
+
+/// DeepSeek-OCR-2 on the GPU: every encoder stage with tiles (the query encoder's masked attention
+/// included), the prompt logits, and the greedy tokens of the whole pipeline with stacked experts.
+#[test]
+fn parity_wgpu_ocr2_tiny_v2a_gundam() {
+    let Some((device, max_tensor_bytes)) = wgpu_device(false) else { return };
+    let model = load_model_with("ocr2/tiny-v2a", &device, max_tensor_bytes, true, 1);
+    encoder_parity(&model, "ocr2/tiny-v2a", "gundam", TOLERANCE);
+    logits_parity(&model, "ocr2/tiny-v2a", "gundam", TOLERANCE);
+    greedy_parity(&model, "ocr2/tiny-v2a", "base", Some("page"));
 }
 
 /// A device's float type is fixed at its first tensor, so f16 runs in a child process of this test

@@ -480,11 +480,8 @@ impl Config {
         };
 
         let overrides = raw.dsocr_test_overrides;
-        let ocr2 = match raw.vision_config.model_name.as_deref() {
-            Some(OCR2_ENCODER_NAME) => true,
-            None | Some("deepencoder") => false,
-            Some(other) => return Err(unsupported(format!("vision_config.model_name {other:?} (DeepSeek-OCR's or \"{OCR2_ENCODER_NAME}\")"))),
-        };
+        // v1's hub file says "deeplip_b_l"; anything but v2's name is read as v1 (CLIP's entry is then required).
+        let ocr2 = raw.vision_config.model_name.as_deref() == Some(OCR2_ENCODER_NAME);
         let sam_raw: RawSam = vision_entry(&raw.vision_config, SAM_KEY)?;
         let [d0, d1] = <[usize; 2]>::try_from(sam_raw.downsample_channels.as_slice())
             .map_err(|_| bad("vision_config.width.sam_vit_b.downsample_channels must have two entries"))?;
