@@ -141,6 +141,38 @@ for (const [mode, tokens, maxBindingBytes] of [['tiny', 8, undefined], ['small',
   });
 }
 
+// DeepSeek-OCR-2 in the browser: the engine picks the model from config.json; Base (the 1024 view,
+// the query encoder's masked attention on WebGPU) gives the reference's tokens; a v1-only mode is refused.
+test('ocr2/tiny-v2a base: the reference greedy tokens on WebGPU; tiny is BAD_ARGUMENT', { timeout: 15 * 60_000 }, async () => {
+  const { context, page } = await browser();
+  try {
+    const out = await page.evaluate(async () => {
+      const { Dsocr } = await window.dsocr;
+      const engine = await Dsocr.load('/ckpt/ocr2/tiny-v2a', {});
+      const blob = new Blob([await (await fetch('/images/note.png')).arrayBuffer()], { type: 'image/png' });
+      const t = performance.now();
+      const result = await engine.recognize(blob, { maxNewTokens: 4, repeatGuard: 'hf' });
+      const runMs = performance.now() - t;
+      let refused = null;
+      try {
+        await engine.recognize(blob, { mode: 'tiny', maxNewTokens: 1 });
+      } catch (e) {
+        refused = { code: e.code, message: String(e.message) };
+      }
+      return { result, runMs, refused };
+    });
+    const expected = reference('ocr2/tiny-v2a', 'note', 'base');
+    assert.deepEqual(out.result.token_ids, expected.greedy_tokens.slice(0, 4));
+    assert.equal(out.result.image_token_count, expected.image_tokens);
+    assert.equal(out.result.model, 'deepseek-ocr-2');
+    assert.equal(out.refused?.code, 'BAD_ARGUMENT', JSON.stringify(out.refused));
+    assert.match(out.refused.message, /base or gundam/);
+    console.log(`# ocr2 base (default mode): recognize 4 tokens ${out.runMs.toFixed(0)} ms`);
+  } finally {
+    await context.close();
+  }
+});
+
 // Also: an ImageBitmap input, and a server without Range support (the whole file, served once).
 test('abort through an AbortSignal rejects with code ABORTED (ImageBitmap input, server without Range)', { timeout: 15 * 60_000 }, async () => {
   const { context, page } = await browser();

@@ -52,14 +52,14 @@ fn parity_wgpu_greedy_tiny_a_small_with_vocabulary_shards() {
 }
 
 /// DeepSeek-OCR-2 on the GPU: every encoder stage with tiles (the query encoder's masked attention
-/// included), the prompt logits, and the greedy tokens of the whole pipeline with stacked experts.
+/// included) and the greedy tokens of the whole pipeline with stacked experts (a 1131-token prompt;
+/// all-position logits of it would be a 585 MB buffer, more than lavapipe allocates).
 #[test]
 fn parity_wgpu_ocr2_tiny_v2a_gundam() {
     let Some((device, max_tensor_bytes)) = wgpu_device(false) else { return };
     let model = load_model_with("ocr2/tiny-v2a", &device, max_tensor_bytes, true, 1);
     encoder_parity(&model, "ocr2/tiny-v2a", "gundam", TOLERANCE);
-    logits_parity(&model, "ocr2/tiny-v2a", "gundam", TOLERANCE);
-    greedy_parity(&model, "ocr2/tiny-v2a", "base", Some("page"));
+    greedy_parity(&model, "ocr2/tiny-v2a", "gundam", Some("page"));
 }
 
 /// A device's float type is fixed at its first tensor, so f16 runs in a child process of this test

@@ -142,7 +142,8 @@ export function serve(endpoint: Endpoint): void {
     const blank = new ImageData(64, 64);
     blank.data.fill(255);
     reply({ type: 'progress', id, event: { phase: 'compile', file: 'shaders', loaded: 0, total: 1, fromCache: false } });
-    await engine.recognize(blank, { mode: 'tiny', maxNewTokens: 1, signal });
+    // No mode: the model's smallest (Tiny; DeepSeek-OCR-2 has no Tiny, its smallest is Base).
+    await engine.recognize(blank, { maxNewTokens: 1, signal });
     reply({ type: 'progress', id, event: { phase: 'compile', file: 'shaders', loaded: 1, total: 1, fromCache: false } });
   }
 
@@ -157,7 +158,7 @@ export function serve(endpoint: Endpoint): void {
         source = new Uint8Array(await response.arrayBuffer());
       }
       const { stream, ...rest } = options;
-      doing = `while recognizing an image (mode ${options.mode ?? 'tiny'})`;
+      doing = `while recognizing an image (mode ${options.mode ?? "the model's default"})`;
       const result = (await engine.recognize(source, {
         ...rest,
         signal,

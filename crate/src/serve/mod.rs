@@ -93,8 +93,14 @@ async fn serve(args: ServeArgs, api_key: Option<[u8; 32]>) -> Result<(), String>
     let model_id = args.model.model.clone();
     let started_loading = std::time::Instant::now();
     let model = args.model;
+    let default_mode = args.mode.mode();
     let (queue, thread) = worker::Queue::start(
-        move || model.load(),
+        move || {
+            let engine = model.load()?;
+            // `--mode` must exist for the checkpoint's model (DeepSeek-OCR-2: base, gundam).
+            default_mode.geometry(engine.config().version()).map_err(|e| format!("--mode: {e}"))?;
+            Ok(engine)
+        },
         move |outcome| {
             let _ = loaded_tx.send(outcome);
         },
