@@ -151,7 +151,7 @@ test('ocr2/tiny-v2a base: the reference greedy tokens on WebGPU; tiny is BAD_ARG
       const engine = await Dsocr.load('/ckpt/ocr2/tiny-v2a', {});
       const blob = new Blob([await (await fetch('/images/note.png')).arrayBuffer()], { type: 'image/png' });
       const t = performance.now();
-      const result = await engine.recognize(blob, { maxNewTokens: 4, repeatGuard: 'hf' });
+      const result = await engine.recognize(blob, { task: 'free', maxNewTokens: 4, repeatGuard: 'hf' });
       const runMs = performance.now() - t;
       let refused = null;
       try {

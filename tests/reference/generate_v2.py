@@ -100,6 +100,9 @@ MODES = [
     ("base", 1024, 1024, False),
     ("gundam", 1024, 768, True),
 ]
+# Gundam cases beyond v1's three images, so the tile counts 2 and 4 are run end to end too (page and photo
+# give 6, note none): the 1920×1080 screenshot (2×1) and the 1024² square (2×2) of the extra images.
+EXTRA_GUNDAM = [("extra/screenshot", "<image>\nFree OCR."), ("extra/square", "<image>\nFree OCR.")]
 
 
 def load_reference(code_dir: pathlib.Path):
@@ -280,38 +283,40 @@ def generate_fixtures(modeling, deepencoder, out: pathlib.Path, log) -> None:
         v1.save_tensors(v1.original_state_dict(model), ckpt_dir / "model.safetensors")
         tokenizer = v1.load_tokenizer(ckpt_dir)
         index = {"config": config_name, "greedy_tokens": v1.GREEDY_TOKENS, "logit_columns": v1.LOGIT_COLUMNS, "cases": []}
-        for image_name, prompt in v1.IMAGES:
-            for mode in MODES:
-                inputs = v1.official_inputs(modeling, model, tokenizer, images_dir / f"{image_name}.png", prompt, mode)
-                stages = run_stages(model, inputs)
-                tokens, gaps = v1.run_greedy(model, inputs)
-                grid = [int(v) for v in inputs["images_spatial_crop"][0].tolist()]
-                key = f"{image_name}/{mode[0]}"
+        runs = [(image, prompt, mode) for image, prompt in v1.IMAGES for mode in MODES]
+        runs += [(image, prompt, MODES[1]) for image, prompt in EXTRA_GUNDAM]
+        for image_name, prompt, mode in runs:
+            inputs = v1.official_inputs(modeling, model, tokenizer, images_dir / f"{image_name}.png", prompt, mode)
+            stages = run_stages(model, inputs)
+            tokens, gaps = v1.run_greedy(model, inputs)
+            grid = [int(v) for v in inputs["images_spatial_crop"][0].tolist()]
+            key = f"{image_name}/{mode[0]}"
+            if not image_name.startswith("extra/"):
                 preprocess.setdefault(key, {"image": image_name, "mode": mode[0], "grid": grid,
-                                            "image_tokens": int((inputs["input_ids"][0] == v1.IMAGE_TOKEN_ID).sum()),
-                                            "views": view_hashes(inputs["views"])})
-                ids = inputs["input_ids"][0]
-                tensors = {
-                    "input_ids": ids.to(torch.int64),
-                    "image_embeds": stages["image_embeds"].float(),
-                    "greedy_tokens": torch.tensor(tokens, dtype=torch.int64),
-                    "greedy_gaps": torch.tensor(gaps, dtype=torch.float32),
-                }
-                for stage_key, value in stages.items():
-                    if stage_key.startswith(("global.", "local.")):
-                        tensors[stage_key] = value.float()
-                if image_name == v1.LOGITS_IMAGE:
-                    tensors["last_logits"] = stages["logits"][-1].float()
-                    tensors["logits_columns"] = stages["logits"][:, v1.LOGIT_COLUMNS].float()
-                v1.save_tensors(tensors, ckpt_dir / "cases" / f"{image_name}-{mode[0]}.safetensors")
-                index["cases"].append({
-                    "image": image_name, "mode": mode[0], "prompt": prompt, "grid": grid,
-                    "prompt_tokens": int(ids.numel()), "image_tokens": int((ids == v1.IMAGE_TOKEN_ID).sum()),
-                    "greedy_tokens": tokens, "min_greedy_gap": min(gaps),
-                    "has_logits_columns": image_name == v1.LOGITS_IMAGE,
-                })
-                log(f"{config_name} {image_name:5s} {mode[0]:6s} grid={grid} prompt={ids.numel():4d} "
-                    f"tokens={tokens[:6]}... min gap {min(gaps):.4f}")
+                                        "image_tokens": int((inputs["input_ids"][0] == v1.IMAGE_TOKEN_ID).sum()),
+                                        "views": view_hashes(inputs["views"])})
+            ids = inputs["input_ids"][0]
+            tensors = {
+                "input_ids": ids.to(torch.int64),
+                "image_embeds": stages["image_embeds"].float(),
+                "greedy_tokens": torch.tensor(tokens, dtype=torch.int64),
+                "greedy_gaps": torch.tensor(gaps, dtype=torch.float32),
+            }
+            for stage_key, value in stages.items():
+                if stage_key.startswith(("global.", "local.")):
+                    tensors[stage_key] = value.float()
+            if image_name == v1.LOGITS_IMAGE:
+                tensors["last_logits"] = stages["logits"][-1].float()
+                tensors["logits_columns"] = stages["logits"][:, v1.LOGIT_COLUMNS].float()
+            v1.save_tensors(tensors, ckpt_dir / "cases" / f"{image_name.replace('/', '-')}-{mode[0]}.safetensors")
+            index["cases"].append({
+                "image": image_name, "mode": mode[0], "prompt": prompt, "grid": grid,
+                "prompt_tokens": int(ids.numel()), "image_tokens": int((ids == v1.IMAGE_TOKEN_ID).sum()),
+                "greedy_tokens": tokens, "min_greedy_gap": min(gaps),
+                "has_logits_columns": image_name == v1.LOGITS_IMAGE,
+            })
+            log(f"{config_name} {image_name:5s} {mode[0]:6s} grid={grid} prompt={ids.numel():4d} "
+                f"tokens={tokens[:6]}... min gap {min(gaps):.4f}")
         v1.write_json(index, ckpt_dir / "cases" / "index.json")
     # Views of the extra preprocessing images (generate.py writes them) through the v2 `infer`.
     for name in v1.make_extra_images():

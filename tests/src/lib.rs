@@ -224,7 +224,8 @@ impl CaseIndex {
 impl Case {
     /// The tensors recorded for this case in `checkpoint`.
     pub fn fixture(&self, checkpoint: &str) -> Fixture {
-        Fixture::open(checkpoint_dir(checkpoint).join("cases").join(format!("{}-{}.safetensors", self.image, self.mode)))
+        // Images under a folder (`extra/square`) are recorded as `extra-square-<mode>`.
+        Fixture::open(checkpoint_dir(checkpoint).join("cases").join(format!("{}-{}.safetensors", self.image.replace('/', "-"), self.mode)))
     }
 }
 

@@ -64,7 +64,7 @@ fn check_stages(label: &str, view: &str, ours: &ViewFeatures, fixture: &Fixture,
 pub fn encoder_parity(m: &Model, checkpoint: &str, mode: &str, tolerance: Tolerance) {
     let index = CaseIndex::load(checkpoint);
     let cases: Vec<_> = index.cases.iter().filter(|c| c.mode == mode).collect();
-    assert_eq!(cases.len(), 3, "three images per mode");
+    assert!(cases.len() >= 3, "three images per mode (DeepSeek-OCR-2's Gundam: two more, with 2 and 4 tiles)");
     for case in cases {
         let label = format!("{checkpoint} {} {mode}", case.image);
         let fixture = case.fixture(checkpoint);
