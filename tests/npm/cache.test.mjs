@@ -145,6 +145,51 @@ test('cold load into the cache, then the server stopped: no request, the same to
   }
 });
 
+test('a float checkpoint loaded with quantize: the cache keeps the quantized copy, not the original; the second load is offline, the same tokens as the converted checkpoint', { timeout: 10 * 60_000 }, async () => {
+  ensureQ8();
+  const weights = await weightsServer();
+  const context = await browser.newContext();
+  try {
+    const url = `${weights.base}/tiny-a`;
+    const page = await open(context, `${files.base}/`);
+    // What `dsocr quantize --scheme q8` wrote, loaded without the cache: the tokens to expect.
+    const converted = await load(page, `${weights.base}/q8`, { tokens: 3, cache: 'none' });
+    assert.equal(converted.error, undefined, JSON.stringify(converted.error));
+    const before = weights.log.length;
+    const cold = await load(page, url, { tokens: 3, quantize: 'q8' });
+    assert.equal(cold.error, undefined, JSON.stringify(cold.error));
+    assert.deepEqual(cold.ids, converted.ids, 'quantized into the cache = the converted checkpoint');
+    const made = cold.progress.filter((p) => p.phase === 'quantize');
+    assert.ok(made.length > 0 && made.at(-1).loaded === made.at(-1).total, 'quantize events reach every tensor');
+    assert.ok(cold.progress.some((p) => p.phase === 'upload' && p.fromCache), 'then read from the cache');
+    // The original was read with Range requests only, never stored.
+    const reads = requestsFor(weights.log.slice(before), SINGLE);
+    assert.ok(reads.length > 0 && reads.every((r) => r.range !== null), JSON.stringify(reads.slice(0, 3)));
+    const digests = await cachedDigests(page);
+    assert.equal(digests[SINGLE], undefined, 'the float original is not in the cache');
+    assert.ok(Object.keys(digests).some((f) => f.startsWith('shard-')), JSON.stringify(Object.keys(digests)));
+    await weights.server.stop();
+    const requests = weights.log.length;
+    const warmPage = await open(context, `${files.base}/`);
+    const warm = await load(warmPage, url, { tokens: 3, quantize: 'q8' });
+    assert.equal(warm.error, undefined, JSON.stringify(warm.error));
+    assert.deepEqual(warm.ids, converted.ids);
+    assert.equal(weights.log.length, requests, 'the second load sent no request');
+    assert.ok(!warm.progress.some((p) => p.phase === 'quantize' || p.phase === 'download'), 'no download, no quantization');
+    const listed = await warmPage.evaluate(() => window.dsocrApp.Dsocr.cachedModels());
+    const float = fs.statSync(path.join(fixtures, 'tiny-a', SINGLE)).size;
+    const small = ['config.json', 'tokenizer.json'].reduce((n, f) => n + fs.statSync(path.join(fixtures, 'tiny-a', f)).size, 0);
+    assert.equal(listed.length, 1);
+    assert.equal(listed[0].url, `${url}/.dsocr-q8`);
+    // int8 weights with f16 scales are ~0.53 of bf16 (the tiny model is mostly its vocabulary matrices).
+    assert.ok(listed[0].complete && listed[0].bytes - small < 0.6 * float, `${listed[0].bytes} bytes cached for a ${float}-byte original (+ ${small} of config and tokenizer)`);
+    console.log(`# tiny-a quantized into the cache (q8): cold ${cold.loadMs.toFixed(0)} ms, warm ${warm.loadMs.toFixed(0)} ms; ${listed[0].bytes} bytes cached for a ${float}-byte original`);
+  } finally {
+    await context.close();
+    await weights.server.stop();
+  }
+});
+
 test('a connection dropped mid-file resumes with a Range request from the bytes stored; a stall is retried', { timeout: 10 * 60_000 }, async () => {
   let faults = 0;
   const weights = await weightsServer((p, req) => {

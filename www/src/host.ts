@@ -4,9 +4,11 @@
 // token (the decode loop awaits GPU readbacks, so abort messages are handled between tokens).
 
 import init, { Dsocr as WasmEngine, Sha256 } from './wasm/dsocr.js';
-import { Fatal } from './cache/download.js';
+import { CacheWriteError, Fatal } from './cache/download.js';
 import { checkSupport } from './support.js';
 import { prepare, storeAvailable } from './cache/index.js';
+import { prepareQuantized, quantizedUrl } from './cache/quantized.js';
+import { deleteCached } from './cache/store.js';
 import { toWire, type WireError } from './errors.js';
 import type { Endpoint, RawProgress, Reply, Request, WireInput, WireLoadOptions, WireRecognizeOptions } from './protocol.js';
 import type { AdapterInfo, OcrResult, TokenEvent } from './types.js';
@@ -103,21 +105,32 @@ export function serve(endpoint: Endpoint): void {
       const support = await checkSupport();
       if (!support.ok) throw { code: support.code, message: support.reason };
       let cached: typeof fetch | null = null;
+      let url = options.weightsUrl;
+      let quantize = options.quantize;
       if ((options.cache ?? 'opfs') === 'opfs') {
         if (storeAvailable()) {
+          const cacheOptions = { signal, stallMs: options.stallTimeoutMs ?? 30_000, hasher: () => new Sha256(), onEvent: progress };
           try {
-            cached = await prepare(options.weightsUrl, { signal, stallMs: options.stallTimeoutMs ?? 30_000, hasher: () => new Sha256(), onEvent: progress });
+            // A float checkpoint quantized at load time: the cache keeps the quantized copy.
+            if (quantize && quantize !== 'none') {
+              const made = await prepareQuantized(url, quantize, (base, o) => WasmEngine.quantizeCheckpoint(base, o), cacheOptions);
+              if (made) [cached, url, quantize] = [made.fetch, made.url, undefined];
+            }
+            if (!cached) cached = await prepare(url, cacheOptions);
           } catch (e) {
             if (e instanceof Fatal) throw { code: e.code, message: e.message };
-            throw e;
+            if (!(e instanceof CacheWriteError)) throw e;
+            progress({ phase: 'download', file: '', loaded: 0, total: null, fromCache: false, warning: `${e.message}; loading without the cache` });
+            await deleteCached(quantizedUrl(options.weightsUrl, String(options.quantize))).catch(() => {});
+            [cached, url, quantize] = [null, options.weightsUrl, options.quantize];
           }
         } else {
           progress({ phase: 'download', file: '', loaded: 0, total: null, fromCache: false, warning: 'no Origin Private File System or Cache Storage here: loading without the cache' });
         }
       }
-      return WasmEngine.load(options.weightsUrl, {
+      return WasmEngine.load(url, {
         dtype: options.dtype,
-        quantize: options.quantize,
+        quantize,
         maxBindingBytes: options.maxBindingBytes,
         signal,
         fetch: cached ?? undefined,

@@ -31,7 +31,7 @@ export type Call = Request extends infer R ? (R extends { type: 'abort' } ? neve
 
 /** The host's progress report: bytes of one file in one phase. */
 export interface RawProgress {
-  phase: 'download' | 'verify' | 'upload' | 'compile';
+  phase: 'download' | 'verify' | 'quantize' | 'upload' | 'compile';
   file: string;
   loaded: number;
   total: number | null;

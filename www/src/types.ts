@@ -36,11 +36,13 @@ export type ImageInput =
 /**
  * A loading progress event. With the cache: `download` (network → storage; files already stored count
  * as loaded, `fromCache`), `verify` (stored files checked against their sha256), `upload` (storage →
- * GPU); without it: `download` (network → GPU). With `warmup`, `compile` (file `shaders`, 0 then 1 of 1).
+ * GPU); without it: `download` (network → GPU). A float checkpoint loaded with `quantize` and the cache
+ * is quantized into the cache once: `quantize` (file `quantize`, counted in tensors; the original is read
+ * by Range requests and never stored), then `upload` from the cache on this and every later load. With `warmup`, `compile` (file `shaders`, 0 then 1 of 1).
  * Then `ready`. Byte counts are per phase.
  */
 export interface LoadProgress {
-  phase: 'download' | 'verify' | 'upload' | 'compile' | 'ready';
+  phase: 'download' | 'verify' | 'quantize' | 'upload' | 'compile' | 'ready';
   /** The file the bytes belong to (`config.json`, `tokenizer.json`, the weights file or index). */
   file: string;
   /** Bytes of `file` received so far. */

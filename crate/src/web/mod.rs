@@ -7,6 +7,7 @@ mod error;
 mod fetch;
 mod hash;
 mod input;
+mod quantize;
 
 use std::ops::ControlFlow;
 

@@ -4,6 +4,7 @@
 mod checkpoint;
 mod loader;
 mod names;
+mod packer;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod native;
 mod shard;
@@ -15,5 +16,6 @@ pub use checkpoint::{Checkpoint, INDEX_FILE, IndexMetadata, ROWS_MARK, ShardInde
 pub use loader::{LoadProgress, Loader, Matrix};
 pub use names::{TensorSpec, expected_tensors, OPTIONAL_TENSORS};
 pub use shard::{DEFAULT_WINDOW_BYTES, LocalBoxFuture, RangeFetch, Shard};
+pub use packer::{DEFAULT_SHARD_BYTES, PackedShard, ShardPacker, hub_shard_name};
 #[cfg(not(target_arch = "wasm32"))]
-pub use writer::{DEFAULT_SHARD_BYTES, ShardWriter, write_atomic};
+pub use writer::{ShardWriter, write_atomic};

@@ -12,7 +12,7 @@ const SINGLE = ['model-00001-of-000001.safetensors', 'model.safetensors'];
 const STREAMS = 3;
 
 export interface CacheEvent {
-  phase: 'download' | 'verify';
+  phase: 'download' | 'verify' | 'quantize';
   file: string;
   loaded: number;
   total: number | null;
@@ -203,7 +203,7 @@ async function downloadAll(store: Store, base: string, manifest: Manifest, optio
 }
 
 /** Checks every cached file (size, and sha256 where known); resolves to the bad ones. */
-async function verifyAll(store: Store, manifest: Manifest, options: PrepareOptions): Promise<string[]> {
+export async function verifyAll(store: Store, manifest: Manifest, options: PrepareOptions): Promise<string[]> {
   const bad: string[] = [];
   for (const [name, entry] of Object.entries(manifest.files)) {
     const problem = await verify(store, name, entry, options.hasher, options.signal, (n) =>
@@ -215,7 +215,7 @@ async function verifyAll(store: Store, manifest: Manifest, options: PrepareOptio
 }
 
 /** `fetch` for the engine: the model's files (and byte ranges of them) from storage. */
-function cachedFetch(store: Store, base: string): typeof fetch {
+export function cachedFetch(store: Store, base: string): typeof fetch {
   return (async (input: RequestInfo | URL, init?: RequestInit) => {
     const url = String(input instanceof Request ? input.url : input);
     if (!url.startsWith(`${base}/`)) return fetch(input, init);

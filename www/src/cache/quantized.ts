@@ -1,0 +1,122 @@
+// A float checkpoint loaded with `quantize` and the cache: the cache keeps the quantized checkpoint
+// (≈ 2 GB for q4 of the real model) instead of the 6.7 GB original. The engine makes it once,
+// reading the original with Range requests tensor by tensor and handing over each finished shard
+// (≤ 64 MiB), which is stored as it comes; from then on the load reads it from the cache: no
+// download, no quantization. Keyed by the source URL, the scheme and the source's version (its
+// index's sha256, or its single file's size and ETag), so a new upload is quantized afresh.
+
+import { CacheWriteError, request } from './download.js';
+import { cachedFetch, verifyAll, type PrepareOptions } from './index.js';
+import { openStore, type FileEntry, type Store } from './store.js';
+
+const INDEX = 'model.safetensors.index.json';
+const SINGLE = ['model-00001-of-000001.safetensors', 'model.safetensors'];
+
+/** The engine's converter (`Dsocr.quantizeCheckpoint` of the wasm module). */
+export type Quantizer = (
+  base: string,
+  options: {
+    quantize: string;
+    signal: AbortSignal;
+    onShard: (name: string, bytes: Uint8Array) => Promise<void>;
+    onProgress: (event: { file: string; loaded: number; total: number | null }) => void;
+  },
+) => Promise<{ config: string; index: string }>;
+
+/** Where the quantized copy of `base` lives in the cache (never requested from the network). */
+export function quantizedUrl(base: string, scheme: string): string {
+  return `${base}/.dsocr-${scheme}`;
+}
+
+/**
+ * The quantized checkpoint of `base` by `scheme` from the cache, made first if need be: resolves to
+ * its URL and the fetch that serves it, or null when `base` is already quantized (the plain cache
+ * applies). A cache that cannot be written throws `CacheWriteError` (the caller loads without it).
+ */
+export async function prepareQuantized(base: string, scheme: string, quantize: Quantizer, options: PrepareOptions): Promise<{ url: string; fetch: typeof fetch } | null> {
+  const url = quantizedUrl(base, scheme);
+  const store = await openStore(url);
+  // As the plain cache: a complete copy is used as it is, with no request (offline included).
+  if (store.manifest?.complete) {
+    const bad = await verifyAll(store, store.manifest, options);
+    if (bad.length === 0) {
+      await store.saveManifest({ ...store.manifest, usedAt: Date.now() }).catch(() => {});
+      return { url, fetch: cachedFetch(store, url) };
+    }
+  }
+  const source = await sourceVersion(base, options.signal);
+  if (source === null) return null;
+  const version = `quantized:${scheme}:${source}`;
+  // Made afresh (a shard is only usable with the index of the same run).
+  await store.clear().catch(() => {});
+  const files: Record<string, FileEntry> = {};
+  await save(store, { url, version, files, complete: false, usedAt: Date.now() });
+  const tokenizer = await request(`${base}/tokenizer.json`, { signal: options.signal });
+  if (!tokenizer.ok) throw new CacheWriteError(`${base}/tokenizer.json: HTTP ${tokenizer.status}`);
+  const made = await quantize(base, {
+    quantize: scheme,
+    signal: options.signal,
+    onShard: async (name, bytes) => {
+      await write(store, name, bytes);
+      files[name] = { size: bytes.byteLength, sha256: null, complete: true };
+    },
+    onProgress: (e) => options.onEvent({ phase: 'quantize', file: e.file, loaded: e.loaded, total: e.total, fromCache: false }),
+  });
+  // The index names every shard with its sha256: the next load verifies them against it.
+  const shards: Record<string, { size: number; sha256: string }> = JSON.parse(made.index).metadata.shards;
+  for (const [name, meta] of Object.entries(shards)) files[name] = { size: meta.size, sha256: meta.sha256, complete: true };
+  const small: [string, Uint8Array][] = [
+    ['config.json', new TextEncoder().encode(made.config)],
+    ['tokenizer.json', new Uint8Array(await tokenizer.arrayBuffer())],
+    [INDEX, new TextEncoder().encode(made.index)],
+  ];
+  for (const [name, bytes] of small) {
+    await write(store, name, bytes);
+    files[name] = { size: bytes.byteLength, sha256: null, complete: true };
+  }
+  await save(store, { url, version, files, complete: true, usedAt: Date.now() });
+  return { url, fetch: cachedFetch(store, url) };
+}
+
+/** What identifies the source's weights, or null when its config says it is quantized already. */
+async function sourceVersion(base: string, signal: AbortSignal): Promise<string | null> {
+  const config = await request(`${base}/config.json`, { signal, cache: 'no-store' });
+  if (!config.ok) return `unreadable-config:${config.status}`; // the engine's load reports it
+  let parsed: { quantization_config?: unknown } = {};
+  try {
+    parsed = JSON.parse(await config.text());
+  } catch {
+    return 'unparsable-config'; // the engine's load reports it
+  }
+  if (parsed.quantization_config) return null;
+  const index = await request(`${base}/${INDEX}`, { signal, cache: 'no-store' });
+  if (index.ok) {
+    const digest = await crypto.subtle.digest('SHA-256', await index.arrayBuffer());
+    return `index:${[...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, '0')).join('')}`;
+  }
+  await index.body?.cancel();
+  for (const name of SINGLE) {
+    const probe = await request(`${base}/${name}`, { headers: { Range: 'bytes=0-0' }, signal, cache: 'no-store' });
+    await probe.body?.cancel();
+    if (!probe.ok) continue;
+    const size = /\/(\d+)$/.exec(probe.headers.get('content-range') ?? '')?.[1] ?? probe.headers.get('content-length');
+    return `single:${name}:${size}:${probe.headers.get('etag') ?? ''}`;
+  }
+  return 'unknown';
+}
+
+async function write(store: Store, name: string, bytes: Uint8Array): Promise<void> {
+  try {
+    const writer = await store.writer(name, 0);
+    await writer.write(bytes);
+    await writer.close();
+  } catch (e) {
+    throw new CacheWriteError(`cannot write ${name} to the cache: ${(e as Error)?.message ?? e}`);
+  }
+}
+
+async function save(store: Store, manifest: Parameters<Store['saveManifest']>[0]): Promise<void> {
+  await store.saveManifest(manifest).catch((e) => {
+    throw new CacheWriteError(`cannot write the cache: ${e?.message ?? e}`);
+  });
+}
