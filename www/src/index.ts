@@ -1,6 +1,7 @@
 // dsocr: DeepSeek-OCR in the browser on WebGPU. `Dsocr.load(...)` → `engine.recognize(image)`.
 // The engine runs in a module Web Worker the package creates (see LoadOptions.worker).
 
+import { quantizedUrl } from './cache/quantized.js';
 import { Connection } from './client.js';
 import { DsocrError } from './errors.js';
 import { toWire } from './inputs.js';
@@ -86,9 +87,12 @@ export class Dsocr {
     return listCached();
   }
 
-  /** Deletes one model from the cache (`weightsUrl` as given to `load`); resolves to whether it was there. */
-  static deleteCachedModel(weightsUrl: string | URL): Promise<boolean> {
-    return deleteCached(modelUrl(weightsUrl));
+  /** Deletes one model from the cache (`weightsUrl` as given to `load`), with the copies quantized from it
+   * at load time; resolves to whether anything was there. */
+  static async deleteCachedModel(weightsUrl: string | URL): Promise<boolean> {
+    const url = modelUrl(weightsUrl);
+    const deleted = await Promise.all([url, quantizedUrl(url, 'q4'), quantizedUrl(url, 'q8')].map((u) => deleteCached(u)));
+    return deleted.some(Boolean);
   }
 
   /** Deletes every cached model. */

@@ -5,7 +5,7 @@
 // download, no quantization. Keyed by the source URL, the scheme and the source's version (its
 // index's sha256, or its single file's size and ETag), so a new upload is quantized afresh.
 
-import { CacheWriteError, request } from './download.js';
+import { CacheWriteError, Fatal, request } from './download.js';
 import { cachedFetch, verifyAll, type PrepareOptions } from './index.js';
 import { openStore, type FileEntry, type Store } from './store.js';
 
@@ -46,7 +46,8 @@ export async function prepareQuantized(base: string, scheme: string, quantize: Q
   }
   const source = await sourceVersion(base, options.signal);
   if (source === null) return null;
-  const version = `quantized:${scheme}:${source}`;
+  const version = `quantized:${scheme}:${source.version}`;
+  await checkQuota(source.bytes === null ? null : Math.ceil(source.bytes * (QUANTIZED_SHARE[scheme] ?? 1)));
   // Made afresh (a shard is only usable with the index of the same run).
   await store.clear().catch(() => {});
   const files: Record<string, FileEntry> = {};
@@ -78,21 +79,46 @@ export async function prepareQuantized(base: string, scheme: string, quantize: Q
   return { url, fetch: cachedFetch(store, url) };
 }
 
-/** What identifies the source's weights, or null when its config says it is quantized already. */
-async function sourceVersion(base: string, signal: AbortSignal): Promise<string | null> {
+/** What the quantized copy takes of a bf16 original, with some room: q4 (int4, f16 scales per 64)
+ * ≈ 0.30 of the real model, q8 ≈ 0.56 (the float tensors and the vision encoder's q8 included). */
+const QUANTIZED_SHARE: Record<string, number> = { q4: 0.35, q8: 0.6 };
+
+/** QUOTA_EXCEEDED before the copy is made when the estimate does not fit; asks for persistence. */
+async function checkQuota(needed: number | null): Promise<void> {
+  const estimate = await navigator.storage.estimate?.().catch(() => null);
+  if (needed !== null && estimate?.quota !== undefined && estimate.usage !== undefined) {
+    const available = estimate.quota - estimate.usage;
+    if (needed > available) {
+      const mb = (n: number) => `${(n / 1e6).toFixed(1)} MB`;
+      throw new Fatal('QUOTA_EXCEEDED', `the quantized model needs about ${mb(needed)} of storage, ${mb(Math.max(0, available))} is available (free disk space, or load with cache: 'none')`);
+    }
+  }
+  await navigator.storage.persist?.().catch(() => false);
+}
+
+/** What identifies the source's weights (and their size in bytes, when known), or null when its config
+ * says it is quantized already. */
+async function sourceVersion(base: string, signal: AbortSignal): Promise<{ version: string; bytes: number | null } | null> {
   const config = await request(`${base}/config.json`, { signal, cache: 'no-store' });
-  if (!config.ok) return `unreadable-config:${config.status}`; // the engine's load reports it
+  if (!config.ok) return { version: `unreadable-config:${config.status}`, bytes: null }; // the engine's load reports it
   let parsed: { quantization_config?: unknown } = {};
   try {
     parsed = JSON.parse(await config.text());
   } catch {
-    return 'unparsable-config'; // the engine's load reports it
+    return { version: 'unparsable-config', bytes: null }; // the engine's load reports it
   }
   if (parsed.quantization_config) return null;
   const index = await request(`${base}/${INDEX}`, { signal, cache: 'no-store' });
   if (index.ok) {
-    const digest = await crypto.subtle.digest('SHA-256', await index.arrayBuffer());
-    return `index:${[...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, '0')).join('')}`;
+    const bytes = await index.arrayBuffer();
+    const digest = await crypto.subtle.digest('SHA-256', bytes);
+    let total: number | null = null;
+    try {
+      total = JSON.parse(new TextDecoder().decode(bytes)).metadata?.total_size ?? null;
+    } catch {
+      // the engine's load reports a bad index
+    }
+    return { version: `index:${[...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, '0')).join('')}`, bytes: total };
   }
   await index.body?.cancel();
   for (const name of SINGLE) {
@@ -100,9 +126,9 @@ async function sourceVersion(base: string, signal: AbortSignal): Promise<string 
     await probe.body?.cancel();
     if (!probe.ok) continue;
     const size = /\/(\d+)$/.exec(probe.headers.get('content-range') ?? '')?.[1] ?? probe.headers.get('content-length');
-    return `single:${name}:${size}:${probe.headers.get('etag') ?? ''}`;
+    return { version: `single:${name}:${size}:${probe.headers.get('etag') ?? ''}`, bytes: size ? Number(size) : null };
   }
-  return 'unknown';
+  return { version: 'unknown', bytes: null };
 }
 
 async function write(store: Store, name: string, bytes: Uint8Array): Promise<void> {
