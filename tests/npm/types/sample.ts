@@ -22,7 +22,7 @@ export async function sample(file: File, canvas: HTMLCanvasElement): Promise<str
     warmup: true,
     signal: controller.signal,
     onProgress: (p: LoadProgress) => {
-      const phase: 'download' | 'verify' | 'upload' | 'compile' | 'ready' = p.phase;
+      const phase: 'download' | 'verify' | 'quantize' | 'upload' | 'compile' | 'ready' = p.phase;
       const eta: number | null = p.etaSeconds;
       console.log(phase, p.file, p.loaded, p.total, p.modelLoaded, p.modelTotal, p.bytesPerSecond, eta, p.fromCache, p.elapsedMs);
     },
@@ -38,6 +38,7 @@ export async function sample(file: File, canvas: HTMLCanvasElement): Promise<str
   const inputs: ImageInput[] = [file, canvas, 'page.png', new URL('https://example.org/p.png'), new Uint8Array(4)];
   const result: OcrResult = await engine.recognize(inputs[0], recognize);
   const blocks: Block[] = result.blocks;
+  const model: 'deepseek-ocr' | 'deepseek-ocr-2' = result.model;
   const box: [number, number, number, number] | undefined = blocks[0]?.boxes[0];
   const stream = engine.stream(canvas, { task: 'free', mode: 'tiny' });
   for await (const token of stream) console.log(token.text);
@@ -55,6 +56,6 @@ export async function sample(file: File, canvas: HTMLCanvasElement): Promise<str
   const wrong: Mode = 'huge';
   // @ts-expect-error: weightsUrl is required
   const missing: LoadOptions = {};
-  console.log(wrong, missing, box, adapter.maxTensorBytes, streamed.finish_reason, result.timings_ms.decode);
+  console.log(model, wrong, missing, box, adapter.maxTensorBytes, streamed.finish_reason, result.timings_ms.decode);
   return result.markdown;
 }
