@@ -131,23 +131,24 @@ LOGIT_COLUMNS = sorted(
 # Loading the official code
 
 
-def load_reference(code_dir: pathlib.Path):
-    """Imports the official remote code as a package (it uses relative imports)."""
-    missing = [f for f in REF_FILES if not (code_dir / f).is_file()]
+def load_reference(code_dir: pathlib.Path, files=REF_FILES, package="deepseek_ocr_reference",
+                   modules=("modeling_deepseekocr", "deepencoder")):
+    """Imports the official remote code as a package (it uses relative imports): its modeling and
+    encoder modules."""
+    missing = [f for f in files if not (code_dir / f).is_file()]
     if missing:
         sys.exit(f"--ref-code {code_dir}: missing {', '.join(missing)}")
     pkg_root = pathlib.Path(tempfile.mkdtemp(prefix="dsocr_ref_"))
-    pkg = pkg_root / "deepseek_ocr_reference"
+    pkg = pkg_root / package
     pkg.mkdir()
-    for f in REF_FILES:
+    for f in files:
         shutil.copy(code_dir / f, pkg / f)
     (pkg / "__init__.py").write_text("")
     sys.path.insert(0, str(pkg_root))
-    modeling = importlib.import_module("deepseek_ocr_reference.modeling_deepseekocr")
-    deepencoder = importlib.import_module("deepseek_ocr_reference.deepencoder")
+    loaded = [importlib.import_module(f"{package}.{name}") for name in modules]
     # The official forward/infer move tensors with `.cuda()`; on CPU that is the identity.
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    return modeling, deepencoder
+    return tuple(loaded)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -207,31 +208,36 @@ def vision_sizes(cfg: dict) -> dict:
 # Model construction with the official classes
 
 
+def official_sam(deepencoder, sizes: dict):
+    """The official `ImageEncoderViT` with `_build_sam`'s arguments at `sizes` (see `vision_sizes`); the
+    class hard-codes the compressor (256 → 512 → 1024; 896 last in v2), recreated at `sam_down`."""
+    nn = torch.nn
+    enc = deepencoder.ImageEncoderViT(
+        depth=sizes["sam_layers"],
+        embed_dim=sizes["sam_width"],
+        img_size=1024,
+        mlp_ratio=sizes["sam_mlp_ratio"],
+        norm_layer=functools.partial(nn.LayerNorm, eps=1e-6),
+        num_heads=sizes["sam_heads"],
+        patch_size=16,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=sizes["sam_global"],
+        window_size=sizes["sam_window"],
+        out_chans=sizes["sam_out"],
+    )
+    d0, d1 = sizes["sam_down"]
+    enc.net_2 = nn.Conv2d(sizes["sam_out"], d0, kernel_size=3, stride=2, padding=1, bias=False)
+    enc.net_3 = nn.Conv2d(d0, d1, kernel_size=3, stride=2, padding=1, bias=False)
+    return enc.eval()
+
+
 def build_model(modeling, deepencoder, cfg: dict, seed: int | None, dtype=torch.float32):
     sizes = vision_sizes(cfg)
     nn = torch.nn
 
     def build_sam():
-        # Same arguments as the official `_build_sam`, sizes from the config.
-        enc = deepencoder.ImageEncoderViT(
-            depth=sizes["sam_layers"],
-            embed_dim=sizes["sam_width"],
-            img_size=1024,
-            mlp_ratio=sizes["sam_mlp_ratio"],
-            norm_layer=functools.partial(nn.LayerNorm, eps=1e-6),
-            num_heads=sizes["sam_heads"],
-            patch_size=16,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=sizes["sam_global"],
-            window_size=sizes["sam_window"],
-            out_chans=sizes["sam_out"],
-        )
-        d0, d1 = sizes["sam_down"]
-        # The official class hard-codes 256 → 512 → 1024 here; same layers at the config's widths.
-        enc.net_2 = nn.Conv2d(sizes["sam_out"], d0, kernel_size=3, stride=2, padding=1, bias=False)
-        enc.net_3 = nn.Conv2d(d0, d1, kernel_size=3, stride=2, padding=1, bias=False)
-        return enc.eval()
+        return official_sam(deepencoder, sizes)
 
     def build_clip():
         vit_cfg = copy.deepcopy(deepencoder.vit_model_cfg)
@@ -655,33 +661,10 @@ def generate_fixtures(modeling, deepencoder, out: pathlib.Path, log) -> None:
                         "grid": grid,
                         "views": ["global"] + [f"tile{k}" for k in range(len(views) - 1)],
                     }
+                tensors, entry = case_record(image_name, mode_name, prompt, inputs, stages, tokens, gaps)
                 ids = inputs["input_ids"][0]
-                tensors = {
-                    "input_ids": ids.to(torch.int64),
-                    "image_embeds": stages["image_embeds"].float(),
-                    "greedy_tokens": torch.tensor(tokens, dtype=torch.int64),
-                    "greedy_gaps": torch.tensor(gaps, dtype=torch.float32),
-                }
-                for stage_key, value in stages.items():
-                    if stage_key.startswith(("global.", "local.")):
-                        tensors[stage_key] = value.float()
-                if image_name == LOGITS_IMAGE:
-                    tensors["last_logits"] = stages["logits"][-1].float()
-                    tensors["logits_columns"] = stages["logits"][:, LOGIT_COLUMNS].float()
                 save_tensors(tensors, ckpt_dir / "cases" / f"{image_name}-{mode_name}.safetensors")
-                index["cases"].append(
-                    {
-                        "image": image_name,
-                        "mode": mode_name,
-                        "prompt": prompt,
-                        "grid": grid,
-                        "prompt_tokens": int(ids.numel()),
-                        "image_tokens": int((ids == IMAGE_TOKEN_ID).sum()),
-                        "greedy_tokens": tokens,
-                        "min_greedy_gap": min(gaps),
-                        "has_logits_columns": image_name == LOGITS_IMAGE,
-                    }
-                )
+                index["cases"].append(entry)
                 log(f"{config_name} {image_name:5s} {mode_name:6s} grid={grid} prompt={ids.numel():4d} "
                     f"tokens={tokens[:6]}... min gap {min(gaps):.4f}")
         write_json(index, ckpt_dir / "cases" / "index.json")
@@ -689,6 +672,37 @@ def generate_fixtures(modeling, deepencoder, out: pathlib.Path, log) -> None:
     write_extra_preprocess(modeling, model, tokenizer, out)
     write_json(tokenizer_fixture(tokenizer), out / "tokenizer_cases.json")
     write_manifest(out)
+
+
+def case_record(image_name: str, mode_name: str, prompt: str, inputs: dict, stages: dict, tokens: list, gaps: list):
+    """One recorded case: its tensors (prompt ids, image sequence, greedy tokens and gaps, every
+    `global.*`/`local.*` stage; for the logits image the last-position and column logits) and its
+    entry in `cases/index.json`."""
+    ids = inputs["input_ids"][0]
+    tensors = {
+        "input_ids": ids.to(torch.int64),
+        "image_embeds": stages["image_embeds"].float(),
+        "greedy_tokens": torch.tensor(tokens, dtype=torch.int64),
+        "greedy_gaps": torch.tensor(gaps, dtype=torch.float32),
+    }
+    for stage_key, value in stages.items():
+        if stage_key.startswith(("global.", "local.")):
+            tensors[stage_key] = value.float()
+    if image_name == LOGITS_IMAGE:
+        tensors["last_logits"] = stages["logits"][-1].float()
+        tensors["logits_columns"] = stages["logits"][:, LOGIT_COLUMNS].float()
+    entry = {
+        "image": image_name,
+        "mode": mode_name,
+        "prompt": prompt,
+        "grid": [int(v) for v in inputs["images_spatial_crop"][0].tolist()],
+        "prompt_tokens": int(ids.numel()),
+        "image_tokens": int((ids == IMAGE_TOKEN_ID).sum()),
+        "greedy_tokens": tokens,
+        "min_greedy_gap": min(gaps),
+        "has_logits_columns": image_name == LOGITS_IMAGE,
+    }
+    return tensors, entry
 
 
 def write_extra_preprocess(modeling, model, tokenizer, out: pathlib.Path) -> None:
@@ -717,34 +731,46 @@ def write_extra_preprocess(modeling, model, tokenizer, out: pathlib.Path) -> Non
     write_json(cases, out / "preprocess" / "extra.json")
 
 
-def write_manifest(out: pathlib.Path) -> None:
+def write_manifest(out: pathlib.Path, skip=("hub/", "hub-ocr2/", "ocr2/")) -> None:
+    """sha256 of every generated file under `out` but those under `skip` (copied hub files; OCR-2's
+    fixtures, which have their own manifest)."""
     lines = []
     for path in sorted(p for p in out.rglob("*") if p.is_file() and p.name != "MANIFEST.sha256"):
         rel = path.relative_to(out).as_posix()
-        if rel.startswith(("hub/", "hub-ocr2/", "ocr2/")):
-            continue  # copied hub files, not generated; OCR-2's fixtures have their own manifest
+        if rel.startswith(tuple(skip)):
+            continue
         lines.append(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {rel}")
     (out / "MANIFEST.sha256").write_text("\n".join(lines) + "\n")
 
 
-def check(modeling, deepencoder) -> int:
-    """Regenerates into a temporary directory and compares every byte with the committed fixtures."""
+def compare_regenerated(generate, committed: pathlib.Path, prepare=lambda tmp: None) -> int:
+    """Runs `generate(tmp)` into a temporary directory (after `prepare(tmp)`) and compares its manifest
+    with the one committed in `committed`, naming every file that differs."""
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="dsocr_fixtures_"))
-    shutil.copytree(HUB_DIR, tmp / "hub")
-    generate_fixtures(modeling, deepencoder, tmp, log=lambda s: print(s, flush=True))
-    committed = (FIXTURES / "MANIFEST.sha256").read_text()
+    prepare(tmp)
+    generate(tmp)
+    committed_text = (committed / "MANIFEST.sha256").read_text()
     fresh = (tmp / "MANIFEST.sha256").read_text()
-    if committed == fresh:
+    if committed_text == fresh:
         print(f"OK: regenerated fixtures are identical ({len(fresh.splitlines())} files)")
         shutil.rmtree(tmp)
         return 0
-    old = dict(reversed(line.split("  ", 1)) for line in committed.splitlines())
+    old = dict(reversed(line.split("  ", 1)) for line in committed_text.splitlines())
     new = dict(reversed(line.split("  ", 1)) for line in fresh.splitlines())
     for rel in sorted(set(old) | set(new)):
         if old.get(rel) != new.get(rel):
             print(f"DIFFERS: {rel}")
     print(f"regenerated copy kept in {tmp}")
     return 1
+
+
+def check(modeling, deepencoder) -> int:
+    """Regenerates into a temporary directory and compares every byte with the committed fixtures."""
+    return compare_regenerated(
+        lambda tmp: generate_fixtures(modeling, deepencoder, tmp, log=lambda s: print(s, flush=True)),
+        FIXTURES,
+        prepare=lambda tmp: shutil.copytree(HUB_DIR, tmp / "hub"),
+    )
 
 
 def write_full(modeling, deepencoder, out: pathlib.Path, seed: int) -> None:

@@ -22,14 +22,10 @@ Run with OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE. See tests/reference/README.m
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
-import importlib
 import json
 import pathlib
-import shutil
 import sys
-import tempfile
 
 import numpy as np
 import torch
@@ -106,20 +102,7 @@ EXTRA_GUNDAM = [("extra/screenshot", "<image>\nFree OCR."), ("extra/square", "<i
 
 
 def load_reference(code_dir: pathlib.Path):
-    missing = [f for f in REF_FILES if not (code_dir / f).is_file()]
-    if missing:
-        sys.exit(f"--ref-code {code_dir}: missing {', '.join(missing)}")
-    pkg_root = pathlib.Path(tempfile.mkdtemp(prefix="dsocr_ref2_"))
-    pkg = pkg_root / "deepseek_ocr2_reference"
-    pkg.mkdir()
-    for f in REF_FILES:
-        shutil.copy(code_dir / f, pkg / f)
-    (pkg / "__init__.py").write_text("")
-    sys.path.insert(0, str(pkg_root))
-    modeling = importlib.import_module("deepseek_ocr2_reference.modeling_deepseekocr2")
-    deepencoder = importlib.import_module("deepseek_ocr2_reference.deepencoderv2")
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    return modeling, deepencoder
+    return v1.load_reference(code_dir, REF_FILES, "deepseek_ocr2_reference", ("modeling_deepseekocr2", "deepencoderv2"))
 
 
 def hub_config() -> dict:
@@ -163,17 +146,8 @@ def build_model(modeling, deepencoder, cfg: dict, seed: int | None, dtype=torch.
     nn = torch.nn
 
     def build_sam():
-        # The official `_build_sam` arguments, sizes from the config.
-        enc = deepencoder.ImageEncoderViT(
-            depth=s["sam_layers"], embed_dim=s["sam_width"], img_size=1024, mlp_ratio=s["sam_mlp_ratio"],
-            norm_layer=functools.partial(nn.LayerNorm, eps=1e-6), num_heads=s["sam_heads"], patch_size=16,
-            qkv_bias=True, use_rel_pos=True, global_attn_indexes=s["sam_global"], window_size=s["sam_window"],
-            out_chans=s["sam_out"],
-        )
-        # The official class hard-codes 256 → 512 → 896 here.
-        enc.net_2 = nn.Conv2d(s["sam_out"], s["sam_d0"], kernel_size=3, stride=2, padding=1, bias=False)
-        enc.net_3 = nn.Conv2d(s["sam_d0"], s["dim"], kernel_size=3, stride=2, padding=1, bias=False)
-        return enc.eval()
+        # The last conv outputs the query encoder's width.
+        return v1.official_sam(deepencoder, {**s, "sam_down": [s["sam_d0"], s["dim"]]})
 
     def build_qwen2():
         return deepencoder.build_qwen2_decoder_as_encoder(
@@ -295,26 +269,10 @@ def generate_fixtures(modeling, deepencoder, out: pathlib.Path, log) -> None:
                 preprocess.setdefault(key, {"image": image_name, "mode": mode[0], "grid": grid,
                                         "image_tokens": int((inputs["input_ids"][0] == v1.IMAGE_TOKEN_ID).sum()),
                                         "views": view_hashes(inputs["views"])})
+            tensors, entry = v1.case_record(image_name, mode[0], prompt, inputs, stages, tokens, gaps)
             ids = inputs["input_ids"][0]
-            tensors = {
-                "input_ids": ids.to(torch.int64),
-                "image_embeds": stages["image_embeds"].float(),
-                "greedy_tokens": torch.tensor(tokens, dtype=torch.int64),
-                "greedy_gaps": torch.tensor(gaps, dtype=torch.float32),
-            }
-            for stage_key, value in stages.items():
-                if stage_key.startswith(("global.", "local.")):
-                    tensors[stage_key] = value.float()
-            if image_name == v1.LOGITS_IMAGE:
-                tensors["last_logits"] = stages["logits"][-1].float()
-                tensors["logits_columns"] = stages["logits"][:, v1.LOGIT_COLUMNS].float()
             v1.save_tensors(tensors, ckpt_dir / "cases" / f"{image_name.replace('/', '-')}-{mode[0]}.safetensors")
-            index["cases"].append({
-                "image": image_name, "mode": mode[0], "prompt": prompt, "grid": grid,
-                "prompt_tokens": int(ids.numel()), "image_tokens": int((ids == v1.IMAGE_TOKEN_ID).sum()),
-                "greedy_tokens": tokens, "min_greedy_gap": min(gaps),
-                "has_logits_columns": image_name == v1.LOGITS_IMAGE,
-            })
+            index["cases"].append(entry)
             log(f"{config_name} {image_name:5s} {mode[0]:6s} grid={grid} prompt={ids.numel():4d} "
                 f"tokens={tokens[:6]}... min gap {min(gaps):.4f}")
         v1.write_json(index, ckpt_dir / "cases" / "index.json")
@@ -338,28 +296,11 @@ def write_checkpoint(cfg: dict, out: pathlib.Path) -> None:
 
 
 def write_manifest(out: pathlib.Path) -> None:
-    lines = []
-    for path in sorted(p for p in out.rglob("*") if p.is_file() and p.name != "MANIFEST.sha256"):
-        lines.append(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.relative_to(out).as_posix()}")
-    (out / "MANIFEST.sha256").write_text("\n".join(lines) + "\n")
+    v1.write_manifest(out, skip=())
 
 
 def check(modeling, deepencoder) -> int:
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="dsocr_fixtures2_"))
-    generate_fixtures(modeling, deepencoder, tmp, log=lambda s: print(s, flush=True))
-    committed = (OUT / "MANIFEST.sha256").read_text()
-    fresh = (tmp / "MANIFEST.sha256").read_text()
-    if committed == fresh:
-        print(f"OK: regenerated fixtures are identical ({len(fresh.splitlines())} files)")
-        shutil.rmtree(tmp)
-        return 0
-    old = dict(reversed(line.split("  ", 1)) for line in committed.splitlines())
-    new = dict(reversed(line.split("  ", 1)) for line in fresh.splitlines())
-    for rel in sorted(set(old) | set(new)):
-        if old.get(rel) != new.get(rel):
-            print(f"DIFFERS: {rel}")
-    print(f"regenerated copy kept in {tmp}")
-    return 1
+    return v1.compare_regenerated(lambda tmp: generate_fixtures(modeling, deepencoder, tmp, log=lambda s: print(s, flush=True)), OUT)
 
 
 def main() -> int:

@@ -125,7 +125,7 @@ function resetIfOther(store: Store, version: string): void {
   if (store.manifest && store.manifest.version !== version) store.manifest = { ...store.manifest, files: {}, version };
 }
 
-async function storeBytes(store: Store, name: string, bytes: Uint8Array): Promise<void> {
+export async function storeBytes(store: Store, name: string, bytes: Uint8Array): Promise<void> {
   try {
     const writer = await store.writer(name, 0);
     await writer.write(bytes);

@@ -6,7 +6,7 @@
 // index's sha256, or its single file's size and ETag), so a new upload is quantized afresh.
 
 import { CacheWriteError, Fatal, request } from './download.js';
-import { cachedFetch, verifyAll, type PrepareOptions } from './index.js';
+import { cachedFetch, storeBytes, verifyAll, type PrepareOptions } from './index.js';
 import { openStore, type FileEntry, type Store } from './store.js';
 
 const INDEX = 'model.safetensors.index.json';
@@ -58,7 +58,7 @@ export async function prepareQuantized(base: string, scheme: string, quantize: Q
     quantize: scheme,
     signal: options.signal,
     onShard: async (name, bytes) => {
-      await write(store, name, bytes);
+      await storeBytes(store, name, bytes);
       files[name] = { size: bytes.byteLength, sha256: null, complete: true };
     },
     onProgress: (e) => options.onEvent({ phase: 'quantize', file: e.file, loaded: e.loaded, total: e.total, fromCache: false }),
@@ -72,7 +72,7 @@ export async function prepareQuantized(base: string, scheme: string, quantize: Q
     [INDEX, new TextEncoder().encode(made.index)],
   ];
   for (const [name, bytes] of small) {
-    await write(store, name, bytes);
+    await storeBytes(store, name, bytes);
     files[name] = { size: bytes.byteLength, sha256: null, complete: true };
   }
   await save(store, { url, version, files, complete: true, usedAt: Date.now() });
@@ -129,16 +129,6 @@ async function sourceVersion(base: string, signal: AbortSignal): Promise<{ versi
     return { version: `single:${name}:${size}:${probe.headers.get('etag') ?? ''}`, bytes: size ? Number(size) : null };
   }
   return { version: 'unknown', bytes: null };
-}
-
-async function write(store: Store, name: string, bytes: Uint8Array): Promise<void> {
-  try {
-    const writer = await store.writer(name, 0);
-    await writer.write(bytes);
-    await writer.close();
-  } catch (e) {
-    throw new CacheWriteError(`cannot write ${name} to the cache: ${(e as Error)?.message ?? e}`);
-  }
 }
 
 async function save(store: Store, manifest: Parameters<Store['saveManifest']>[0]): Promise<void> {
