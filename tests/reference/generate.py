@@ -501,17 +501,18 @@ def image_args(inputs: dict) -> dict:
 
 
 @torch.no_grad()
-def run_stages(model, inputs: dict) -> dict:
-    """One float32 forward of the official model over the prompt, recording every encoder stage."""
+def run_stages(model, inputs: dict, stages: dict | None = None, extra_hooks=()) -> dict:
+    """One float32 forward of the official model over the prompt, recording the output of every
+    encoder stage (`stages`: name → module; default v1's SAM neck, both convs, CLIP, projector) per
+    view, the image sequence as the first decoder layer receives it, and the logits. `extra_hooks`:
+    more hook handles to remove afterwards."""
     m = model.model
-    records: dict[str, list] = {k: [] for k in ("sam", "compressor_1", "compressor", "clip", "projector")}
-    hooks = [
-        m.sam_model.neck.register_forward_hook(lambda mod, i, o: records["sam"].append(o.clone())),
-        m.sam_model.net_2.register_forward_hook(lambda mod, i, o: records["compressor_1"].append(o.clone())),
-        m.sam_model.net_3.register_forward_hook(lambda mod, i, o: records["compressor"].append(o.clone())),
-        m.vision_model.register_forward_hook(lambda mod, i, o: records["clip"].append(o.clone())),
-        m.projector.register_forward_hook(lambda mod, i, o: records["projector"].append(o.clone())),
-    ]
+    if stages is None:
+        stages = {"sam": m.sam_model.neck, "compressor_1": m.sam_model.net_2, "compressor": m.sam_model.net_3,
+                  "clip": m.vision_model, "projector": m.projector}
+    records: dict[str, list] = {k: [] for k in stages}
+    hooks = [module.register_forward_hook(lambda mod, i, o, key=key: records[key].append(o.clone())) for key, module in stages.items()]
+    hooks += list(extra_hooks)
     embeds = []
     hooks.append(
         m.layers[0].register_forward_pre_hook(

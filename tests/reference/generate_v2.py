@@ -184,35 +184,16 @@ def check_names(model) -> None:
     assert ours == pattern(real), sorted(ours ^ pattern(real))
 
 
-@torch.no_grad()
 def run_stages(model, inputs: dict) -> dict:
-    """One float32 forward over the prompt, recording every encoder stage, and the query encoder's mask."""
+    """v1's recording with the query encoder in CLIP's place (`queries`), and the query encoder's mask."""
     m = model.model
-    records: dict[str, list] = {k: [] for k in ("sam", "compressor_1", "compressor", "queries", "projector")}
     masks = []
-    hooks = [
-        m.sam_model.neck.register_forward_hook(lambda mod, i, o: records["sam"].append(o.clone())),
-        m.sam_model.net_2.register_forward_hook(lambda mod, i, o: records["compressor_1"].append(o.clone())),
-        m.sam_model.net_3.register_forward_hook(lambda mod, i, o: records["compressor"].append(o.clone())),
-        m.qwen2_model.register_forward_hook(lambda mod, i, o: records["queries"].append(o.clone())),
-        m.projector.register_forward_hook(lambda mod, i, o: records["projector"].append(o.clone())),
-        m.qwen2_model.model.model.layers[0].self_attn.register_forward_pre_hook(
-            lambda mod, args, kwargs: masks.append(kwargs["attention_mask"].clone()), with_kwargs=True
-        ),
-    ]
-    embeds = []
-    hooks.append(
-        m.layers[0].register_forward_pre_hook(
-            lambda mod, args, kwargs: embeds.append((args[0] if args else kwargs["hidden_states"]).clone()),
-            with_kwargs=True,
-        )
+    mask_hook = m.qwen2_model.model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda mod, args, kwargs: masks.append(kwargs["attention_mask"].clone()), with_kwargs=True
     )
-    try:
-        with v1.contextlib_redirect():
-            out = model(input_ids=inputs["input_ids"], **v1.image_args(inputs), use_cache=False, return_dict=True)
-    finally:
-        for h in hooks:
-            h.remove()
+    stages = {"sam": m.sam_model.neck, "compressor_1": m.sam_model.net_2, "compressor": m.sam_model.net_3,
+              "queries": m.qwen2_model, "projector": m.projector}
+    result = v1.run_stages(model, inputs, stages, extra_hooks=[mask_hook])
     # The mask in effect: image tokens see image tokens only; queries see every image token and the
     # queries before them. A port (or transformers version) that falls back to plain causal fails here.
     for mask in masks:
@@ -223,18 +204,7 @@ def run_stages(model, inputs: dict) -> dict:
         expected[n:, :n] = True
         expected[n:, n:] = torch.tril(torch.ones(n, n, dtype=torch.bool))
         assert torch.equal(allowed, expected), "the query encoder did not get the official mask"
-    result = {}
-    tiled = len(records["sam"]) == 2
-    for stage, outs in records.items():
-        if tiled:
-            result[f"local.{stage}"] = outs[0]
-            result[f"global.{stage}"] = outs[1]
-        else:
-            assert len(outs) == 1, (stage, len(outs))
-            result[f"global.{stage}"] = outs[0]
-    mask = inputs["images_seq_mask"][0]
-    result["image_embeds"] = embeds[0][0][mask]
-    result["logits"] = out.logits[0].float()
+    assert masks, "the query encoder's mask was not seen"
     return result
 
 
