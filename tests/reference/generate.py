@@ -847,7 +847,7 @@ def full_reference(modeling, deepencoder, ckpt: pathlib.Path, tokens: int, bench
 
 
 @torch.no_grad()
-def bench_e2e(modeling, deepencoder, ckpt: pathlib.Path, tokens: int) -> None:
+def bench_e2e(modeling, deepencoder, ckpt: pathlib.Path, tokens: int, modes=("tiny", "small")) -> None:
     """Whole-page wall time of the official code on CPU (f32): `infer`'s preprocessing and prompt, the
     vision encoder, prefill and `tokens` greedy tokens (EOS ignored), per mode; and the process's peak RSS.
     Compare with `/usr/bin/time -v dsocr ocr tests/fixtures/images/page.png --model DIR --mode M
@@ -860,7 +860,7 @@ def bench_e2e(modeling, deepencoder, ckpt: pathlib.Path, tokens: int) -> None:
     tokenizer = load_tokenizer(ckpt)
     image_path = pathlib.Path(tempfile.mkdtemp()) / "page.png"
     make_images()["page"].save(image_path)
-    for mode in [m for m in MODES if m[0] in ("tiny", "small")]:
+    for mode in [m for m in MODES if m[0] in modes]:
         t = time.perf_counter()
         inputs = official_inputs(modeling, model, tokenizer, image_path, IMAGES[0][1], mode)
         with contextlib_redirect():
@@ -1000,6 +1000,7 @@ def main() -> int:
     parser.add_argument("--bench", action="store_true", help="with --full-reference: also time the official code")
     parser.add_argument("--bench-e2e", type=pathlib.Path, help="time whole pages with the official code on a --full checkpoint")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per page for --bench-e2e")
+    parser.add_argument("--modes", default="tiny,small", help="modes for --bench-e2e (comma-separated)")
     parser.add_argument("--bench-load", type=pathlib.Path, help="time the official from_pretrained on a full checkpoint folder")
     parser.add_argument("--load-dtype", default="float32", help="torch dtype for --bench-load")
     parser.add_argument("--profile-encoder", type=pathlib.Path, help="per-stage times of the official encoder on a --full checkpoint")
@@ -1013,7 +1014,7 @@ def main() -> int:
         write_full(modeling, deepencoder, args.full, args.seed)
         return 0
     if args.bench_e2e:
-        bench_e2e(modeling, deepencoder, args.bench_e2e, args.tokens)
+        bench_e2e(modeling, deepencoder, args.bench_e2e, args.tokens, tuple(args.modes.split(",")))
         return 0
     if args.bench_load:
         bench_load(args.ref_code, args.bench_load, args.load_dtype)
