@@ -337,3 +337,43 @@ fn e2e_cli_quantize_then_ocr() {
     assert!(String::from_utf8_lossy(&bad_group.stderr).contains("group size 48"));
     let _ = std::fs::remove_dir_all(out_dir);
 }
+
+/// Native GPU faults: the wgpu device destroyed mid-decode (what a lost device looks like to wgpu)
+/// ends the batch with `DEVICE_LOST` naming the input, exit code 2, the JSON results so far printed,
+/// and no hang. Runs on the native wgpu device (lavapipe in CI, where `DSOCR_REQUIRE_WGPU` is set);
+/// without an adapter it says so and passes, unless that variable is set.
+#[test]
+fn e2e_cli_a_lost_gpu_device_ends_the_batch_with_exit_2() {
+    let model = checkpoint_dir("tiny-a").display().to_string();
+    let base = ["ocr", &image("page"), &image("note"), "--model", &model, "--mode", "tiny", "--max-new-tokens", "6", "--device", "wgpu", "--format", "json"];
+    let probe = run(&["ocr", &image("note"), "--model", &model, "--mode", "tiny", "--max-new-tokens", "1", "--device", "wgpu"]);
+    if !probe.status.success() {
+        let stderr = String::from_utf8_lossy(&probe.stderr).to_string();
+        assert!(std::env::var_os("DSOCR_REQUIRE_WGPU").is_none(), "no wgpu device: {stderr}");
+        eprintln!("SKIPPED: no wgpu device ({})", stderr.lines().last().unwrap_or(""));
+        return;
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dsocr"))
+        .args(base)
+        .env("DSOCR_FAULT_DESTROY_GPU_AFTER_TOKENS", "2")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("dsocr hung after the GPU device was lost");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let last = stderr.lines().rev().find(|l| l.starts_with("dsocr: DEVICE_LOST")).unwrap_or_else(|| panic!("no DEVICE_LOST line: {stderr}"));
+    assert!(last.contains("page.png") && last.contains("--device cpu"), "{last}");
+    let results = json(&out)["results"].as_array().unwrap().clone();
+    assert_eq!(results.len(), 1, "the batch stopped at the page the device was lost in");
+    assert!(results[0]["error"].is_string());
+}

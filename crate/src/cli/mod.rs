@@ -3,8 +3,10 @@
 //! `serve`) answers HTTP requests.
 //!
 //! Exit codes: 0 every input recognised; 1 some inputs failed (each reported, the batch went on);
-//! 2 bad arguments or the model could not be loaded.
+//! 2 bad arguments, the model could not be loaded, or the GPU failed (device lost, out of memory:
+//! the batch stops there).
 
+mod gpu;
 pub(crate) mod model;
 pub(crate) mod ocr;
 pub(crate) mod pdf;

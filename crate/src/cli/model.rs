@@ -108,6 +108,12 @@ fn device(arg: DeviceArg) -> Result<(Device, EngineOptions), String> {
         DeviceArg::Wgpu => {
             let (device, setup) = pollster::block_on(Device::wgpu_options().init_with_setup_async())
                 .map_err(|e| format!("no usable GPU adapter (wgpu): {e:?}"))?;
+            super::gpu::remember(&setup.device);
+            // As the browser: the model's kernels use 16 KiB of workgroup memory (WebGPU's minimum).
+            let workgroup = setup.adapter.limits().max_compute_workgroup_storage_size;
+            if workgroup < 16384 {
+                return Err(format!("ADAPTER_LIMITS: the GPU offers {workgroup} bytes of workgroup memory, 16384 are needed; use --device cpu"));
+            }
             let max = crate::engine::wgpu_max_tensor_bytes(&setup);
             eprintln!("dsocr: GPU {} ({:?}), largest binding {} MiB", setup.adapter.get_info().name, setup.backend, max >> 20);
             Ok((device, EngineOptions::gpu(max)))

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use clap::ValueEnum;
 
+use super::gpu::{self, Fault};
 use super::model::ModelArgs;
 use super::pdf::{Pdf, PdfLimits};
 use super::progress::batch_progress;
@@ -238,15 +239,31 @@ pub fn run(args: &OcrArgs) -> Result<bool, String> {
                 None => file.display().to_string(),
             };
             let outcome = bytes.and_then(|bytes| {
-                pollster::block_on(engine.recognize(&bytes, &task, mode, &generation, |event| {
-                    if stream {
-                        print!("{}", event.text);
-                        let _ = std::io::stdout().flush();
-                    }
-                    ControlFlow::Continue(())
-                }))
-                .map_err(|e| e.to_string())
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    pollster::block_on(engine.recognize(&bytes, &task, mode, &generation, |event| {
+                        if stream {
+                            print!("{}", event.text);
+                            let _ = std::io::stdout().flush();
+                        }
+                        gpu::after_token(event.index);
+                        ControlFlow::Continue(())
+                    }))
+                }));
+                match run {
+                    Ok(result) => result.map_err(|e| e.to_string()),
+                    Err(payload) => Err(format!("internal error: {}", Fault::of_panic(&*payload))),
+                }
             });
+            // A GPU fault ends the batch: every later input would fail the same way.
+            if let Err(message) = &outcome
+                && let Some(fault) = Fault::probe(engine.device(), message)
+            {
+                if args.format == FormatArg::Json {
+                    json_results.push(json_entry(file, number, None, Some(message)));
+                    println!("{}", serde_json::json!({ "results": json_results }));
+                }
+                return Err(fault.message(&format!("recognizing {label}")));
+            }
             match outcome {
                 Ok(result) => {
                     if stream {
