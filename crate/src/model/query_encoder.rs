@@ -1,6 +1,6 @@
 //! DeepSeek-OCR-2's encoder after SAM: a Qwen2 body fed with SAM's compressed tokens followed by as many
 //! learned queries (reference: `deepencoderv2.Qwen2Decoder2Encoder` over `CustomQwen2Decoder`,
-//! checkpoint `model.qwen2_model.*`; spec §12.A).
+//! checkpoint `model.qwen2_model.*`; spec §11).
 //!
 //! The attention mask is what makes it "visual causal flow": image tokens attend to every image token
 //! and to no query; query `i` attends to every image token and to queries `0..=i`. Positions run
