@@ -7,7 +7,8 @@ import pdfWorkerUrl from 'pdfjs-dist/build/pdf.worker.min.mjs?url';
 const $ = (id) => document.getElementById(id);
 const MODELS = {
   tiny: { url: new URL('./models/tiny-a', location.href).href, note: 'Random weights: it exercises the whole pipeline on your GPU, but its text is gibberish.' },
-  hub: { url: 'https://huggingface.co/deepseek-ai/DeepSeek-OCR/resolve/main', quantize: 'q4', note: 'Downloads 6.7 GB once (kept in this browser) and quantizes it to int4 while loading. Until the int4 GPU kernels land the GPU holds it in f16: about 7 GB of GPU memory.' },
+  hub: { url: 'https://huggingface.co/deepseek-ai/DeepSeek-OCR/resolve/main', quantize: 'q4', note: 'Reads the 6.7 GB checkpoint once and quantizes it to int4; this browser keeps only the int4 copy (about 2 GB). Until the int4 GPU kernels land the GPU holds it in f16: about 7 GB of GPU memory.' },
+  hub2: { url: 'https://huggingface.co/deepseek-ai/DeepSeek-OCR-2/resolve/main', quantize: 'q4', modes: ['base', 'gundam'], note: 'DeepSeek-OCR-2 (reads pages in a learned order): 6.8 GB read once, kept as its int4 copy (about 2 GB). Its modes are Base and Gundam only.' },
   custom: { url: '', note: 'A folder with config.json, tokenizer.json and the weights (CORS and Range requests allowed).' },
 };
 const state = { engine: null, engineKey: null, input: null, controller: null, results: [] };
@@ -50,6 +51,9 @@ function showModel() {
   const custom = model.key === 'custom';
   $('weights-url').hidden = $('weights-url-label').hidden = !custom;
   $('model-note').textContent = model.note;
+  // DeepSeek-OCR-2 has no Tiny, Small or Large: those options are off while it is selected.
+  for (const option of $('mode').options) option.disabled = Boolean(model.modes) && !model.modes.includes(option.value);
+  if ($('mode').selectedOptions[0]?.disabled) $('mode').value = model.modes[0];
   let origin = '—';
   try { origin = new URL(model.url, location.href).origin; } catch {}
   $('weights-origin').textContent = origin === location.origin ? 'this site' : origin;
