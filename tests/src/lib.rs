@@ -265,6 +265,42 @@ pub fn preprocess_index() -> std::collections::BTreeMap<String, PreprocessCase> 
     serde_json::from_slice(&read_fixture(&path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// One view the reference made, recorded as its size and the sha256 of its uint8 RGB pixels.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ViewHash {
+    pub size: [u32; 2],
+    pub sha256: String,
+}
+
+/// The views of one image in one mode, recorded as hashes (`preprocess/extra.json`, `ocr2/preprocess.json`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct HashedCase {
+    pub image: String,
+    pub mode: String,
+    pub grid: [usize; 2],
+    pub image_tokens: usize,
+    pub views: Vec<ViewHash>,
+}
+
+/// Reads a file of [`HashedCase`]s keyed `image/mode`.
+pub fn hashed_cases(path: &Path) -> std::collections::BTreeMap<String, HashedCase> {
+    serde_json::from_slice(&read_fixture(path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Our views (global first, then the tiles in row-major order) equal the recorded ones: the grid,
+/// then each view's size and pixels.
+pub fn assert_views_match(key: &str, views: &dsocr::image::Views, case: &HashedCase) {
+    use sha2::{Digest, Sha256};
+    assert_eq!(views.grid, case.grid, "{key}: tile grid");
+    let ours: Vec<&image::RgbImage> = std::iter::once(&views.global).chain(&views.tiles).collect();
+    assert_eq!(ours.len(), case.views.len(), "{key}: views (global first, then tiles)");
+    for (k, (view, reference)) in ours.iter().zip(&case.views).enumerate() {
+        assert_eq!([view.width(), view.height()], reference.size, "{key} view {k}: size");
+        let hex: String = Sha256::digest(view.as_raw()).iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, reference.sha256, "{key} view {k}: pixels differ from the reference");
+    }
+}
+
 /// A PNG view normalised with bf16 rounding, as `infer` feeds it: `(1, 3, H, W)`.
 fn normalise_png(path: &Path) -> Array {
     let img = image::load_from_memory(&read_fixture(path)).unwrap_or_else(|e| panic!("{}: {e}", path.display())).to_rgb8();

@@ -4,7 +4,7 @@
 //! projector), the assembled image sequence, the decoder's logits and the greedy tokens, for two tiny
 //! v2 checkpoints. The query encoder's mask is checked to matter: a plain causal mask fails.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use burn::tensor::Device;
 use dsocr::config::ModelVersion;
@@ -13,9 +13,7 @@ use dsocr::model::layout::image_tokens;
 use dsocr::weights::{Checkpoint, expected_tensors};
 use dsocr::{Config, Error, Mode};
 use dsocr_tests::parity::{encoder_parity, greedy_parity, load_model, logits_parity};
-use dsocr_tests::{CaseIndex, TINY_V2_CHECKPOINTS, Tolerance, assert_close, checkpoint_dir, compare, fixtures_dir, read_fixture, to_array, to_tensor, views_for};
-use serde::Deserialize;
-use sha2::{Digest, Sha256};
+use dsocr_tests::{CaseIndex, TINY_V2_CHECKPOINTS, Tolerance, assert_close, assert_views_match, checkpoint_dir, compare, fixtures_dir, hashed_cases, read_fixture, to_array, to_tensor, views_for};
 
 const TOLERANCE: Tolerance = Tolerance::RelativeToMax(1e-4);
 
@@ -92,39 +90,17 @@ fn v2_has_base_and_gundam_only() {
     assert_eq!((g.global, g.squash, g.tile, g.default_max_tiles), (1024, false, Some(768), 6));
 }
 
-#[derive(Deserialize)]
-struct ViewHash {
-    size: [u32; 2],
-    sha256: String,
-}
-
-#[derive(Deserialize)]
-struct PreprocessCase {
-    image: String,
-    mode: String,
-    grid: [usize; 2],
-    image_tokens: usize,
-    views: Vec<ViewHash>,
-}
-
 #[test]
 fn v2_preprocessing_equals_the_official_infer() {
-    let cases: BTreeMap<String, PreprocessCase> = serde_json::from_slice(&read_fixture(&fixtures_dir().join("ocr2/preprocess.json"))).unwrap();
+    let cases = hashed_cases(&fixtures_dir().join("ocr2/preprocess.json"));
     assert_eq!(cases.len(), 32);
     for (key, case) in &cases {
         let bytes = read_fixture(&fixtures_dir().join("images").join(format!("{}.png", case.image)));
         let source = decode(&bytes, &DecodeLimits::default()).unwrap();
         let geometry = case.mode.parse::<Mode>().unwrap().geometry(ModelVersion::Ocr2).unwrap();
         let views = make_views_for(&source, &geometry, &PreprocessOptions::default()).unwrap();
-        assert_eq!(views.grid, case.grid, "{key}: tile grid");
         assert_eq!(image_tokens(ModelVersion::Ocr2, &geometry, views.grid), case.image_tokens, "{key}: <image> count");
-        let ours: Vec<_> = std::iter::once(&views.global).chain(&views.tiles).collect();
-        assert_eq!(ours.len(), case.views.len(), "{key}: views (global first, then tiles)");
-        for (k, (view, reference)) in ours.iter().zip(&case.views).enumerate() {
-            assert_eq!([view.width(), view.height()], reference.size, "{key} view {k}: size");
-            let hex: String = Sha256::digest(view.as_raw()).iter().map(|b| format!("{b:02x}")).collect();
-            assert_eq!(hex, reference.sha256, "{key} view {k}: pixels differ from the official infer");
-        }
+        assert_views_match(key, &views, case);
     }
 }
 

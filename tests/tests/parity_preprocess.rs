@@ -3,7 +3,7 @@
 
 use dsocr::Mode;
 use dsocr::image::{DecodeLimits, PreprocessOptions, decode, make_views, normalize};
-use dsocr_tests::{Array, Fixture, Tolerance, assert_close, fixtures_dir, preprocess_index, read_fixture};
+use dsocr_tests::{Array, Fixture, Tolerance, assert_close, assert_views_match, fixtures_dir, hashed_cases, preprocess_index, read_fixture};
 
 fn png(path: &std::path::Path) -> image::RgbImage {
     image::load_from_memory(&read_fixture(path)).unwrap().to_rgb8()
@@ -44,45 +44,21 @@ fn parity_preprocess_normalisation_matches_the_bf16_tensor() {
     assert_close("page/tiny", &ours, &reference, Tolerance::Elementwise { abs: 0.0, rel: 0.0 });
 }
 
-#[derive(serde::Deserialize)]
-struct ExtraView {
-    size: [u32; 2],
-    sha256: String,
-}
-
-#[derive(serde::Deserialize)]
-struct ExtraCase {
-    image: String,
-    mode: String,
-    grid: [usize; 2],
-    image_tokens: usize,
-    views: Vec<ExtraView>,
-}
-
 /// Thirteen more inputs (screenshot, very wide/tall, 1-D-ish strip, thumbnail, tie cases, 3×3 grid,
 /// greyscale, RGBA with transparency, palette, EXIF-rotated) in every mode: our views hash to the
 /// reference's uint8 pixels.
 #[test]
 fn parity_preprocess_extra_images_every_mode() {
-    use sha2::{Digest, Sha256};
-    let cases: std::collections::BTreeMap<String, ExtraCase> =
-        serde_json::from_slice(&read_fixture(&fixtures_dir().join("preprocess/extra.json"))).unwrap();
+    let cases = hashed_cases(&fixtures_dir().join("preprocess/extra.json"));
     assert!(cases.len() >= 13 * 5);
     for (key, case) in cases {
         let bytes = read_fixture(&fixtures_dir().join("images/extra").join(format!("{}.png", case.image)));
         let source = decode(&bytes, &DecodeLimits::default()).unwrap();
         let mode: Mode = case.mode.parse().unwrap();
         let views = make_views(&source, mode, &PreprocessOptions::default()).unwrap();
-        assert_eq!(views.grid, case.grid, "{key}: grid");
         let base = if mode.crop_mode() { mode.base_size() } else { mode.image_size() };
         let tile = if mode.crop_mode() { 640 } else { 0 };
         assert_eq!(dsocr::model::layout::image_token_count(base, tile, views.grid), case.image_tokens, "{key}");
-        let ours: Vec<&image::RgbImage> = std::iter::once(&views.global).chain(&views.tiles).collect();
-        assert_eq!(ours.len(), case.views.len(), "{key}: views");
-        for (k, (view, reference)) in ours.iter().zip(&case.views).enumerate() {
-            assert_eq!([view.width(), view.height()], reference.size, "{key} view {k}");
-            let hex: String = Sha256::digest(view.as_raw()).iter().map(|b| format!("{b:02x}")).collect();
-            assert_eq!(hex, reference.sha256, "{key} view {k}: pixels differ from the reference");
-        }
+        assert_views_match(&key, &views, &case);
     }
 }

@@ -7,8 +7,7 @@ import init, { Dsocr as WasmEngine, Sha256 } from './wasm/dsocr.js';
 import { CacheWriteError, Fatal } from './cache/download.js';
 import { checkSupport } from './support.js';
 import { prepare, storeAvailable } from './cache/index.js';
-import { prepareQuantized, quantizedUrl } from './cache/quantized.js';
-import { deleteCached } from './cache/store.js';
+import { prepareQuantized } from './cache/quantized.js';
 import { toWire, type WireError } from './errors.js';
 import type { Endpoint, RawProgress, Reply, Request, WireInput, WireLoadOptions, WireRecognizeOptions } from './protocol.js';
 import type { AdapterInfo, OcrResult, TokenEvent } from './types.js';
@@ -121,7 +120,6 @@ export function serve(endpoint: Endpoint): void {
             if (e instanceof Fatal) throw { code: e.code, message: e.message };
             if (!(e instanceof CacheWriteError)) throw e;
             progress({ phase: 'download', file: '', loaded: 0, total: null, fromCache: false, warning: `${e.message}; loading without the cache` });
-            await deleteCached(quantizedUrl(options.weightsUrl, String(options.quantize))).catch(() => {});
             [cached, url, quantize] = [null, options.weightsUrl, options.quantize];
           }
         } else {

@@ -19,8 +19,8 @@ pub(crate) enum Fault {
 }
 
 impl Fault {
-    /// The error of a recognition, or the payload of a panic in it, when it is a GPU fault.
-    pub(crate) fn of_error(message: &str) -> Option<Self> {
+    /// The error of a recognition (or the message of a panic in it), when its words say GPU fault.
+    fn of_error(message: &str) -> Option<Self> {
         if message.contains("DevicePoison") || message.contains("device was lost") || message.contains("Device lost") {
             return Some(Fault::Lost(message.to_string()));
         }
@@ -30,8 +30,12 @@ impl Fault {
         None
     }
 
-    /// After a failed recognition on `device`: whether a one-value computation still works.
+    /// After a failed recognition on `device`: the fault, if the run is on a GPU and the error
+    /// says so or a one-value computation no longer works (on the CPU: none, the input was bad).
     pub(crate) fn probe(device: &burn::tensor::Device, failure: &str) -> Option<Self> {
+        if !on_gpu() {
+            return None;
+        }
         if let Some(fault) = Self::of_error(failure) {
             return Some(fault);
         }
@@ -42,15 +46,16 @@ impl Fault {
         (!matches!(works, Ok(true))).then(|| Fault::Lost(format!("a recognition failed ({}), and the device no longer computes", Self::first_line(failure))))
     }
 
+    /// The message of a panic's payload.
     pub(crate) fn of_panic(payload: &(dyn Any + Send)) -> String {
         payload.downcast_ref::<String>().cloned().or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "unknown panic".into())
     }
 
     fn first_line(text: &str) -> &str {
-    text.lines().next().unwrap_or(text)
-}
+        text.lines().next().unwrap_or(text)
+    }
 
-/// The batch's last words (exit code 2).
+    /// The batch's last words (exit code 2).
     pub(crate) fn message(&self, doing: &str) -> String {
         match self {
             Fault::Lost(why) => format!("DEVICE_LOST: the GPU device was lost while {doing} ({}); the remaining inputs were not read — run again, or use --device cpu", Self::first_line(why)),
@@ -62,10 +67,18 @@ impl Fault {
 #[cfg(feature = "wgpu")]
 static DEVICE: OnceLock<burn::tensor::wgpu::wgpu::Device> = OnceLock::new();
 
-/// Keeps the wgpu device the CLI runs on, for fault injection.
+/// Keeps the wgpu device the CLI runs on (that it runs on a GPU, and for fault injection).
 #[cfg(feature = "wgpu")]
 pub(crate) fn remember(device: &burn::tensor::wgpu::wgpu::Device) {
     let _ = DEVICE.set(device.clone());
+}
+
+/// Whether the CLI runs on a GPU (a wgpu device was set up).
+fn on_gpu() -> bool {
+    #[cfg(feature = "wgpu")]
+    return DEVICE.get().is_some();
+    #[cfg(not(feature = "wgpu"))]
+    return false;
 }
 
 static DESTROY_AFTER: OnceLock<Option<usize>> = OnceLock::new();

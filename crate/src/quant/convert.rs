@@ -135,9 +135,9 @@ pub fn quantized_config_json(config_json: &str, recipe: &Recipe) -> Result<Strin
     serde_json::to_string_pretty(&value).map_err(|e| Error::Config(e.to_string()))
 }
 
-#[cfg(not(target_arch = "wasm32"))]
 /// The whole conversion of checkpoint folder `source` into folder `out`: shards, index, config and
 /// tokenizer files. `shard_bytes`: the largest shard (see [`crate::weights::DEFAULT_SHARD_BYTES`]).
+#[cfg(not(target_arch = "wasm32"))]
 pub fn convert_dir(source: &Path, out: &Path, recipe: &Recipe, shard_bytes: usize, progress: &mut dyn FnMut(usize, usize)) -> Result<Summary> {
     if source.canonicalize().ok() == out.canonicalize().ok() {
         return Err(Error::InvalidArgument("the output folder is the source folder".into()));

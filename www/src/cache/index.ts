@@ -6,7 +6,7 @@
 import { CacheWriteError, Fatal, downloadInto, request, verify, type Hasher } from './download.js';
 import { deleteCached, openStore, storeAvailable, type FileEntry, type Manifest, type Store } from './store.js';
 
-const INDEX = 'model.safetensors.index.json';
+export const INDEX = 'model.safetensors.index.json';
 const SINGLE = ['model-00001-of-000001.safetensors', 'model.safetensors'];
 /** Files downloaded at once. */
 const STREAMS = 3;
@@ -94,18 +94,8 @@ async function plan(store: Store, base: string, options: PrepareOptions): Promis
     await storeBytes(store, INDEX, bytes);
     files[INDEX].complete = true;
   } else if (index.status === 404) {
-    let found: { name: string; size: number; etag: string } | null = null;
-    for (const name of SINGLE) {
-      const probe = await request(`${base}/${name}`, { headers: { Range: 'bytes=0-0' }, signal: options.signal, cache: 'no-store' });
-      await probe.body?.cancel();
-      if (probe.status === 404) continue;
-      if (!probe.ok) throw new Fatal('NETWORK', `${base}/${name}: HTTP ${probe.status}`);
-      const total = /\/(\d+)$/.exec(probe.headers.get('content-range') ?? '')?.[1] ?? probe.headers.get('content-length');
-      found = { name, size: Number(total), etag: probe.headers.get('etag') ?? '' };
-      break;
-    }
-    if (!found) throw new Fatal('NETWORK', `${base}: no ${INDEX}, ${SINGLE.join(' or ')} (HTTP 404)`);
-    version = `single:${found.name}:${found.size}:${found.etag}`;
+    const found = await probeSingle(base, options.signal);
+    version = found.version;
     // The hub's ETag of an LFS file is its sha256.
     const sha = /^"?([0-9a-f]{64})"?$/.exec(found.etag)?.[1] ?? null;
     files[found.name] = { size: Number.isFinite(found.size) && found.size > 0 ? found.size : null, sha256: sha, complete: false };
@@ -119,6 +109,21 @@ async function plan(store: Store, base: string, options: PrepareOptions): Promis
   const manifest: Manifest = { url: base, version, files, complete: false, usedAt: Date.now() };
   await store.saveManifest(manifest).catch((e) => { throw new CacheWriteError(`cannot write the cache: ${e?.message ?? e}`); });
   return manifest;
+}
+
+/** The single-file checkpoint under `base` (no index): its name, size and ETag from a one-byte Range
+ * request, and the version they make; none there is a `NETWORK` error naming what was looked for. */
+export async function probeSingle(base: string, signal: AbortSignal): Promise<{ name: string; size: number; etag: string; version: string }> {
+  for (const name of SINGLE) {
+    const probe = await request(`${base}/${name}`, { headers: { Range: 'bytes=0-0' }, signal, cache: 'no-store' });
+    await probe.body?.cancel();
+    if (probe.status === 404) continue;
+    if (!probe.ok) throw new Fatal('NETWORK', `${base}/${name}: HTTP ${probe.status}`);
+    const total = /\/(\d+)$/.exec(probe.headers.get('content-range') ?? '')?.[1] ?? probe.headers.get('content-length');
+    const [size, etag] = [Number(total), probe.headers.get('etag') ?? ''];
+    return { name, size, etag, version: `single:${name}:${size}:${etag}` };
+  }
+  throw new Fatal('NETWORK', `${base}: no ${INDEX}, ${SINGLE.join(' or ')} (HTTP 404)`);
 }
 
 function resetIfOther(store: Store, version: string): void {

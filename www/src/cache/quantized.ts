@@ -6,11 +6,8 @@
 // index's sha256, or its single file's size and ETag), so a new upload is quantized afresh.
 
 import { CacheWriteError, Fatal, request } from './download.js';
-import { cachedFetch, storeBytes, verifyAll, type PrepareOptions } from './index.js';
-import { openStore, type FileEntry, type Store } from './store.js';
-
-const INDEX = 'model.safetensors.index.json';
-const SINGLE = ['model-00001-of-000001.safetensors', 'model.safetensors'];
+import { INDEX, cachedFetch, probeSingle, storeBytes, verifyAll, type PrepareOptions } from './index.js';
+import { deleteCached, openStore, type FileEntry, type Store } from './store.js';
 
 /** The engine's converter (`Dsocr.quantizeCheckpoint` of the wasm module). */
 export type Quantizer = (
@@ -31,7 +28,8 @@ export function quantizedUrl(base: string, scheme: string): string {
 /**
  * The quantized checkpoint of `base` by `scheme` from the cache, made first if need be: resolves to
  * its URL and the fetch that serves it, or null when `base` is already quantized (the plain cache
- * applies). A cache that cannot be written throws `CacheWriteError` (the caller loads without it).
+ * applies). A cache that cannot be written throws `CacheWriteError` after dropping what it stored (the
+ * caller loads without the cache).
  */
 export async function prepareQuantized(base: string, scheme: string, quantize: Quantizer, options: PrepareOptions): Promise<{ url: string; fetch: typeof fetch } | null> {
   const url = quantizedUrl(base, scheme);
@@ -46,24 +44,33 @@ export async function prepareQuantized(base: string, scheme: string, quantize: Q
   }
   const source = await sourceVersion(base, options.signal);
   if (source === null) return null;
-  const version = `quantized:${scheme}:${source.version}`;
   await checkQuota(source.bytes === null ? null : Math.ceil(source.bytes * (QUANTIZED_SHARE[scheme] ?? 1)));
-  // Made afresh (a shard is only usable with the index of the same run).
+  try {
+    return await make(store, base, url, scheme, `quantized:${scheme}:${source.version}`, quantize, options);
+  } catch (e) {
+    // What was stored is dropped, to give the space back (as the plain cache does).
+    if (e instanceof CacheWriteError) await deleteCached(url).catch(() => {});
+    throw e;
+  }
+}
+
+/** Quantizes `base` into `store` afresh (a shard is only usable with the index of the same run). */
+async function make(store: Store, base: string, url: string, scheme: string, version: string, quantize: Quantizer, options: PrepareOptions): Promise<{ url: string; fetch: typeof fetch }> {
   await store.clear().catch(() => {});
   const files: Record<string, FileEntry> = {};
   await save(store, { url, version, files, complete: false, usedAt: Date.now() });
   const tokenizer = await request(`${base}/tokenizer.json`, { signal: options.signal });
-  if (!tokenizer.ok) throw new CacheWriteError(`${base}/tokenizer.json: HTTP ${tokenizer.status}`);
+  if (!tokenizer.ok) throw new Fatal('NETWORK', `${base}/tokenizer.json: HTTP ${tokenizer.status}`);
+  // A shard that cannot be stored stops the engine's conversion, which rejects with an error of its
+  // own: the store's `CacheWriteError` is what the caller needs to see (it then loads without the cache).
+  let writeFailure: unknown = null;
   const made = await quantize(base, {
     quantize: scheme,
     signal: options.signal,
-    onShard: async (name, bytes) => {
-      await storeBytes(store, name, bytes);
-      files[name] = { size: bytes.byteLength, sha256: null, complete: true };
-    },
+    onShard: (name, bytes) => storeBytes(store, name, bytes).catch((e) => { writeFailure = e; throw e; }),
     onProgress: (e) => options.onEvent({ phase: 'quantize', file: e.file, loaded: e.loaded, total: e.total, fromCache: false }),
-  });
-  // The index names every shard with its sha256: the next load verifies them against it.
+  }).catch((e) => { throw writeFailure ?? e; });
+  // The index names every shard with its size and sha256: the next load verifies them against it.
   const shards: Record<string, { size: number; sha256: string }> = JSON.parse(made.index).metadata.shards;
   for (const [name, meta] of Object.entries(shards)) files[name] = { size: meta.size, sha256: meta.sha256, complete: true };
   const small: [string, Uint8Array][] = [
@@ -121,14 +128,8 @@ async function sourceVersion(base: string, signal: AbortSignal): Promise<{ versi
     return { version: `index:${[...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, '0')).join('')}`, bytes: total };
   }
   await index.body?.cancel();
-  for (const name of SINGLE) {
-    const probe = await request(`${base}/${name}`, { headers: { Range: 'bytes=0-0' }, signal, cache: 'no-store' });
-    await probe.body?.cancel();
-    if (!probe.ok) continue;
-    const size = /\/(\d+)$/.exec(probe.headers.get('content-range') ?? '')?.[1] ?? probe.headers.get('content-length');
-    return { version: `single:${name}:${size}:${probe.headers.get('etag') ?? ''}`, bytes: size ? Number(size) : null };
-  }
-  return { version: 'unknown', bytes: null };
+  const single = await probeSingle(base, signal);
+  return { version: single.version, bytes: Number.isFinite(single.size) && single.size > 0 ? single.size : null };
 }
 
 async function save(store: Store, manifest: Parameters<Store['saveManifest']>[0]): Promise<void> {
