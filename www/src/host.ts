@@ -74,8 +74,10 @@ export function serve(endpoint: Endpoint): void {
   const fail = async (id: number, e: unknown) => {
     let error = toWire(e);
     // A backend error right after a device loss is that loss (reported to every call by onDeviceLost).
+    // The `lost` promise can settle well after the failed mapping on a busy machine (over 200 ms was
+    // seen on the software adapter): a backend error is rare, so waiting up to 2 s for it costs nothing.
     if (error.code === 'INTERNAL' && !broken) {
-      const lost = await lostWithin(200);
+      const lost = await lostWithin(2000);
       if (lost) onDeviceLost?.(lost);
     }
     // Those GPU failures were told to every call in flight (by failAll) and are every later call's error.
