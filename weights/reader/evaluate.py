@@ -1,14 +1,13 @@
 #!/usr/bin/env python3
 """Held-out pages for the small reader, and what DeepSeek's official code reads on them.
 
-  python weights/reader/evaluate.py --ref-code DIR --ckpt weights/dsocr-reader-tiny \\
-      --out tests/fixtures/reader --pages 12
+  python weights/reader/evaluate.py --ref-code DIR --ckpt CKPT --out PAGES --pages 12
 
 writes `page-NN.png` (held-out seeds, never trained on) and `reader.json`: per page its ground truth and
 the official model's greedy output in Tiny mode with `Free OCR.` (the official `infer` preprocessing and
 prompt, the model's own `generate`: greedy, no_repeat_ngram_size 20, EOS 1, float32), its token ids and
-its character error rate, plus the mean CER. The Rust tests read the same pages with dsocr and must
-produce the same tokens. Run with OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE.
+its character error rate, plus the mean CER: what a Rust test reading the same pages with dsocr
+compares against (tokens equal) once a checkpoint reads. Run with OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import pathlib
 import sys
 
 import torch
-from safetensors import safe_open
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -33,12 +31,7 @@ def load(modeling, deepencoder, ckpt: pathlib.Path):
     """The official model with the checkpoint's weights, widened to float32."""
     cfg = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
     model = ref.build_model(modeling, deepencoder, cfg, seed=None)
-    params = dict(model.named_parameters())
-    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
-        assert set(f.keys()) == set(params), set(f.keys()) ^ set(params)
-        with torch.no_grad():
-            for name in f.keys():
-                params[name].copy_(f.get_tensor(name).float())
+    train.load_weights(model, ckpt)
     return model.eval()
 
 

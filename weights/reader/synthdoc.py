@@ -160,11 +160,12 @@ def page(seed: int, easy: bool = False) -> tuple[Image.Image, str]:
             break
         text = easy_line(rng) if easy else line(rng)
         # Drop words from the end until the line fits.
-        while draw.textlength(text, font=font) > width - margin - 8 and " " in text:
+        room = width - margin - 8
+        while (length := draw.textlength(text, font=font)) > room and " " in text:
             text = text.rsplit(" ", 1)[0]
-        if draw.textlength(text, font=font) > width - margin - 8:
+        if length > room:
             continue
-        x = margin + rng.randint(0, max(0, int(width - margin - 8 - draw.textlength(text, font=font)) // 3))
+        x = margin + rng.randint(0, max(0, int(room - length) // 3))
         draw.text((x, y), text, font=font, fill=fg)
         lines.append(text)
         y += spacing
