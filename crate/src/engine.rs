@@ -47,6 +47,10 @@ pub struct EngineOptions {
     /// the device when loaded (GPUs, until they have kernels of their own) and the cache is device
     /// tensors.
     pub host_kernels: bool,
+    /// On a GPU that runs the crate's kernels (`gpu/`; wgpu, WebGPU) with host kernels off, keep
+    /// quantized weights packed on the device and multiply them there (default). Off, they are
+    /// dequantized to the device's float type when loaded (float memory; for comparison).
+    pub device_kernels: bool,
 }
 
 impl Default for EngineOptions {
@@ -59,13 +63,14 @@ impl Default for EngineOptions {
             threads: cpu_threads(),
             quantize: None,
             host_kernels: true,
+            device_kernels: true,
         }
     }
 }
 
 impl EngineOptions {
     /// The settings a GPU wants: weights within its binding limit `max_tensor_bytes`, the routed
-    /// experts stacked, no host threads of the model's own, quantized weights on the device.
+    /// experts stacked, no host threads of the model's own, quantized weights packed on the device.
     pub fn gpu(max_tensor_bytes: usize) -> Self {
         Self { max_tensor_bytes, stacked_experts: true, threads: 1, host_kernels: false, ..Self::default() }
     }
@@ -205,7 +210,8 @@ impl Engine {
             .with_threads(options.threads)
             .with_stored_recipe(stored)
             .with_quantize(options.quantize.clone())
-            .with_host_kernels(options.host_kernels);
+            .with_host_kernels(options.host_kernels)
+            .with_device_kernels(options.device_kernels);
         if let Some(progress) = progress {
             loader = loader.with_progress(progress);
         }

@@ -10,7 +10,9 @@ use super::readback::read_i64;
 use crate::config::DecoderConfig;
 use crate::error::{Error, Result};
 use super::ops;
+use crate::gpu::DevicePacked;
 use crate::quant::{PackedMatrix, QLinear};
+use crate::weights::Matrix;
 use crate::weights::Loader;
 
 /// `down(silu(gate(x)) ⊙ up(x))`, no biases (`DeepseekV2MLP`).
@@ -48,6 +50,10 @@ impl Mlp {
                 Tensor::from_data(TensorData::new(PackedMatrix::mlp(g, u, d, &values, m, t), [m, d.rows]), &device)
             });
         }
+        if let (Some(g), Some(u), Some(d)) = (self.gate_proj.device_weight(), self.up_proj.device_weight(), self.down_proj.device_weight()) {
+            // All three packed on the GPU: gate and up in one pass, SiLU·mul fused.
+            return ops::as_rows(x, |x| d.linear(DevicePacked::glu(g, u, x)));
+        }
         let hidden = silu(self.gate_proj.forward_threads(x.clone(), t)) * self.up_proj.forward_threads(x, t);
         self.down_proj.forward_threads(hidden, t)
     }
@@ -70,13 +76,28 @@ pub struct Moe {
 }
 
 /// The routed experts' weights stacked along a leading expert axis, in shards of whole experts that
-/// each fit the device's binding limit: `gate`/`up` `(E_s, hidden, width)`, `down` `(E_s, width, hidden)`.
+/// each fit the device's binding limit: `gate`/`up` `(E_s, hidden, width)`, `down` `(E_s, width, hidden)`;
+/// quantized, packed on the GPU instead (`packed`, and the float shards are empty).
 #[derive(Module, Debug)]
 struct ExpertStack {
     gate: Vec<Param<Tensor<3>>>,
     up: Vec<Param<Tensor<3>>>,
     down: Vec<Param<Tensor<3>>>,
     per_shard: usize,
+    #[module(skip)]
+    packed: Option<PackedStack>,
+}
+
+/// The experts' matrices stacked by rows, packed on the GPU: `gate`/`up` `(E · width, hidden)`,
+/// `down` `(E · hidden, width)`, in shards of whole experts.
+#[derive(Debug, Clone)]
+struct PackedStack {
+    gate: DevicePacked,
+    up: DevicePacked,
+    down: DevicePacked,
+    count: usize,
+    hidden: usize,
+    width: usize,
 }
 
 /// Decode steps route at most this many (token, slot) pairs; above it (prefill) the experts run
@@ -203,6 +224,9 @@ impl Moe {
 
 impl ExpertStack {
     async fn load(l: &Loader<'_, '_>, prefix: &str, count: usize, hidden: usize, width: usize) -> Result<Self> {
+        if l.device_kernels() && l.is_quantized(&format!("{prefix}.experts.0.gate_proj.weight")) {
+            return Self::load_packed(l, prefix, count, hidden, width).await;
+        }
         let per_shard = (l.max_tensor_bytes() / (hidden * width * std::mem::size_of::<f32>())).clamp(1, count);
         let (mut gate, mut up, mut down) = (Vec::new(), Vec::new(), Vec::new());
         for first in (0..count).step_by(per_shard) {
@@ -213,15 +237,48 @@ impl ExpertStack {
             up.push(upload(l.stacked_transposed(&names("up_proj"), [width, hidden]).await?));
             down.push(upload(l.stacked_transposed(&names("down_proj"), [hidden, width]).await?));
         }
-        Ok(Self { gate, up, down, per_shard })
+        Ok(Self { gate, up, down, per_shard, packed: None })
+    }
+
+    /// The experts packed on the GPU, each projection stacked by rows and uploaded in shards of
+    /// whole experts within the binding limit.
+    async fn load_packed(l: &Loader<'_, '_>, prefix: &str, count: usize, hidden: usize, width: usize) -> Result<Self> {
+        let stack = async |proj: &str, [rows, cols]: [usize; 2]| -> Result<DevicePacked> {
+            let mut parts = Vec::with_capacity(count);
+            for e in 0..count {
+                match l.matrix(&format!("{prefix}.experts.{e}.{proj}.weight"), [rows, cols]).await? {
+                    Matrix::Packed(p) => parts.push(p),
+                    Matrix::Dense(_) => return Err(Error::Backend(format!("{prefix}.experts.{e}.{proj}: experts quantized only in part"))),
+                }
+            }
+            let spec = parts[0].spec;
+            let stacked = PackedMatrix::concat_rows(parts, cols, spec);
+            let per_shard = (l.max_tensor_bytes() / (stacked.groups() * stacked.group_bytes() * rows).max(1)).clamp(1, count);
+            Ok(DevicePacked::upload_in_shards(&stacked, l.device(), per_shard * rows))
+        };
+        let packed = PackedStack {
+            gate: stack("gate_proj", [width, hidden]).await?,
+            up: stack("up_proj", [width, hidden]).await?,
+            down: stack("down_proj", [hidden, width]).await?,
+            count,
+            hidden,
+            width,
+        };
+        Ok(Self { gate: Vec::new(), up: Vec::new(), down: Vec::new(), per_shard: count, packed: Some(packed) })
     }
 
     fn count(&self) -> usize {
-        self.gate.iter().map(|g| g.dims()[0]).sum()
+        match &self.packed {
+            Some(p) => p.count,
+            None => self.gate.iter().map(|g| g.dims()[0]).sum(),
+        }
     }
 
     /// Expert `e` on its tokens `(n, hidden)`.
     fn forward_one(&self, e: usize, x: Tensor<2>) -> Tensor<2> {
+        if let Some(p) = &self.packed {
+            return p.down.expert(None, p.gate.expert(Some(&p.up), x, e, p.width), e, p.hidden);
+        }
         let (shard, i) = (e / self.per_shard, e % self.per_shard);
         let take = |w: &Param<Tensor<3>>, rows: usize, cols: usize| w.val().slice([i..i + 1]).reshape([rows, cols]);
         let [_, h, w] = self.gate[shard].dims();
@@ -234,6 +291,12 @@ impl ExpertStack {
     fn forward_gathered(&self, x: Tensor<2>, experts: Tensor<2, Int>, k: usize) -> Tensor<2> {
         let [tokens, d] = x.dims();
         let pairs = tokens * k;
+        if let Some(p) = &self.packed {
+            // Pair r reads token r / k; the router's choice stays on the device.
+            let experts = experts.reshape([pairs]);
+            let hidden = p.gate.gathered(Some(&p.up), x, experts.clone(), k, p.width);
+            return p.down.gathered(None, hidden, experts, 1, p.hidden);
+        }
         // Row r of `x_pairs` is token r / k.
         let x_pairs = x.reshape([tokens, 1, d]).expand([tokens, k, d]).reshape([pairs, 1, d]);
         let experts = experts.reshape([pairs]);

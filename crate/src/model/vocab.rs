@@ -1,8 +1,9 @@
 //! Vocabulary-sized matrices (token embedding, lm_head) kept as row shards, each within the device's
 //! largest binding: the real model's 129,280 × 1,280 tables are 632 MiB in f32, far beyond WebGPU's
 //! default 128 MiB `maxStorageBufferBindingSize`. With no limit each is a single shard.
-//! Quantized on the CPU, each is one packed matrix instead: the embedding dequantizes only the rows
-//! it gathers, lm_head runs the packed kernels.
+//! Quantized, each is one packed matrix instead (on the host for the CPU kernels, on the GPU for
+//! the crate's GPU kernels): the embedding dequantizes only the rows it gathers, lm_head runs the
+//! packed kernels.
 
 use std::sync::Arc;
 
@@ -11,6 +12,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::ops;
 use crate::error::Result;
+use crate::gpu::DevicePacked;
 use crate::quant::PackedMatrix;
 use crate::weights::Loader;
 
@@ -22,16 +24,23 @@ pub struct EmbeddingShards {
     /// The table packed on the host (then `shards` is empty).
     #[module(skip)]
     packed: Option<Arc<PackedMatrix>>,
+    /// The table packed on the GPU (then `shards` is empty).
+    #[module(skip)]
+    on_gpu: Option<DevicePacked>,
 }
 
 impl EmbeddingShards {
     pub async fn load(l: &Loader<'_, '_>, name: &str, [vocab, hidden]: [usize; 2]) -> Result<Self> {
-        if let Some(packed) = l.packed_on_host(name, [vocab, hidden]).await? {
-            return Ok(Self { shards: Vec::new(), rows_per_shard: vocab, packed: Some(Arc::new(packed)) });
+        let packed = Self { shards: Vec::new(), rows_per_shard: vocab, packed: None, on_gpu: None };
+        if let Some(table) = l.packed_on_host(name, [vocab, hidden]).await? {
+            return Ok(Self { packed: Some(Arc::new(table)), ..packed });
+        }
+        if let Some(table) = l.packed_on_device(name, [vocab, hidden]).await? {
+            return Ok(Self { on_gpu: Some(table), ..packed });
         }
         let shards = l.row_shards(name, [vocab, hidden], false).await?;
         let rows_per_shard = shards[0].dims()[0];
-        Ok(Self { shards: shards.into_iter().map(Param::from_tensor).collect(), rows_per_shard, packed: None })
+        Ok(Self { shards: shards.into_iter().map(Param::from_tensor).collect(), rows_per_shard, packed: None, on_gpu: None })
     }
 
     pub fn shard_count(&self) -> usize {
@@ -52,6 +61,9 @@ impl EmbeddingShards {
             let n = rows.len();
             Tensor::<1, Int>::from_data(TensorData::new(rows, [n]), device)
         };
+        if let Some(table) = &self.on_gpu {
+            return table.rows_of(index(ids.iter().map(|&i| i as i64).collect()));
+        }
         if self.shards.len() == 1 {
             return self.shards[0].val().select(0, index(ids.iter().map(|&i| i as i64).collect()));
         }
@@ -84,7 +96,7 @@ pub struct LmHeadShards {
     shards: Vec<Param<Tensor<2>>>,
     /// See [`Loader::with_threads`].
     threads: usize,
-    /// The projection packed on the host (then `shards` is empty).
+    /// The projection packed on the host or the GPU (then `shards` is empty).
     packed: Option<crate::quant::QLinear>,
 }
 
@@ -94,6 +106,9 @@ impl LmHeadShards {
         if let Some(packed) = l.packed_on_host(name, [vocab, hidden]).await? {
             let head = crate::quant::QLinear::packed(packed, None, l.threads());
             return Ok(Self { shards: Vec::new(), threads: l.threads(), packed: Some(head) });
+        }
+        if let Some(packed) = l.packed_on_device(name, [vocab, hidden]).await? {
+            return Ok(Self { shards: Vec::new(), threads: 1, packed: Some(crate::quant::QLinear::on_device(packed, None)) });
         }
         let shards = l.row_shards(name, [vocab, hidden], true).await?;
         Ok(Self { shards: shards.into_iter().map(Param::from_tensor).collect(), threads: l.threads(), packed: None })

@@ -1,5 +1,6 @@
-//! A linear layer whose weight is either a float burn `Linear` (GPUs, unquantized checkpoints) or a
-//! [`PackedMatrix`] kept on the host and multiplied by the CPU kernels ([`super::kernels`]).
+//! A linear layer whose weight is a float burn `Linear` (unquantized checkpoints), a
+//! [`PackedMatrix`] kept on the host and multiplied by the CPU kernels ([`super::kernels`]), or a
+//! packed matrix on the GPU multiplied by the crate's GPU kernels ([`DevicePacked`]).
 
 use std::sync::Arc;
 
@@ -8,6 +9,7 @@ use burn::nn::Linear;
 use burn::tensor::{Tensor, TensorData};
 
 use super::scheme::PackedMatrix;
+use crate::gpu::DevicePacked;
 
 #[derive(Module, Debug)]
 pub struct QLinear {
@@ -15,6 +17,9 @@ pub struct QLinear {
     /// PyTorch-layout `(out, in)` packed weight; shared, never copied.
     #[module(skip)]
     packed: Option<Arc<PackedMatrix>>,
+    /// Packed on the GPU.
+    #[module(skip)]
+    on_gpu: Option<DevicePacked>,
     bias: Option<Param<Tensor<1>>>,
     /// Threads of the packed kernels (see `Loader::with_threads`).
     threads: usize,
@@ -22,11 +27,15 @@ pub struct QLinear {
 
 impl QLinear {
     pub fn dense(linear: Linear, threads: usize) -> Self {
-        Self { dense: Some(linear), packed: None, bias: None, threads }
+        Self { dense: Some(linear), packed: None, on_gpu: None, bias: None, threads }
     }
 
     pub fn packed(weight: PackedMatrix, bias: Option<Tensor<1>>, threads: usize) -> Self {
-        Self { dense: None, packed: Some(Arc::new(weight)), bias: bias.map(Param::from_tensor), threads }
+        Self { dense: None, packed: Some(Arc::new(weight)), on_gpu: None, bias: bias.map(Param::from_tensor), threads }
+    }
+
+    pub fn on_device(weight: DevicePacked, bias: Option<Tensor<1>>) -> Self {
+        Self { dense: None, packed: None, on_gpu: Some(weight), bias: bias.map(Param::from_tensor), threads: 1 }
     }
 
     /// The bias, if the layer has one.
@@ -46,6 +55,11 @@ impl QLinear {
         self.packed.as_deref().filter(|_| self.bias.is_none())
     }
 
+    /// The packed weight, when the layer multiplies on the GPU (no bias).
+    pub fn device_weight(&self) -> Option<&DevicePacked> {
+        self.on_gpu.as_ref().filter(|_| self.bias.is_none())
+    }
+
     /// `x · Wᵀ + b` over the last axis, all leading dimensions as rows of one product (see
     /// `model::ops::linear`), on the layer's threads.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
@@ -54,10 +68,18 @@ impl QLinear {
 
     /// [`QLinear::forward`] on `threads` threads (1 inside work already spread over threads).
     pub fn forward_threads<const D: usize>(&self, x: Tensor<D>, threads: usize) -> Tensor<D> {
-        match (&self.dense, &self.packed) {
-            (Some(linear), _) => crate::model::ops::linear_par(linear, x, threads),
-            (None, Some(packed)) => crate::model::ops::as_rows(x, |x| self.packed_product(packed, x, threads)),
-            (None, None) => unreachable!("a QLinear is built dense or packed"),
+        match (&self.dense, &self.packed, &self.on_gpu) {
+            (Some(linear), _, _) => crate::model::ops::linear_par(linear, x, threads),
+            (None, Some(packed), _) => crate::model::ops::as_rows(x, |x| self.with_bias(self.packed_product(packed, x, threads))),
+            (None, None, Some(device)) => crate::model::ops::as_rows(x, |x| self.with_bias(device.linear(x))),
+            (None, None, None) => unreachable!("a QLinear is built dense or packed"),
+        }
+    }
+
+    fn with_bias(&self, y: Tensor<2>) -> Tensor<2> {
+        match &self.bias {
+            Some(bias) => y + bias.val().unsqueeze_dim(0),
+            None => y,
         }
     }
 
@@ -68,10 +90,6 @@ impl QLinear {
         debug_assert_eq!(k, w.cols);
         let device = x.device();
         let values = crate::model::ops::host_values(x);
-        let y = Tensor::<2>::from_data(TensorData::new(w.matmul(&values, m, threads), [m, w.rows]), &device);
-        match &self.bias {
-            Some(bias) => y + bias.val().unsqueeze_dim(0),
-            None => y,
-        }
+        Tensor::<2>::from_data(TensorData::new(w.matmul(&values, m, threads), [m, w.rows]), &device)
     }
 }

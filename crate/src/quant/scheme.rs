@@ -256,6 +256,36 @@ impl PackedMatrix {
         }
     }
 
+    /// Bytes of one whole group (`group` values).
+    pub fn group_bytes(&self) -> usize {
+        self.spec.row_bytes(self.spec.group)
+    }
+
+    /// The packed values with every group whole: rows of `groups · group_bytes` bytes, a ragged
+    /// last group padded with zeros and, in q4, laid out as a whole group is (value `i` beside
+    /// value `i + group/2`). The GPU kernels' layout: each group starts on a word boundary, and
+    /// a word's columns follow from its position alone.
+    pub fn whole_groups(&self) -> Vec<u8> {
+        let (g, gb, rb) = (self.spec.group, self.group_bytes(), self.row_bytes());
+        let ragged = self.cols % g;
+        if ragged == 0 {
+            return self.data.clone();
+        }
+        let full = self.cols / g;
+        let mut out = vec![0u8; self.rows * self.groups() * gb];
+        let (mut values, mut q) = (vec![0f32; ragged], vec![0i8; g]);
+        for (row, dst) in self.data.chunks(rb.max(1)).zip(out.chunks_mut(self.groups() * gb)).take(self.rows) {
+            dst[..full * gb].copy_from_slice(&row[..full * gb]);
+            unpack_group(self.spec.bits, &row[full * gb..], &mut values);
+            for (q, &v) in q.iter_mut().zip(&values) {
+                *q = v as i8;
+            }
+            q[ragged..].fill(0);
+            pack_group(self.spec.bits, &q, &mut dst[full * gb..]);
+        }
+        out
+    }
+
     /// Bytes held in memory.
     pub fn memory_bytes(&self) -> usize {
         self.data.len() + self.scales.len() * 4
@@ -469,6 +499,28 @@ mod tests {
         assert_eq!(back[0], 0.0);
         let zeros = PackedMatrix::quantize(&[0.0; 40], 1, 40, spec);
         assert!(zeros.dequantize().iter().all(|&x| x == 0.0));
+    }
+
+    /// Whole groups: a ragged last group comes back padded with zeros in the whole group's
+    /// layout, the values unchanged; whole rows are the stored bytes as they are.
+    #[test]
+    fn whole_groups_pad_the_last_group() {
+        for bits in [Bits::Q4, Bits::Q8] {
+            for (cols, group) in [(35, 32), (101, 64), (256, 128), (7, 32)] {
+                let spec = QuantSpec::new(bits, group, ScaleDtype::F32).unwrap();
+                let v = values(3 * cols, cols as u32);
+                let p = PackedMatrix::quantize(&v, 3, cols, spec);
+                let padded = p.whole_groups();
+                let groups = p.groups();
+                assert_eq!(padded.len(), 3 * groups * p.group_bytes());
+                let wide = PackedMatrix { cols: groups * group, data: padded, ..p.clone() };
+                let (narrow, back) = (p.dequantize(), wide.dequantize());
+                for r in 0..3 {
+                    assert_eq!(back[r * wide.cols..r * wide.cols + cols], narrow[r * cols..(r + 1) * cols], "{spec} {cols}");
+                    assert!(back[r * wide.cols + cols..(r + 1) * wide.cols].iter().all(|&x| x == 0.0));
+                }
+            }
+        }
     }
 
     /// Byte layout: q4 group byte i = value i (low nibble) and value i + ⌈L/2⌉ (high), offset by 8.

@@ -12,6 +12,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use super::Checkpoint;
 use super::values::{Half, transpose};
 use crate::error::Result;
+use crate::gpu::DevicePacked;
 use crate::quant::{PackedMatrix, QLinear, Recipe};
 
 /// Called with `(bytes loaded, bytes in the checkpoint)` after each tensor.
@@ -33,6 +34,9 @@ pub struct Loader<'c, 'b> {
     /// Keep quantized matrices packed on the host for the CPU kernels (else dequantize them onto
     /// the device).
     host_kernels: bool,
+    /// Keep quantized matrices packed on the GPU for the crate's GPU kernels (where the device
+    /// runs them, see [`crate::gpu::available`]).
+    device_kernels: bool,
     /// The device's float type when it is a half one: float tensors are built in it directly.
     half: Option<Half>,
 }
@@ -56,7 +60,7 @@ impl Matrix {
 impl<'c, 'b> Loader<'c, 'b> {
     pub fn new(checkpoint: &'c Checkpoint<'b>, device: &Device) -> Self {
         let half = Half::of(device);
-        Self { checkpoint, device: device.clone(), max_tensor_bytes: usize::MAX, stacked_experts: false, threads: 1, progress: None, loaded: Cell::new(0), stored: None, quantize: None, host_kernels: false, half }
+        Self { checkpoint, device: device.clone(), max_tensor_bytes: usize::MAX, stacked_experts: false, threads: 1, progress: None, loaded: Cell::new(0), stored: None, quantize: None, host_kernels: false, device_kernels: false, half }
     }
 
     /// The checkpoint's recipe (from its `config.json`), needed to read its packed tensors.
@@ -82,6 +86,19 @@ impl<'c, 'b> Loader<'c, 'b> {
     /// See [`Loader::with_host_kernels`].
     pub fn host_kernels(&self) -> bool {
         self.host_kernels
+    }
+
+    /// Keep quantized matrices packed on the GPU and multiply them with the crate's GPU kernels
+    /// (`gpu/`), when `on`, the device runs them and host kernels are off. Else quantized matrices
+    /// are dequantized onto the device when loaded.
+    pub fn with_device_kernels(mut self, on: bool) -> Self {
+        self.device_kernels = on;
+        self
+    }
+
+    /// See [`Loader::with_device_kernels`].
+    pub fn device_kernels(&self) -> bool {
+        self.device_kernels && !self.host_kernels && crate::gpu::available(&self.device)
     }
 
     /// Rows `rows` of the `(rows, cols)` matrix `name`: packed when the checkpoint stores it so or
@@ -227,21 +244,35 @@ impl<'c, 'b> Loader<'c, 'b> {
         Ok(TensorData::from_bytes_vec(bytes, [names.len(), d_in, d_out], dtype))
     }
 
+    /// The matrix packed on the GPU when it is quantized and this loader keeps packed matrices
+    /// there (`None`: load it as float), in row shards within the binding limit.
+    pub async fn packed_on_device(&self, name: &str, shape: [usize; 2]) -> Result<Option<DevicePacked>> {
+        if !(self.device_kernels() && self.is_quantized(name)) {
+            return Ok(None);
+        }
+        Ok(match self.matrix(name, shape).await? {
+            Matrix::Packed(packed) => Some(DevicePacked::upload(&packed, &self.device, self.max_tensor_bytes)),
+            Matrix::Dense(_) => None,
+        })
+    }
+
     /// Whether `name` is stored packed or quantized at load time.
-    fn is_quantized(&self, name: &str) -> bool {
+    pub fn is_quantized(&self, name: &str) -> bool {
         self.checkpoint.is_packed(name) || self.quantize.as_ref().and_then(|r| r.spec_for(name)).is_some()
     }
 
     /// A linear layer that may be quantized: packed on the host when this loader keeps packed
     /// matrices and the weight is quantized, else a float `Linear` (dequantized if need be).
     pub async fn qlinear(&self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<QLinear> {
-        match self.packed_on_host(&format!("{prefix}.weight"), [d_out, d_in]).await? {
-            Some(packed) => {
-                let bias = if bias { Some(self.tensor(&format!("{prefix}.bias"), [d_out]).await?) } else { None };
-                Ok(QLinear::packed(packed, bias, self.threads))
-            }
-            None => Ok(QLinear::dense(self.linear(prefix, d_in, d_out, bias).await?, self.threads)),
+        let weight = format!("{prefix}.weight");
+        let bias_of = async || if bias { self.tensor(&format!("{prefix}.bias"), [d_out]).await.map(Some) } else { Ok(None) };
+        if let Some(packed) = self.packed_on_host(&weight, [d_out, d_in]).await? {
+            return Ok(QLinear::packed(packed, bias_of().await?, self.threads));
         }
+        if let Some(packed) = self.packed_on_device(&weight, [d_out, d_in]).await? {
+            return Ok(QLinear::on_device(packed, bias_of().await?));
+        }
+        Ok(QLinear::dense(self.linear(prefix, d_in, d_out, bias).await?, self.threads))
     }
 
     /// `prefix.weight` (PyTorch `(out, in)`, stored transposed as burn's `[in, out]`) and optional

@@ -1,0 +1,44 @@
+//! [`DevicePacked`] in a build without the GPU kernels: a type with no values. The loader never
+//! builds one (no device runs the kernels: [`super::available`] is false), so every method is
+//! the empty match.
+
+use burn::tensor::{Device, Int, Tensor};
+
+use crate::quant::PackedMatrix;
+
+#[derive(Debug, Clone)]
+pub enum DevicePacked {}
+
+impl DevicePacked {
+    pub fn upload(_: &PackedMatrix, _: &Device, _: usize) -> Self {
+        unreachable!("no GPU kernels in this build (feature `gpu`)")
+    }
+
+    pub fn upload_in_shards(_: &PackedMatrix, _: &Device, _: usize) -> Self {
+        unreachable!("no GPU kernels in this build (feature `gpu`)")
+    }
+
+    pub fn device_bytes(&self) -> usize {
+        match *self {}
+    }
+
+    pub fn linear(&self, _: Tensor<2>) -> Tensor<2> {
+        match *self {}
+    }
+
+    pub fn glu(gate: &Self, _: &Self, _: Tensor<2>) -> Tensor<2> {
+        match *gate {}
+    }
+
+    pub fn gathered(&self, _: Option<&Self>, _: Tensor<2>, _: Tensor<1, Int>, _: usize, _: usize) -> Tensor<2> {
+        match *self {}
+    }
+
+    pub fn rows_of(&self, _: Tensor<1, Int>) -> Tensor<2> {
+        match *self {}
+    }
+
+    pub fn expert(&self, _: Option<&Self>, _: Tensor<2>, _: usize, _: usize) -> Tensor<2> {
+        match *self {}
+    }
+}

@@ -1,0 +1,262 @@
+//! The `#[cube]` kernels: one source, compiled to WGSL for native wgpu and the browser alike.
+//!
+//! They read the device layout of [`super::packed`]: a row is `groups` whole groups of
+//! `group · bits / 32` little-endian `u32` words (the last group padded with zeros), one f32
+//! scale per group. Within a q4 group, word `j` holds columns `4j … 4j+3` in its low nibbles and
+//! `group/2 + 4j …` in its high ones (stored `q + 8`); a q8 word holds four consecutive columns
+//! as two's-complement bytes. So `w = scale · q`.
+//!
+//! Only what WebGPU guarantees is used: workgroups of [`CUBE_UNITS`] units, at most 16 KiB of
+//! workgroup memory, no subgroup operations, f32 arithmetic whatever the activations' type.
+
+use cubecl::prelude::*;
+
+/// Units per workgroup of the few-rows kernel.
+pub const CUBE_UNITS: u32 = 256;
+/// Units per output row: they stride the row's words (neighbours read neighbouring words, so a
+/// team's reads coalesce), then their partial sums are added in workgroup memory.
+pub const TEAM: u32 = 32;
+/// Output rows per workgroup.
+pub const ROWS_PER_CUBE: u32 = CUBE_UNITS / TEAM;
+/// `log2(TEAM)`: the reduction's halving steps.
+const TEAM_STEPS: u32 = 5;
+
+/// Input column `col` of the row starting at `base` as f32, 0 past the row's `k` columns (the
+/// padding of a ragged last group; the index is clamped so the read stays inside the row).
+#[cube]
+fn input<F: Float>(x: &[F], base: usize, col: usize, k: usize) -> f32 {
+    let at = base + clamp_max(col, k - 1);
+    select(col < k, f32::cast_from(x[at]), 0.0)
+}
+
+/// `Σ q · x` over the values of one packed word (the group's scale not applied): `col` is the
+/// word's first column within its row, `base` where the input row starts.
+#[cube]
+fn word_dot<F: Float>(word: u32, x: &[F], base: usize, col: usize, k: usize, #[comptime] bits: u32, #[comptime] group: usize) -> f32 {
+    let mut sum = 0.0f32;
+    if comptime![bits == 4] {
+        #[unroll]
+        for b in 0..4usize {
+            // Stored q + 8 (0..=15).
+            let lo = f32::cast_from((word >> (8 * b as u32)) & 15) - 8.0;
+            let hi = f32::cast_from((word >> (8 * b as u32 + 4)) & 15) - 8.0;
+            sum += lo * input::<F>(x, base, col + b, k) + hi * input::<F>(x, base, col + group / 2 + b, k);
+        }
+    } else {
+        #[unroll]
+        for b in 0..4usize {
+            // Branchless two's complement: a byte of 128 or more stands for byte − 256.
+            let raw = (word >> (8 * b as u32)) & 255;
+            let q = f32::cast_from(raw) - select(raw >= 128, 256.0, 0.0);
+            sum += q * input::<F>(x, base, col + b, k);
+        }
+    }
+    sum
+}
+
+/// The first column of word `w` of a row: word `j` of a group starts at column `4j` of it (q8:
+/// four bytes; q4: the four low nibbles, the high ones half a group later).
+#[cube]
+fn word_column(w: usize, #[comptime] bits: u32, #[comptime] group: usize) -> usize {
+    let words_per_group = comptime![group * bits as usize / 32];
+    (w / words_per_group) * group + (w % words_per_group) * 4
+}
+
+/// `y = x · Wᵀ` for few input rows, `W` packed `(n, k)`; optionally `silu(x · Wᵀ) ⊙ (x · Uᵀ)`
+/// with a second matrix `U` of the same shape (`up`: the gate/up pair of an MLP in one pass).
+///
+/// * Plain (`ids` none): `x` is `(m, k)`, `out` `(m, n)`; every weight row is read once for the
+///   `m` rows (a decoding step of `m` sequences).
+/// * Gathered (`ids` some): cube row `s` (`CUBE_POS_Y`) is one (token, expert) pair, `m = 1`:
+///   input row `s / x_div`, weight rows `(ids[s] − first) · n …` of a stack of experts `n` rows
+///   each, `out` row `s`. A pair whose expert is not in `first .. first + experts` (another
+///   shard's) gets zeros. The router's choice never leaves the device.
+///
+/// Workgroups of [`CUBE_UNITS`] units, [`ROWS_PER_CUBE`] output rows each.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn few_rows_kernel<F: Float, I: Int>(
+    x: &[F],
+    words: &[u32],
+    scales: &[f32],
+    up_words: ComptimeOption<&[u32]>,
+    up_scales: ComptimeOption<&[f32]>,
+    ids: ComptimeOption<&[I]>,
+    out: &mut [F],
+    k: usize,
+    n: usize,
+    groups: usize,
+    x_div: usize,
+    first: usize,
+    experts: usize,
+    #[comptime] m: usize,
+    #[comptime] bits: u32,
+    #[comptime] group: usize,
+    #[define(F, I)] _dtypes: [ElemType; 2],
+) {
+    let glu = comptime![up_words.is_some()];
+    let gathered = comptime![ids.is_some()];
+    let accumulators = comptime![if glu { 2 * m } else { m }];
+    let lane = (UNIT_POS % TEAM) as usize;
+    let row = CUBE_POS_X as usize * ROWS_PER_CUBE as usize + (UNIT_POS / TEAM) as usize;
+    let slot = CUBE_POS_Y as usize;
+    let row_words = groups * comptime![group * bits as usize / 32];
+
+    // Which weight rows and input rows this cube row reads.
+    let mut weight_row = row;
+    let mut x_first = 0usize;
+    let mut valid = row < n;
+    #[comptime]
+    match ids {
+        ComptimeOption::Some(ids) => {
+            let expert = usize::cast_from(ids[slot]);
+            let inside = expert >= first && expert < first + experts;
+            valid = valid && inside;
+            weight_row = select(inside, expert - first, 0) * n + row;
+            x_first = slot / x_div;
+        }
+        ComptimeOption::None => {}
+    }
+
+    let mut acc = Array::<f32>::new(accumulators);
+    #[unroll]
+    for a in 0..accumulators {
+        acc[a] = 0.0;
+    }
+    if valid {
+        let mut w = lane;
+        while w < row_words {
+            let at = weight_row * row_words + w;
+            let col = word_column(w, bits, group);
+            let g = weight_row * groups + w / comptime![group * bits as usize / 32];
+            let word = words[at];
+            let scale = scales[g];
+            #[unroll]
+            for i in 0..m {
+                let base = (x_first + i) * k;
+                acc[i] += scale * word_dot::<F>(word, x, base, col, k, bits, group);
+            }
+            #[comptime]
+            match (up_words, up_scales) {
+                (ComptimeOption::Some(up_words), ComptimeOption::Some(up_scales)) => {
+                    let up_word = up_words[at];
+                    let up_scale = up_scales[g];
+                    #[unroll]
+                    for i in 0..m {
+                        let base = (x_first + i) * k;
+                        acc[m + i] += up_scale * word_dot::<F>(up_word, x, base, col, k, bits, group);
+                    }
+                }
+                _ => {}
+            }
+            w += TEAM as usize;
+        }
+    }
+
+    // The team's partial sums, halved TEAM_STEPS times in workgroup memory.
+    let mut partial = Shared::<[f32]>::new_slice(comptime![CUBE_UNITS as usize * accumulators]);
+    let unit = UNIT_POS as usize;
+    #[unroll]
+    for a in 0..accumulators {
+        partial[a * CUBE_UNITS as usize + unit] = acc[a];
+    }
+    sync_cube();
+    #[unroll]
+    for step in 0..TEAM_STEPS {
+        let stride = comptime![(TEAM >> (step + 1)) as usize];
+        if lane < stride {
+            #[unroll]
+            for a in 0..accumulators {
+                let at = a * CUBE_UNITS as usize + unit;
+                partial[at] += partial[at + stride];
+            }
+        }
+        sync_cube();
+    }
+
+    if lane == 0 && row < n {
+        #[unroll]
+        for i in 0..m {
+            let mut y = partial[i * CUBE_UNITS as usize + unit];
+            if comptime![glu] {
+                // silu(g) · u, as burn's silu computes it: g · sigmoid(g).
+                let u = partial[(m + i) * CUBE_UNITS as usize + unit];
+                y = y / (1.0 + f32::exp(-y)) * u;
+            }
+            let out_row = select(gathered, slot, i);
+            out[out_row * n + row] = F::cast_from(select(valid, y, 0.0));
+        }
+    }
+}
+
+/// Dequantizes weight rows into floats, one unit per packed word.
+///
+/// * Rows `first .. first + count` (`ids` none); `transposed`: `out` is `(k, count)` — the layout
+///   of a burn `Linear` weight, ready for a many-rows product — else `(count, k)`.
+/// * Gathered (`ids` some, `count` ids): `out` row `i` is weight row `ids[i] − first` (an
+///   embedding lookup), zeros for an id outside this shard's `first .. first + shard_rows`.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn dequantize_kernel<F: Float, I: Int>(
+    words: &[u32],
+    scales: &[f32],
+    ids: ComptimeOption<&[I]>,
+    out: &mut [F],
+    k: usize,
+    groups: usize,
+    count: usize,
+    first: usize,
+    shard_rows: usize,
+    #[comptime] bits: u32,
+    #[comptime] group: usize,
+    #[comptime] transposed: bool,
+    #[define(F, I)] _dtypes: [ElemType; 2],
+) {
+    let words_per_group = comptime![group * bits as usize / 32];
+    let row_words = groups * words_per_group;
+    let i = ABSOLUTE_POS / row_words;
+    let w = ABSOLUTE_POS % row_words;
+    if i >= count {
+        terminate!();
+    }
+    let mut source = first + i;
+    let mut valid = true;
+    #[comptime]
+    match ids {
+        ComptimeOption::Some(ids) => {
+            let id = usize::cast_from(ids[i]);
+            valid = id >= first && id < first + shard_rows;
+            source = select(valid, id - first, 0);
+        }
+        ComptimeOption::None => {}
+    }
+    let word = words[source * row_words + w];
+    let scale = select(valid, scales[source * groups + w / words_per_group], 0.0);
+    let col = word_column(w, bits, group);
+    if comptime![bits == 4] {
+        #[unroll]
+        for b in 0..4usize {
+            let lo = f32::cast_from((word >> (8 * b as u32)) & 15) - 8.0;
+            let hi = f32::cast_from((word >> (8 * b as u32 + 4)) & 15) - 8.0;
+            write_value::<F>(out, scale * lo, i, col + b, k, count, transposed);
+            write_value::<F>(out, scale * hi, i, col + group / 2 + b, k, count, transposed);
+        }
+    } else {
+        #[unroll]
+        for b in 0..4usize {
+            let raw = (word >> (8 * b as u32)) & 255;
+            let q = f32::cast_from(raw) - select(raw >= 128, 256.0, 0.0);
+            write_value::<F>(out, scale * q, i, col + b, k, count, transposed);
+        }
+    }
+}
+
+/// Writes value `(row i, column col)` of a `(count, k)` block (transposed: `(k, count)`), unless
+/// the column is the padding past `k`.
+#[cube]
+fn write_value<F: Float>(out: &mut [F], value: f32, i: usize, col: usize, k: usize, count: usize, #[comptime] transposed: bool) {
+    if col < k {
+        let at = if comptime![transposed] { col * count + i } else { i * k + col };
+        out[at] = F::cast_from(value);
+    }
+}

@@ -1,0 +1,286 @@
+//! A packed matrix on the GPU and the launches of the kernels that read it.
+//!
+//! The matrix stays in its quantized size on the device: per row shard, the packed values as
+//! `u32` words with every group whole (see [`PackedMatrix::whole_groups`]) and one f32 scale per
+//! group. Shards of whole rows keep each buffer within the device's binding limit (WebGPU grants
+//! 128 MiB by default; the real model's lm_head is 165 MB in q8).
+
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn_cubecl::Cube;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::prelude::*;
+
+use super::kernels::{CUBE_UNITS, ROWS_PER_CUBE, dequantize_kernel, few_rows_kernel};
+use super::{FEW_ROWS, FEW_ROWS_GLU};
+use crate::quant::{Bits, PackedMatrix};
+
+/// Largest float block a many-rows product dequantizes at a time (bytes).
+const DEQUANTIZED_BLOCK_BYTES: usize = 64 << 20;
+
+/// A `(rows, cols)` packed matrix on the GPU.
+#[derive(Debug, Clone)]
+pub struct DevicePacked {
+    pub rows: usize,
+    pub cols: usize,
+    bits: Bits,
+    group: usize,
+    groups: usize,
+    shards: Vec<Shard>,
+}
+
+/// Rows `first .. first + rows` of a [`DevicePacked`].
+#[derive(Debug, Clone)]
+struct Shard {
+    first: usize,
+    rows: usize,
+    /// `rows × groups × group·bits/32` words.
+    words: Tensor<1, Int>,
+    /// `rows × groups` scales.
+    scales: Tensor<1>,
+}
+
+fn cube<const D: usize>(t: Tensor<D>) -> CubeTensor {
+    into_contiguous(t.try_into_primitive::<Cube>().expect("a GPU kernel's input lives on a CubeCL device"))
+}
+
+fn cube_int<const D: usize>(t: Tensor<D, Int>) -> CubeTensor {
+    into_contiguous(t.try_into_primitive::<Cube>().expect("a GPU kernel's input lives on a CubeCL device"))
+}
+
+fn dtype(t: &CubeTensor) -> cubecl::ir::ElemType {
+    burn::backend::cubecl::dtype_to_storage_type(t.dtype)
+}
+
+impl DevicePacked {
+    /// Uploads `m` in row shards of at most `max_bytes` of words each (at least one row).
+    pub fn upload(m: &PackedMatrix, device: &Device, max_bytes: usize) -> Self {
+        let row_bytes = m.groups() * m.group_bytes();
+        Self::upload_in_shards(m, device, (max_bytes / row_bytes.max(1)).max(1))
+    }
+
+    /// Uploads `m` in shards of `rows_per_shard` rows (an expert stack: whole experts per shard).
+    pub fn upload_in_shards(m: &PackedMatrix, device: &Device, rows_per_shard: usize) -> Self {
+        let (groups, row_bytes) = (m.groups(), m.groups() * m.group_bytes());
+        let bytes = m.whole_groups();
+        let mut shards = Vec::new();
+        let mut first = 0;
+        while first < m.rows {
+            let rows = rows_per_shard.min(m.rows - first);
+            let words: Vec<u32> = bytes[first * row_bytes..(first + rows) * row_bytes]
+                .chunks_exact(4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            let scales = m.scales[first * groups..(first + rows) * groups].to_vec();
+            let (n_words, n_scales) = (words.len(), scales.len());
+            shards.push(Shard {
+                first,
+                rows,
+                words: Tensor::from_data(TensorData::new(words, [n_words]), (device, DType::U32)),
+                scales: Tensor::from_data(TensorData::new(scales, [n_scales]), (device, DType::F32)),
+            });
+            first += rows;
+        }
+        Self { rows: m.rows, cols: m.cols, bits: m.spec.bits, group: m.spec.group, groups, shards }
+    }
+
+    /// Bytes on the device (words and scales).
+    pub fn device_bytes(&self) -> usize {
+        self.rows * self.groups * (self.group * self.bits.count() as usize / 8 + 4)
+    }
+
+    /// `x (m, cols) · Wᵀ`: `(m, rows)` in `x`'s float type.
+    pub fn linear(&self, x: Tensor<2>) -> Tensor<2> {
+        let m = x.dims()[0];
+        if m > FEW_ROWS {
+            return self.many_rows(x);
+        }
+        let parts = self.shards.iter().map(|s| Tensor::from_primitive::<Cube>(self.few_rows(s, None, x.clone(), None, m, 1, 1))).collect();
+        cat_columns(parts)
+    }
+
+    /// `silu(x · Gᵀ) ⊙ (x · Uᵀ)` of an MLP's gate and up matrices (same shape and sharding).
+    pub fn glu(gate: &Self, up: &Self, x: Tensor<2>) -> Tensor<2> {
+        let m = x.dims()[0];
+        if m > FEW_ROWS_GLU || !gate.same_layout(up) {
+            return burn::tensor::activation::silu(gate.linear(x.clone())) * up.linear(x);
+        }
+        let parts = gate
+            .shards
+            .iter()
+            .zip(&up.shards)
+            .map(|(g, u)| Tensor::from_primitive::<Cube>(gate.few_rows(g, Some(u), x.clone(), None, m, 1, 1)))
+            .collect();
+        cat_columns(parts)
+    }
+
+    /// A stack of experts of `per_expert` rows each: pair `s` gets `x[s / x_div] · W_eᵀ` with
+    /// `e = experts[s]`, chosen on the device: `(pairs, per_expert)`. With `up`, the gate/up pair:
+    /// `silu(x · G_eᵀ) ⊙ (x · U_eᵀ)`.
+    pub fn gathered(&self, up: Option<&Self>, x: Tensor<2>, experts: Tensor<1, Int>, x_div: usize, per_expert: usize) -> Tensor<2> {
+        let pairs = experts.dims()[0];
+        let mut total: Option<Tensor<2>> = None;
+        for (i, shard) in self.shards.iter().enumerate() {
+            let up = up.map(|u| &u.shards[i]);
+            let y = Tensor::from_primitive::<Cube>(self.few_rows(shard, up, x.clone(), Some((experts.clone(), per_expert)), 1, pairs, x_div));
+            // Each shard wrote zeros for the pairs of the others.
+            total = Some(match total {
+                Some(t) => t + y,
+                None => y,
+            });
+        }
+        total.expect("a packed matrix has at least one shard")
+    }
+
+    /// Expert `e` of a stack of experts of `per_expert` rows each on all of `x`'s rows (the tokens
+    /// routed to it): `x · W_eᵀ`, or with `up` `silu(x · G_eᵀ) ⊙ (x · U_eᵀ)`. Few rows run the
+    /// gathered kernel with every pair on `e`; more dequantize the expert and use burn's matmul.
+    pub fn expert(&self, up: Option<&Self>, x: Tensor<2>, e: usize, per_expert: usize) -> Tensor<2> {
+        let m = x.dims()[0];
+        if m <= FEW_ROWS {
+            let ids = Tensor::<1, Int>::from_data(TensorData::new(vec![e as i64; m], [m]), &x.device());
+            return self.gathered(up, x, ids, 1, per_expert);
+        }
+        let float = x.dtype();
+        let product = |w: &Self, x: Tensor<2>| x.matmul(w.transposed_block(e * per_expert, per_expert, float));
+        match up {
+            Some(up) => burn::tensor::activation::silu(product(self, x.clone())) * product(up, x),
+            None => product(self, x),
+        }
+    }
+
+    /// Rows `ids` dequantized: `(ids, cols)` in the device's float type (an embedding lookup).
+    pub fn rows_of(&self, ids: Tensor<1, Int>) -> Tensor<2> {
+        let count = ids.dims()[0];
+        let float = ids.device().settings().float_dtype.into();
+        let mut total: Option<Tensor<2>> = None;
+        for shard in &self.shards {
+            let y = self.dequantize(shard, Some(cube_int(ids.clone())), 0, count, float, false, [count, self.cols]);
+            total = Some(match total {
+                Some(t) => t + y,
+                None => y,
+            });
+        }
+        total.expect("a packed matrix has at least one shard")
+    }
+
+    /// Rows `first .. first + count` (within one shard) dequantized and transposed: `(cols, count)`.
+    pub fn transposed_block(&self, first: usize, count: usize, float: DType) -> Tensor<2> {
+        let shard = self.shards.iter().find(|s| first >= s.first && first + count <= s.first + s.rows).expect("a block within one shard");
+        self.dequantize(shard, None, first - shard.first, count, float, true, [self.cols, count])
+    }
+
+    /// The many-rows product: blocks of weight rows dequantized (each within
+    /// [`DEQUANTIZED_BLOCK_BYTES`] and one shard), multiplied by burn's matmul, side by side.
+    fn many_rows(&self, x: Tensor<2>) -> Tensor<2> {
+        let float = x.dtype();
+        let per_block = (DEQUANTIZED_BLOCK_BYTES / (self.cols * float.size()).max(1)).max(1);
+        let mut parts = Vec::new();
+        for shard in &self.shards {
+            let mut first = shard.first;
+            while first < shard.first + shard.rows {
+                let count = per_block.min(shard.first + shard.rows - first);
+                parts.push(x.clone().matmul(self.transposed_block(first, count, float)));
+                first += count;
+            }
+        }
+        cat_columns(parts)
+    }
+
+    fn same_layout(&self, other: &Self) -> bool {
+        (self.rows, self.cols, self.bits, self.group) == (other.rows, other.cols, other.bits, other.group)
+            && self.shards.iter().zip(&other.shards).all(|(a, b)| (a.first, a.rows) == (b.first, b.rows))
+    }
+
+    /// Launches [`few_rows_kernel`] on one shard: plain over `m` rows of `x`, or gathered over
+    /// `pairs` (token, expert) pairs of `per_expert` rows each.
+    #[allow(clippy::too_many_arguments)]
+    fn few_rows(&self, shard: &Shard, up: Option<&Shard>, x: Tensor<2>, gathered: Option<(Tensor<1, Int>, usize)>, m: usize, pairs: usize, x_div: usize) -> CubeTensor {
+        let x = cube(x);
+        let n = if gathered.is_some() { gathered.as_ref().map_or(0, |g| g.1) } else { shard.rows };
+        let (first_expert, experts) = match &gathered {
+            Some((_, per_expert)) => (shard.first / per_expert, shard.rows / per_expert),
+            None => (0, 0),
+        };
+        let out_rows = if gathered.is_some() { pairs } else { m };
+        let out = empty_device_dtype(x.client.clone(), x.device.clone(), [out_rows, n].into(), x.dtype);
+        let ids = gathered.map(|(ids, _)| cube_int(ids));
+        let index_dtype = ids.as_ref().map_or(cubecl::ir::ElemType::UInt(cubecl::ir::UIntKind::U32), dtype);
+        let (words, scales) = (cube_int(shard.words.clone()), cube(shard.scales.clone()));
+        let up = up.map(|u| (cube_int(u.words.clone()), cube(u.scales.clone())));
+        let client = x.client.clone();
+        let cube_count = CubeCount::Static(n.div_ceil(ROWS_PER_CUBE as usize) as u32, pairs as u32, 1);
+        let float = dtype(&x);
+        // SAFETY: every index the kernel computes stays within the buffers bound here: weight rows
+        // below `n` (gathered: within the shard's experts), input rows below `m` (gathered: `pairs
+        // / x_div`), columns clamped below `k`.
+        unsafe {
+            few_rows_kernel::launch_unchecked(
+                &client,
+                cube_count,
+                CubeDim::new_1d(CUBE_UNITS),
+                x.into_buffer_arg(),
+                words.into_buffer_arg(),
+                scales.into_buffer_arg(),
+                up.as_ref().map(|(w, _)| w.clone().into_buffer_arg()).into(),
+                up.map(|(_, s)| s.into_buffer_arg()).into(),
+                ids.map(|ids| ids.into_buffer_arg()).into(),
+                out.clone().into_buffer_arg(),
+                self.cols,
+                n,
+                self.groups,
+                x_div,
+                first_expert,
+                experts,
+                m,
+                self.bits.count(),
+                self.group,
+                [float, index_dtype],
+            );
+        }
+        out
+    }
+
+    /// Launches [`dequantize_kernel`] on one shard.
+    #[allow(clippy::too_many_arguments)]
+    fn dequantize(&self, shard: &Shard, ids: Option<CubeTensor>, first: usize, count: usize, float: DType, transposed: bool, shape: [usize; 2]) -> Tensor<2> {
+        let (words, scales) = (cube_int(shard.words.clone()), cube(shard.scales.clone()));
+        let client = words.client.clone();
+        let out = empty_device_dtype(client.clone(), words.device.clone(), shape.into(), float);
+        let row_words = self.groups * self.group * self.bits.count() as usize / 32;
+        let units = count * row_words;
+        let cube_count = CubeCount::Static(units.div_ceil(CUBE_UNITS as usize).max(1) as u32, 1, 1);
+        let index_dtype = ids.as_ref().map_or(cubecl::ir::ElemType::UInt(cubecl::ir::UIntKind::U32), dtype);
+        // Gathered ids are global rows: the shard's own first row tells which are its.
+        let first = if ids.is_some() { shard.first } else { first };
+        // SAFETY: units past `count` rows stop at once; source rows stay below the shard's rows
+        // (gathered ids outside it read row 0 and write zeros); columns past `k` are not written.
+        unsafe {
+            dequantize_kernel::launch_unchecked(
+                &client,
+                cube_count,
+                CubeDim::new_1d(CUBE_UNITS),
+                words.into_buffer_arg(),
+                scales.into_buffer_arg(),
+                ids.map(|ids| ids.into_buffer_arg()).into(),
+                out.clone().into_buffer_arg(),
+                self.cols,
+                self.groups,
+                count,
+                first,
+                shard.rows,
+                self.bits.count(),
+                self.group,
+                transposed,
+                [burn::backend::cubecl::dtype_to_storage_type(float), index_dtype],
+            );
+        }
+        Tensor::from_primitive::<Cube>(out)
+    }
+}
+
+/// Products of column blocks side by side (one block: as it is).
+fn cat_columns(parts: Vec<Tensor<2>>) -> Tensor<2> {
+    if parts.len() == 1 { parts.into_iter().next().expect("one part") } else { Tensor::cat(parts, 1) }
+}
