@@ -2,14 +2,15 @@
 //! error and greedy-token agreement (used by `tests/quantized.rs` and the `quant_report` binary).
 
 use std::ops::ControlFlow;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, TensorData};
 use dsocr::generate::{GenerationOptions, RepeatGuard, generate};
 use dsocr::image::{DecodeLimits, PreprocessOptions, decode, make_views_for, normalize};
 use dsocr::model::layout::image_tokens;
 use dsocr::model::read_f32;
-use dsocr::quant::Recipe;
+use dsocr::quant::convert::convert_dir;
+use dsocr::quant::{Preset, Recipe};
 use dsocr::text::{Task, prompt_ids};
 use dsocr::{Engine, EngineOptions, Mode};
 
@@ -24,6 +25,29 @@ pub struct PageRun {
     pub tokens: Vec<u32>,
 }
 
+/// Small shards, so the tiny checkpoints span several and the embedding is split into row slices.
+pub const SHARD_BYTES: usize = 1 << 20;
+
+/// A fresh scratch folder under the temporary directory (removed first if it exists).
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dsocr-quantized-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Fixture checkpoint `checkpoint` converted by `preset` (and `group`) into scratch folder `name`.
+pub fn convert(checkpoint: &str, preset: Preset, group: Option<usize>, name: &str) -> PathBuf {
+    let out = scratch(name);
+    let recipe = Recipe::preset(preset, group).unwrap();
+    convert_dir(&crate::checkpoint_dir(checkpoint), &out, &recipe, SHARD_BYTES, &mut |_, _| {}).unwrap();
+    out
+}
+
+/// The bundled sample page (PNG bytes).
+pub fn page() -> Vec<u8> {
+    crate::read_fixture(&crate::fixtures_dir().join("images/page.png"))
+}
+
 /// Loads checkpoint folder `dir` on the CPU (2 threads, like the parity tests), quantized at load
 /// time by `quantize` if given.
 pub fn load(dir: &Path, quantize: Option<Recipe>, threads: usize) -> Engine {
@@ -33,7 +57,7 @@ pub fn load(dir: &Path, quantize: Option<Recipe>, threads: usize) -> Engine {
 
 /// Encoder output, first-step logits and `tokens` greedy tokens for `image` (bytes) in `mode`.
 pub fn run_page(engine: &Engine, image: &[u8], mode: Mode, tokens: usize) -> PageRun {
-    let device = Device::flex();
+    let device = engine.device().clone();
     let page = decode(image, &DecodeLimits::default()).unwrap();
     let version = engine.config().version();
     let geometry = mode.geometry(version).unwrap();

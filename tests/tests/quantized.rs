@@ -8,24 +8,9 @@ use dsocr::quant::convert::convert_dir;
 use dsocr::quant::{Bits, PackedMatrix, Preset, QuantSpec, Recipe, ScaleDtype};
 use dsocr::weights::{INDEX_FILE, ShardIndex, ShardWriter, sha256_hex};
 use dsocr::{Engine, EngineOptions, Error, Mode};
-use dsocr_tests::quant::{gap, load, run_page};
-use dsocr_tests::{checkpoint_dir, fixtures_dir, read_fixture};
+use dsocr_tests::quant::{SHARD_BYTES, convert, gap, load, page, run_page, scratch};
+use dsocr_tests::{checkpoint_dir, read_fixture};
 
-/// Small shards, so the tiny checkpoints span several and the embedding is split into row slices.
-const SHARD_BYTES: usize = 1 << 20;
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("dsocr-quantized-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-fn convert(checkpoint: &str, preset: Preset, group: Option<usize>, name: &str) -> PathBuf {
-    let out = scratch(name);
-    let recipe = Recipe::preset(preset, group).unwrap();
-    convert_dir(&checkpoint_dir(checkpoint), &out, &recipe, SHARD_BYTES, &mut |_, _| {}).unwrap();
-    out
-}
 
 fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
@@ -37,9 +22,6 @@ fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
-fn page() -> Vec<u8> {
-    read_fixture(&fixtures_dir().join("images/page.png"))
-}
 
 /// The converter's output: shards within the size limit, hashes in the index that match, a
 /// quantization_config, row-sliced large tensors; and the same bytes when run again.
