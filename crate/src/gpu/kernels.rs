@@ -13,13 +13,16 @@ use cubecl::prelude::*;
 
 /// Units per workgroup of the few-rows kernel.
 pub const CUBE_UNITS: u32 = 256;
-/// Units per output row: they stride the row's words (neighbours read neighbouring words, so a
-/// team's reads coalesce), then their partial sums are added in workgroup memory.
-pub const TEAM: u32 = 32;
-/// Output rows per workgroup.
-pub const ROWS_PER_CUBE: u32 = CUBE_UNITS / TEAM;
-/// `log2(TEAM)`: the reduction's halving steps.
-const TEAM_STEPS: u32 = 5;
+/// Most units per output row: a row's team strides the row's words (neighbours read neighbouring
+/// words, so a team's reads coalesce), then their partial sums are added in workgroup memory.
+pub const MAX_TEAM: u32 = 32;
+
+/// The team size for rows of `row_words` words: a power of two up to [`MAX_TEAM`] that leaves each
+/// unit at least 4 words (narrow rows: fewer units per row, more rows per workgroup, fewer halving
+/// steps).
+pub fn team_for(row_words: usize) -> u32 {
+    ((row_words / 4).max(1).next_power_of_two() as u32).min(MAX_TEAM)
+}
 
 /// Input column `col` of the row starting at `base` as f32, 0 past the row's `k` columns (the
 /// padding of a ragged last group; the index is clamped so the read stays inside the row).
@@ -72,7 +75,7 @@ fn word_column(w: usize, #[comptime] bits: u32, #[comptime] group: usize) -> usi
 ///   each, `out` row `s`. A pair whose expert is not in `first .. first + experts` (another
 ///   shard's) gets zeros. The router's choice never leaves the device.
 ///
-/// Workgroups of [`CUBE_UNITS`] units, [`ROWS_PER_CUBE`] output rows each.
+/// Workgroups of [`CUBE_UNITS`] units, `CUBE_UNITS / team` output rows each ([`team_for`]).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn few_rows_kernel<F: Float, I: Int>(
@@ -92,13 +95,14 @@ pub fn few_rows_kernel<F: Float, I: Int>(
     #[comptime] m: usize,
     #[comptime] bits: u32,
     #[comptime] group: usize,
+    #[comptime] team: u32,
     #[define(F, I)] _dtypes: [ElemType; 2],
 ) {
     let glu = comptime![up_words.is_some()];
     let gathered = comptime![ids.is_some()];
     let accumulators = comptime![if glu { 2 * m } else { m }];
-    let lane = (UNIT_POS % TEAM) as usize;
-    let row = CUBE_POS_X as usize * ROWS_PER_CUBE as usize + (UNIT_POS / TEAM) as usize;
+    let lane = (UNIT_POS % team) as usize;
+    let row = CUBE_POS_X as usize * comptime![(CUBE_UNITS / team) as usize] + (UNIT_POS / team) as usize;
     let slot = CUBE_POS_Y as usize;
     let row_words = groups * comptime![group * bits as usize / 32];
 
@@ -149,11 +153,11 @@ pub fn few_rows_kernel<F: Float, I: Int>(
                 }
                 _ => {}
             }
-            w += TEAM as usize;
+            w += team as usize;
         }
     }
 
-    // The team's partial sums, halved TEAM_STEPS times in workgroup memory.
+    // The team's partial sums, halved log2(team) times in workgroup memory.
     let mut partial = Shared::<[f32]>::new_slice(comptime![CUBE_UNITS as usize * accumulators]);
     let unit = UNIT_POS as usize;
     #[unroll]
@@ -162,8 +166,8 @@ pub fn few_rows_kernel<F: Float, I: Int>(
     }
     sync_cube();
     #[unroll]
-    for step in 0..TEAM_STEPS {
-        let stride = comptime![(TEAM >> (step + 1)) as usize];
+    for step in 0..comptime![team.trailing_zeros()] {
+        let stride = comptime![(team >> (step + 1)) as usize];
         if lane < stride {
             #[unroll]
             for a in 0..accumulators {

@@ -12,7 +12,7 @@ use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::kernels::{CUBE_UNITS, ROWS_PER_CUBE, dequantize_kernel, few_rows_kernel};
+use super::kernels::{CUBE_UNITS, dequantize_kernel, few_rows_kernel, team_for};
 use super::{FEW_ROWS, FEW_ROWS_GLU};
 use crate::quant::{Bits, PackedMatrix};
 
@@ -210,7 +210,8 @@ impl DevicePacked {
         let (words, scales) = (cube_int(shard.words.clone()), cube(shard.scales.clone()));
         let up = up.map(|u| (cube_int(u.words.clone()), cube(u.scales.clone())));
         let client = x.client.clone();
-        let cube_count = CubeCount::Static(n.div_ceil(ROWS_PER_CUBE as usize) as u32, pairs as u32, 1);
+        let team = team_for(self.groups * self.group * self.bits.count() as usize / 32);
+        let cube_count = CubeCount::Static(n.div_ceil((CUBE_UNITS / team) as usize) as u32, pairs as u32, 1);
         let float = dtype(&x);
         // SAFETY: every index the kernel computes stays within the buffers bound here: weight rows
         // below `n` (gathered: within the shard's experts), input rows below `m` (gathered: `pairs
@@ -236,6 +237,7 @@ impl DevicePacked {
                 m,
                 self.bits.count(),
                 self.group,
+                team,
                 [float, index_dtype],
             );
         }

@@ -28,7 +28,7 @@ use crate::weights::Loader;
 pub use clip::Clip;
 pub use decoder::Decoder;
 pub use kv::KvCache;
-pub use readback::{read_f32, read_i64};
+pub use readback::{read_f32, read_i64, readbacks};
 pub use projector::Projector;
 pub use query_encoder::QueryEncoder;
 pub use sam::{Sam, SamOutput};
