@@ -34,8 +34,9 @@ pub fn load_model_with(checkpoint: &str, device: &Device, max_tensor_bytes: usiz
     let config = Config::from_json(std::str::from_utf8(&read_fixture(&dir.join("config.json"))).unwrap()).unwrap();
     let bytes = read_fixture(&dir.join("model.safetensors"));
     let weights = Checkpoint::parse(&bytes).unwrap();
+    // The crate's GPU kernels where the device runs them (as the engine loads on a GPU).
     let loader = Loader::new(&weights, device).with_max_tensor_bytes(max_tensor_bytes).with_stacked_experts(stacked_experts)
-        .with_threads(threads);
+        .with_threads(threads).with_device_kernels(true);
     Model {
         encoder: pollster::block_on(VisionEncoder::load(&config, &loader)).unwrap(),
         decoder: pollster::block_on(Decoder::load(&config.decoder, &loader)).unwrap(),

@@ -42,3 +42,17 @@ impl DevicePacked {
         match *self {}
     }
 }
+
+// The fused kernels: the model calls them only where the loader found the kernels available.
+
+pub fn rms_norm(_: Tensor<2>, _: Tensor<1>, _: f64) -> Tensor<2> {
+    unreachable!("no GPU kernels in this build (feature `gpu`)")
+}
+
+pub fn rope(_: Tensor<2>, _: Tensor<2>, _: Tensor<2>, _: usize) -> Tensor<2> {
+    unreachable!("no GPU kernels in this build (feature `gpu`)")
+}
+
+pub fn route(_: Tensor<2>, _: Tensor<2>, _: usize, _: bool, _: f64) -> (Tensor<2>, Tensor<2, Int>) {
+    unreachable!("no GPU kernels in this build (feature `gpu`)")
+}

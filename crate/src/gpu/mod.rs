@@ -7,10 +7,14 @@
 //!   embedding lookup; weight blocks for many-row products through burn's matmul).
 //! * `packed`: [`DevicePacked`], a packed matrix on the device in row shards within the binding
 //!   limit, and the launches.
+//! * `fused`: one dispatch each for what burn's tensor ops do in several: [`rms_norm`], [`rope`]
+//!   and the MoE router ([`route`]).
 //!
 //! Built with the `gpu` feature (implied by `wgpu` and `webgpu`); without it [`DevicePacked`] is
 //! a type with no values (`absent`), so the model's code reads the same either way.
 
+#[cfg(feature = "gpu")]
+mod fused;
 #[cfg(feature = "gpu")]
 mod kernels;
 #[cfg(feature = "gpu")]
@@ -19,7 +23,9 @@ mod packed;
 mod absent;
 
 #[cfg(not(feature = "gpu"))]
-pub use absent::DevicePacked;
+pub use absent::{DevicePacked, rms_norm, rope, route};
+#[cfg(feature = "gpu")]
+pub use fused::{rms_norm, rope, route};
 #[cfg(feature = "gpu")]
 pub use packed::DevicePacked;
 

@@ -41,16 +41,18 @@ struct Shard {
     scales: Tensor<1>,
 }
 
-fn cube<const D: usize>(t: Tensor<D>) -> CubeTensor {
+/// `t`'s CubeCL tensor, contiguous (the kernels index it as a flat row-major buffer).
+pub(super) fn cube<const D: usize>(t: Tensor<D>) -> CubeTensor {
     into_contiguous(t.try_into_primitive::<Cube>().expect("a GPU kernel's input lives on a CubeCL device"))
 }
 
-fn cube_int<const D: usize>(t: Tensor<D, Int>) -> CubeTensor {
+pub(super) fn cube_int<const D: usize>(t: Tensor<D, Int>) -> CubeTensor {
     into_contiguous(t.try_into_primitive::<Cube>().expect("a GPU kernel's input lives on a CubeCL device"))
 }
 
-fn dtype(t: &CubeTensor) -> cubecl::ir::ElemType {
-    burn::backend::cubecl::dtype_to_storage_type(t.dtype)
+/// The kernel-side element type of a burn dtype.
+pub(super) fn storage(dtype: DType) -> cubecl::ir::ElemType {
+    burn::backend::cubecl::dtype_to_storage_type(dtype)
 }
 
 impl DevicePacked {
@@ -206,13 +208,13 @@ impl DevicePacked {
         let out_rows = if gathered.is_some() { pairs } else { m };
         let out = empty_device_dtype(x.client.clone(), x.device.clone(), [out_rows, n].into(), x.dtype);
         let ids = gathered.map(|(ids, _)| cube_int(ids));
-        let index_dtype = ids.as_ref().map_or(cubecl::ir::ElemType::UInt(cubecl::ir::UIntKind::U32), dtype);
+        let index_dtype = ids.as_ref().map_or(storage(DType::U32), |ids| storage(ids.dtype));
         let (words, scales) = (cube_int(shard.words.clone()), cube(shard.scales.clone()));
         let up = up.map(|u| (cube_int(u.words.clone()), cube(u.scales.clone())));
         let client = x.client.clone();
         let team = team_for(self.groups * self.group * self.bits.count() as usize / 32);
         let cube_count = CubeCount::Static(n.div_ceil((CUBE_UNITS / team) as usize) as u32, pairs as u32, 1);
-        let float = dtype(&x);
+        let float = storage(x.dtype);
         // SAFETY: every index the kernel computes stays within the buffers bound here: weight rows
         // below `n` (gathered: within the shard's experts), input rows below `m` (gathered: `pairs
         // / x_div`), columns clamped below `k`.
@@ -253,7 +255,7 @@ impl DevicePacked {
         let row_words = self.groups * self.group * self.bits.count() as usize / 32;
         let units = count * row_words;
         let cube_count = CubeCount::Static(units.div_ceil(CUBE_UNITS as usize).max(1) as u32, 1, 1);
-        let index_dtype = ids.as_ref().map_or(cubecl::ir::ElemType::UInt(cubecl::ir::UIntKind::U32), dtype);
+        let index_dtype = ids.as_ref().map_or(storage(DType::U32), |ids| storage(ids.dtype));
         // Gathered ids are global rows: the shard's own first row tells which are its.
         let first = if ids.is_some() { shard.first } else { first };
         // SAFETY: units past `count` rows stop at once; source rows stay below the shard's rows
@@ -275,7 +277,7 @@ impl DevicePacked {
                 self.bits.count(),
                 self.group,
                 transposed,
-                [burn::backend::cubecl::dtype_to_storage_type(float), index_dtype],
+                [storage(float), index_dtype],
             );
         }
         Tensor::from_primitive::<Cube>(out)

@@ -3,14 +3,14 @@
 //! `model.layers.*`, `model.norm`, `lm_head`; spec §6).
 
 use burn::module::Module;
-use burn::nn::{RmsNorm, RmsNormConfig};
+use burn::nn::RmsNormConfig;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 
 use super::kv::{HostKv, KvCache, LayerKv, attend};
 use super::moe::{Mlp, Moe};
-use super::ops::host_values;
+use super::ops::{Norm, host_values};
 use super::vocab::{EmbeddingShards, LmHeadShards};
 use crate::config::DecoderConfig;
 use crate::error::{Error, Result};
@@ -21,7 +21,7 @@ use crate::weights::Loader;
 pub struct Decoder {
     embed_tokens: EmbeddingShards,
     layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
+    norm: Norm,
     lm_head: LmHeadShards,
     #[module(skip)]
     rope: Rope,
@@ -31,9 +31,9 @@ pub struct Decoder {
 
 #[derive(Module, Debug)]
 struct DecoderLayer {
-    input_layernorm: RmsNorm,
+    input_layernorm: Norm,
     self_attn: SelfAttention,
-    post_attention_layernorm: RmsNorm,
+    post_attention_layernorm: Norm,
     /// Layers before `first_k_dense_replace` (and off `moe_layer_freq`) use a dense MLP …
     mlp: Option<Mlp>,
     /// … the others the mixture of experts.
@@ -51,6 +51,8 @@ struct SelfAttention {
     head_dim: usize,
     /// Keys and values in host memory, decoding steps attending there ([`super::kv`]; the CPU backend).
     host_cache: bool,
+    /// RoPE by the GPU's fused kernel ([`crate::gpu::rope`]).
+    fused: bool,
 }
 
 /// Rotate-half ("NeoX") rotary embedding: `inv_freq[i] = θ^(−2i/d)` (spec §6.3).
@@ -82,6 +84,7 @@ impl Decoder {
                     kv_heads: c.num_key_value_heads,
                     head_dim: c.head_dim,
                     host_cache: l.host_kernels(),
+                    fused: l.device_kernels(),
                 },
                 post_attention_layernorm: rms_norm(l, &format!("{p}.post_attention_layernorm.weight"), h, c.rms_norm_eps).await?,
                 mlp,
@@ -213,10 +216,10 @@ impl Decoder {
     }
 }
 
-pub(super) async fn rms_norm(l: &Loader<'_, '_>, name: &str, d: usize, eps: f64) -> Result<RmsNorm> {
+pub(super) async fn rms_norm(l: &Loader<'_, '_>, name: &str, d: usize, eps: f64) -> Result<Norm> {
     let mut norm = RmsNormConfig::new(d).with_epsilon(eps).init(l.device());
     norm.gamma = l.param(name, [d]).await?;
-    Ok(norm)
+    Ok(Norm::new(norm, l.device_kernels()))
 }
 
 /// Where a forward chunk sits: its first position and the RoPE tables of its positions.
@@ -254,10 +257,9 @@ impl SelfAttention {
         let [b, s, _] = x.dims();
         let hd = self.head_dim;
         let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, hd]).swap_dims(1, 2);
-        let d = cos.dims()[1];
-        let (cos, sin) = (cos.clone().reshape([1, 1, s, d]), sin.clone().reshape([1, 1, s, d]));
-        let q = rotate(split(self.q_proj.forward(x.clone()), self.heads), &cos, &sin);
-        let k = rotate(split(self.k_proj.forward(x.clone()), self.kv_heads), &cos, &sin);
+        // One table row per position (B = 1).
+        let q = self.rotated(self.q_proj.forward(x.clone()), self.heads, cos, sin);
+        let k = self.rotated(self.k_proj.forward(x.clone()), self.kv_heads, cos, sin);
         let v = split(self.v_proj.forward(x), self.kv_heads);
         if let (1, Some(LayerKv::Host(host))) = (s, cache.as_mut()) {
             return self.attend_on_host(q, k, v, &mut [host]);
@@ -278,17 +280,29 @@ impl SelfAttention {
 }
 
 impl SelfAttention {
+    /// A projection's output `(B, S, heads · head_dim)` split into heads `(B, heads, S, head_dim)`
+    /// and rotated; `cos`/`sin` `(B · S, head_dim)` hold each row's position (B = 1 or S = 1).
+    fn rotated(&self, t: Tensor<3>, heads: usize, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<4> {
+        let [b, s, width] = t.dims();
+        let hd = self.head_dim;
+        if self.fused {
+            let rows = crate::gpu::rope(t.reshape([b * s, width]), cos.clone(), sin.clone(), hd);
+            return rows.reshape([b, s, heads, hd]).swap_dims(1, 2);
+        }
+        // The tables broadcast over heads: (1, 1, S, d) for one sequence, (B, 1, 1, d) for B rows.
+        let table = |t: &Tensor<2>| if b == 1 { t.clone().reshape([1, 1, s, hd]) } else { t.clone().reshape([b, 1, 1, hd]) };
+        rotate(t.reshape([b, s, heads, hd]).swap_dims(1, 2), &table(cos), &table(sin))
+    }
+
     /// [`SelfAttention::forward`] for B sequences of one new token each: `x` `(B, 1, hidden)`, row i
     /// at the position whose RoPE row is `cos[i]`/`sin[i]`, attending over `caches[i]` (extended).
     fn forward_rows(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, caches: &mut [&mut Option<LayerKv>]) -> Tensor<3> {
         let [b, _, _] = x.dims();
         let hd = self.head_dim;
         let split = |t: Tensor<3>, heads: usize| t.reshape([b, 1, heads, hd]).swap_dims(1, 2);
-        // One RoPE row per sequence: (B, d) broadcast over heads, as (B, 1, 1, d).
-        let d = cos.dims()[1];
-        let (cos, sin) = (cos.clone().reshape([b, 1, 1, d]), sin.clone().reshape([b, 1, 1, d]));
-        let q = rotate(split(self.q_proj.forward(x.clone()), self.heads), &cos, &sin);
-        let k = rotate(split(self.k_proj.forward(x.clone()), self.kv_heads), &cos, &sin);
+        // One RoPE row per sequence.
+        let q = self.rotated(self.q_proj.forward(x.clone()), self.heads, cos, sin);
+        let k = self.rotated(self.k_proj.forward(x.clone()), self.kv_heads, cos, sin);
         let v = split(self.v_proj.forward(x), self.kv_heads);
         let hosts: Option<Vec<&mut HostKv>> = caches
             .iter_mut()

@@ -73,6 +73,8 @@ pub struct Moe {
     routed_scaling_factor: f64,
     /// See [`Loader::with_threads`]; above 1 the experts of a step run side by side.
     threads: usize,
+    /// The router as the GPU's one-dispatch kernel ([`crate::gpu::route`]).
+    fused: bool,
 }
 
 /// The routed experts' weights stacked along a leading expert axis, in shards of whole experts that
@@ -129,6 +131,7 @@ impl Moe {
             norm_topk_prob: c.norm_topk_prob,
             routed_scaling_factor: c.routed_scaling_factor,
             threads: l.threads(),
+            fused: l.device_kernels(),
         })
     }
 
@@ -142,9 +145,12 @@ impl Moe {
     pub async fn forward(&self, x: Tensor<2>) -> Result<Tensor<2>> {
         let [tokens, d] = x.dims();
         let k = self.top_k;
-        let scores = softmax(ops::linear(&self.gate, x.clone()), 1);
-        let (weights, experts) = scores.topk_with_indices(k, 1);
-        let weights = routing_weights(weights, k, self.norm_topk_prob, self.routed_scaling_factor);
+        let (weights, experts) = if self.fused {
+            crate::gpu::route(x.clone(), self.gate.weight.val(), k, k > 1 && self.norm_topk_prob, self.routed_scaling_factor)
+        } else {
+            let (top, experts) = softmax(ops::linear(&self.gate, x.clone()), 1).topk_with_indices(k, 1);
+            (routing_weights(top, k, self.norm_topk_prob, self.routed_scaling_factor), experts)
+        };
         let (gathered, shared) = match &self.stacked {
             Some(stack) if tokens * k <= GATHER_MAX_PAIRS => {
                 (stack.forward_gathered(x.clone(), experts, k), self.shared_experts.as_ref().map(|s| s.forward(x)))

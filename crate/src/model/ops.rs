@@ -1,7 +1,29 @@
 //! Small shared tensor helpers.
 
-use burn::nn::Linear;
+use burn::module::Module;
+use burn::nn::{Linear, RmsNorm};
 use burn::tensor::Tensor;
+
+/// RMSNorm over the last axis: burn's, or the GPU's one-dispatch kernel ([`crate::gpu::rms_norm`])
+/// where the loader found the crate's kernels (`fused`).
+#[derive(Module, Debug)]
+pub struct Norm {
+    inner: RmsNorm,
+    fused: bool,
+}
+
+impl Norm {
+    pub fn new(inner: RmsNorm, fused: bool) -> Self {
+        Self { inner, fused }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        if self.fused {
+            return as_rows(x, |x| crate::gpu::rms_norm(x, self.inner.gamma.val(), self.inner.epsilon));
+        }
+        self.inner.forward(x)
+    }
+}
 
 /// `linear.forward(x)` computed as one 2-D matmul over all leading dimensions: burn runs a rank-3/4
 /// input as many small batched matmuls, several times slower on the CPU (measured 2× on SAM's MLP).

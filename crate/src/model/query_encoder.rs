@@ -7,13 +7,13 @@
 //! `0 .. 2n` over both (RoPE, θ = 10⁶). Only the queries' outputs leave the encoder.
 
 use burn::module::{Module, Param};
-use burn::nn::RmsNorm;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 
 use super::decoder::{Rope, repeat_kv, rms_norm, rotate};
 use super::moe::Mlp;
+use super::ops::Norm;
 use super::profile::span;
 use crate::config::QueryEncoderConfig;
 use crate::error::{Error, Result};
@@ -23,7 +23,7 @@ use crate::weights::Loader;
 #[derive(Module, Debug)]
 pub struct QueryEncoder {
     layers: Vec<QueryLayer>,
-    norm: RmsNorm,
+    norm: Norm,
     /// Learned queries by view side (`query_768`, `query_1024`), one row per image token.
     queries: Vec<Param<Tensor<2>>>,
     #[module(skip)]
@@ -34,12 +34,12 @@ pub struct QueryEncoder {
 
 #[derive(Module, Debug)]
 struct QueryLayer {
-    input_layernorm: RmsNorm,
+    input_layernorm: Norm,
     q_proj: QLinear,
     k_proj: QLinear,
     v_proj: QLinear,
     o_proj: QLinear,
-    post_attention_layernorm: RmsNorm,
+    post_attention_layernorm: Norm,
     mlp: Mlp,
     heads: usize,
     kv_heads: usize,

@@ -1,0 +1,235 @@
+//! Fused kernels for the decoder's small operations: each is one dispatch where burn's tensor ops
+//! take several (burn's fusion is off in this build; a decoding step is bound by how many
+//! dispatches it makes long before the GPU is busy). Arithmetic in f32 whatever the activations'
+//! type; WebGPU's guaranteed limits only.
+//!
+//! * [`rms_norm`]: `x / sqrt(mean(x²) + ε) · γ` per row (burn: 6 dispatches).
+//! * [`rope`]: rotate-half rotary embedding of every head of a row (burn's slices, negation,
+//!   concatenation and products: 8).
+//! * [`route`]: the MoE router — gate logits, softmax, top-k, the weights' normalisation and
+//!   scaling (burn: 11) — writing each token's expert ids and weights for the experts' kernels.
+
+use burn::tensor::{DType, Tensor};
+use burn_cubecl::Cube;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use cubecl::prelude::*;
+
+use super::packed::{cube, storage};
+
+/// Units per workgroup of the row kernels (one row per workgroup).
+const UNITS: u32 = 256;
+/// `log2(UNITS)`.
+const UNIT_STEPS: u32 = 8;
+
+/// Sum of `partial[0 .. UNITS]` into `partial[0]` (halving; every unit takes part).
+#[cube]
+fn reduce_sum(partial: &mut [f32], unit: usize) {
+    #[unroll]
+    for step in 0..UNIT_STEPS {
+        let stride = comptime![(UNITS >> (step + 1)) as usize];
+        if unit < stride {
+            partial[unit] += partial[unit + stride];
+        }
+        sync_cube();
+    }
+}
+
+#[cube(launch_unchecked)]
+fn rms_norm_kernel<F: Float>(x: &[F], gamma: &[F], out: &mut [F], d: usize, eps: f32, #[define(F)] _dtype: ElemType) {
+    let row = CUBE_POS_X as usize;
+    let unit = UNIT_POS as usize;
+    let base = row * d;
+    let mut sum = 0.0f32;
+    let mut c = unit;
+    while c < d {
+        let v = f32::cast_from(x[base + c]);
+        sum += v * v;
+        c += UNITS as usize;
+    }
+    let mut partial = Shared::<[f32]>::new_slice(UNITS as usize);
+    partial[unit] = sum;
+    sync_cube();
+    reduce_sum(&mut partial, unit);
+    let inverse = 1.0 / f32::sqrt(partial[0] / f32::cast_from(d) + eps);
+    let mut c = unit;
+    while c < d {
+        out[base + c] = F::cast_from(f32::cast_from(x[base + c]) * inverse * f32::cast_from(gamma[c]));
+        c += UNITS as usize;
+    }
+}
+
+/// RMSNorm of each row of `x` `(rows, d)` with weights `gamma` `(d)`: `(rows, d)`.
+pub fn rms_norm(x: Tensor<2>, gamma: Tensor<1>, eps: f64) -> Tensor<2> {
+    let [rows, d] = x.dims();
+    let (x, gamma) = (cube(x), cube(gamma));
+    let out = empty_device_dtype(x.client.clone(), x.device.clone(), [rows, d].into(), x.dtype);
+    let client = x.client.clone();
+    let float = storage(x.dtype);
+    // SAFETY: one workgroup per row; units read and write columns below `d` of their row only.
+    unsafe {
+        rms_norm_kernel::launch_unchecked(
+            &client,
+            CubeCount::Static(rows as u32, 1, 1),
+            CubeDim::new_1d(UNITS),
+            x.into_buffer_arg(),
+            gamma.into_buffer_arg(),
+            out.clone().into_buffer_arg(),
+            d,
+            eps as f32,
+            float,
+        );
+    }
+    Tensor::from_primitive::<Cube>(out)
+}
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn rope_kernel<F: Float>(x: &[F], cos: &[F], sin: &[F], out: &mut [F], total: usize, width: usize, head_dim: usize, #[define(F)] _dtype: ElemType) {
+    let at = ABSOLUTE_POS;
+    if at >= total {
+        terminate!();
+    }
+    let row = at / width;
+    let i = at % head_dim;
+    let half = head_dim / 2;
+    // rotate_half([x₁, x₂]) = [−x₂, x₁]: the partner half a head away, negated in the first half.
+    let partner = select(i < half, at + half, at - half);
+    let sign = select(i < half, -1.0f32, 1.0);
+    let table = row * head_dim + i;
+    let y = f32::cast_from(x[at]) * f32::cast_from(cos[table]) + sign * f32::cast_from(x[partner]) * f32::cast_from(sin[table]);
+    out[at] = F::cast_from(y);
+}
+
+/// Rotary embedding of every head of each row: `x` `(rows, heads · head_dim)`, `cos`/`sin`
+/// `(rows, head_dim)` (each row's position): `x · cos + rotate_half(x) · sin` per head.
+pub fn rope(x: Tensor<2>, cos: Tensor<2>, sin: Tensor<2>, head_dim: usize) -> Tensor<2> {
+    let [rows, width] = x.dims();
+    let (x, cos, sin) = (cube(x), cube(cos), cube(sin));
+    let out = empty_device_dtype(x.client.clone(), x.device.clone(), [rows, width].into(), x.dtype);
+    let client = x.client.clone();
+    let float = storage(x.dtype);
+    let total = rows * width;
+    // SAFETY: units past `total` stop; a unit reads its own element, its partner within the same
+    // head, and its row's table entry.
+    unsafe {
+        rope_kernel::launch_unchecked(
+            &client,
+            CubeCount::Static(total.div_ceil(UNITS as usize).max(1) as u32, 1, 1),
+            CubeDim::new_1d(UNITS),
+            x.into_buffer_arg(),
+            cos.into_buffer_arg(),
+            sin.into_buffer_arg(),
+            out.clone().into_buffer_arg(),
+            total,
+            width,
+            head_dim,
+            float,
+        );
+    }
+    Tensor::from_primitive::<Cube>(out)
+}
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn route_kernel<F: Float, I: Int>(
+    x: &[F],
+    gate: &[F],
+    weights: &mut [F],
+    ids: &mut [I],
+    hidden: usize,
+    experts: usize,
+    normalise: u32,
+    scale: f32,
+    #[comptime] k: usize,
+    #[define(F, I)] _dtypes: [ElemType; 2],
+) {
+    let token = CUBE_POS_X as usize;
+    let unit = UNIT_POS as usize;
+    // Logits: unit e owns expert e (`gate` is burn's `(hidden, experts)` Linear weight).
+    let mut logits = Shared::<[f32]>::new_slice(UNITS as usize);
+    if unit < experts {
+        let mut sum = 0.0f32;
+        for i in 0..hidden {
+            sum += f32::cast_from(x[token * hidden + i]) * f32::cast_from(gate[i * experts + unit]);
+        }
+        logits[unit] = sum;
+    }
+    sync_cube();
+    if unit == 0 {
+        // Softmax, then the k largest probabilities in descending order (ties: the lower id,
+        // as a stable descending sort gives).
+        let mut max = logits[0];
+        for e in 1..experts {
+            max = f32::max(max, logits[e]);
+        }
+        let mut total = 0.0f32;
+        for e in 0..experts {
+            let p = f32::exp(logits[e] - max);
+            logits[e] = p;
+            total += p;
+        }
+        let mut top = Array::<f32>::new(k);
+        let mut chosen = Array::<u32>::new(k);
+        let mut sum_top = 0.0f32;
+        #[unroll]
+        for slot in 0..k {
+            let mut best = u32::new(0);
+            let mut best_p = f32::new(-1.0f32);
+            for e in 0..experts {
+                let p = logits[e] / total;
+                let taken = p < 0.0f32;
+                if !taken && p > best_p {
+                    best_p = p;
+                    best = u32::cast_from(e);
+                }
+            }
+            // Mark it taken (probabilities are never negative).
+            logits[usize::cast_from(best)] = -1.0f32;
+            top[slot] = best_p;
+            chosen[slot] = best;
+            sum_top += best_p;
+        }
+        let denominator = select(normalise == 1, sum_top + 1e-20f32, 1.0f32);
+        #[unroll]
+        for slot in 0..k {
+            weights[token * k + slot] = F::cast_from(top[slot] / denominator * scale);
+            ids[token * k + slot] = I::cast_from(chosen[slot]);
+        }
+    }
+}
+
+/// The MoE router for `x` `(tokens, hidden)` with burn's gate weight `(hidden, experts)` (at most
+/// [`UNITS`] experts): each token's `k` expert ids `(tokens, k)` (the device's int type) and
+/// weights `(tokens, k)` (softmax probabilities, renormalised over the k when `normalise`, then
+/// times `scale`) — `MoEGate.forward` in eval mode.
+pub fn route(x: Tensor<2>, gate: Tensor<2>, k: usize, normalise: bool, scale: f64) -> (Tensor<2>, Tensor<2, burn::tensor::Int>) {
+    let [tokens, hidden] = x.dims();
+    let experts = gate.dims()[1];
+    assert!(experts <= UNITS as usize && k <= experts, "{experts} experts, top {k}: the router kernel takes at most {UNITS}");
+    let int: DType = x.device().settings().int_dtype.into();
+    let (x, gate) = (cube(x), cube(gate));
+    let weights = empty_device_dtype(x.client.clone(), x.device.clone(), [tokens, k].into(), x.dtype);
+    let ids = empty_device_dtype(x.client.clone(), x.device.clone(), [tokens, k].into(), int);
+    let client = x.client.clone();
+    let (float, index) = (storage(x.dtype), storage(int));
+    // SAFETY: one workgroup per token; reads within its row of `x` and the gate, writes its own k
+    // slots.
+    unsafe {
+        route_kernel::launch_unchecked(
+            &client,
+            CubeCount::Static(tokens as u32, 1, 1),
+            CubeDim::new_1d(UNITS),
+            x.into_buffer_arg(),
+            gate.into_buffer_arg(),
+            weights.clone().into_buffer_arg(),
+            ids.clone().into_buffer_arg(),
+            hidden,
+            experts,
+            u32::from(normalise),
+            scale as f32,
+            k,
+            [float, index],
+        );
+    }
+    (Tensor::from_primitive::<Cube>(weights), Tensor::<2, burn::tensor::Int>::from_primitive::<Cube>(ids))
+}
