@@ -181,3 +181,32 @@ fn a_page_that_reaches_the_models_positions_ends_alone() {
     let alone = pollster::block_on(full.recognize(&page, &free, Mode::Tiny, &g8, |_| ControlFlow::Continue(()))).unwrap();
     assert_eq!(batch[1].as_ref().unwrap().token_ids, alone.token_ids, "the other page goes on as alone");
 }
+
+/// On the GPU (wgpu; lavapipe in CI) with the crate's kernels, float and q4: a batch of pages gives
+/// what each gives alone (each sequence's step appends to its own in-place cache and attends
+/// there; the weights' products run once for the batch's rows). Skipped without an adapter
+/// unless `DSOCR_REQUIRE_WGPU` is set.
+#[cfg(feature = "wgpu")]
+#[test]
+fn a_batch_on_the_gpu_gives_what_each_page_gives_alone() {
+    let Some((device, limit)) = dsocr_tests::wgpu_device(false) else { return };
+    let (page, note, photo) = (image("page"), image("note"), image("photo"));
+    let (free, markdown) = (Task::FreeOcr, Task::Markdown);
+    let (g3, g5, g6) = (tokens(3), tokens(5), tokens(6));
+    let pages: Vec<(&[u8], &Task, Mode, &GenerationOptions)> =
+        vec![(&page, &free, Mode::Tiny, &g6), (&note, &markdown, Mode::Tiny, &g3), (&photo, &free, Mode::Tiny, &g5)];
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny-a");
+    for quantize in [None, Some(dsocr::quant::Recipe::preset(dsocr::quant::Preset::Q4, None).unwrap())] {
+        let label = if quantize.is_some() { "q4" } else { "f32" };
+        let options = EngineOptions { quantize, ..EngineOptions::gpu(limit) };
+        let engine = pollster::block_on(Engine::load_dir(&dir, &device, options, None)).unwrap();
+        let alone: Vec<Vec<u32>> = pages
+            .iter()
+            .map(|&(bytes, task, mode, generation)| pollster::block_on(engine.recognize(bytes, task, mode, generation, |_| ControlFlow::Continue(()))).unwrap().token_ids)
+            .collect();
+        let batch = pollster::block_on(engine.recognize_batch(&pages, |_, _| ControlFlow::Continue(())));
+        for (i, (a, b)) in alone.iter().zip(&batch).enumerate() {
+            assert_eq!(&b.as_ref().unwrap().token_ids, a, "{label}: page {i}");
+        }
+    }
+}

@@ -172,3 +172,45 @@ fn gpu_rows_are_the_dequantized_rows() {
         }
     }
 }
+
+/// The KV cache written in place and a step's attention over it equal burn's attention over the
+/// concatenated keys and values: positions appended in a prefill chunk and then one at a time
+/// (the cache grows past its first 256 positions), scores past one 1024-position chunk of
+/// workgroup memory, grouped KV heads.
+#[test]
+fn gpu_cache_attention_equals_burn_attention() {
+    use burn::tensor::module::attention;
+    use burn::tensor::ops::AttentionModuleOptions;
+    use dsocr::gpu::DeviceKv;
+    let Some((device, _)) = wgpu_device(false) else { return };
+    let (heads, kv_heads, hd) = (6, 3, 20);
+    let width = kv_heads * hd;
+    let mut cache: Option<DeviceKv> = None;
+    let (mut keys, mut vals) = (Vec::new(), Vec::new());
+    let mut appended = 0;
+    for (step, chunk) in [200usize, 1, 1, 60, 1, 900, 1].into_iter().enumerate() {
+        let (k, v) = (values(chunk * width, 40 + step as u64), values(chunk * width, 80 + step as u64));
+        cache = Some(DeviceKv::append(cache, tensor(&k, [chunk, width], &device), tensor(&v, [chunk, width], &device), kv_heads, hd));
+        keys.extend(k);
+        vals.extend(v);
+        appended += chunk;
+        let kv = cache.as_ref().unwrap();
+        assert_eq!(kv.len(), appended);
+        let q = values(heads * hd, 120 + step as u64);
+        let got = read(kv.attend(tensor(&q, [1, heads * hd], &device), heads));
+        // burn: (1, heads, 1, hd) over (1, heads, T, hd), each KV head repeated for its query heads.
+        let t = appended;
+        let split = |rows: &[f32]| {
+            Tensor::<2>::from_data(TensorData::new(rows.to_vec(), [t, width]), &device)
+                .reshape([1, t, kv_heads, hd])
+                .swap_dims(1, 2)
+                .reshape([1, kv_heads, 1, t, hd])
+                .expand([1, kv_heads, heads / kv_heads, t, hd])
+                .reshape([1, heads, t, hd])
+        };
+        let query = Tensor::<2>::from_data(TensorData::new(q, [1, heads * hd]), &device).reshape([1, 1, heads, hd]).swap_dims(1, 2);
+        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: false };
+        let want = read(attention(query, split(&keys), split(&vals), None, None, options).reshape([1, heads * hd]));
+        assert_close(&format!("{t} positions"), &got, &want);
+    }
+}

@@ -56,3 +56,28 @@ pub fn rope(_: Tensor<2>, _: Tensor<2>, _: Tensor<2>, _: usize) -> Tensor<2> {
 pub fn route(_: Tensor<2>, _: Tensor<2>, _: usize, _: bool, _: f64) -> (Tensor<2>, Tensor<2, Int>) {
     unreachable!("no GPU kernels in this build (feature `gpu`)")
 }
+
+#[derive(Debug, Clone)]
+pub enum DeviceKv {}
+
+impl DeviceKv {
+    pub fn len(&self) -> usize {
+        match *self {}
+    }
+
+    pub fn is_empty(&self) -> bool {
+        match *self {}
+    }
+
+    pub fn append(_: Option<Self>, _: Tensor<2>, _: Tensor<2>, _: usize, _: usize) -> Self {
+        unreachable!("no GPU kernels in this build (feature `gpu`)")
+    }
+
+    pub fn prefix(&self) -> (Tensor<4>, Tensor<4>) {
+        match *self {}
+    }
+
+    pub fn attend(&self, _: Tensor<2>, _: usize) -> Tensor<2> {
+        match *self {}
+    }
+}

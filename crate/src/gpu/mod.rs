@@ -9,10 +9,14 @@
 //!   limit, and the launches.
 //! * `fused`: one dispatch each for what burn's tensor ops do in several: [`rms_norm`], [`rope`]
 //!   and the MoE router ([`route`]).
+//! * `attention`: the decoder's KV cache written in place and a decoding step's attention over it
+//!   ([`DeviceKv`]).
 //!
 //! Built with the `gpu` feature (implied by `wgpu` and `webgpu`); without it [`DevicePacked`] is
 //! a type with no values (`absent`), so the model's code reads the same either way.
 
+#[cfg(feature = "gpu")]
+mod attention;
 #[cfg(feature = "gpu")]
 mod fused;
 #[cfg(feature = "gpu")]
@@ -23,7 +27,9 @@ mod packed;
 mod absent;
 
 #[cfg(not(feature = "gpu"))]
-pub use absent::{DevicePacked, rms_norm, rope, route};
+pub use absent::{DeviceKv, DevicePacked, rms_norm, rope, route};
+#[cfg(feature = "gpu")]
+pub use attention::DeviceKv;
 #[cfg(feature = "gpu")]
 pub use fused::{rms_norm, rope, route};
 #[cfg(feature = "gpu")]

@@ -14,6 +14,7 @@ use super::ops::{Norm, host_values};
 use super::vocab::{EmbeddingShards, LmHeadShards};
 use crate::config::DecoderConfig;
 use crate::error::{Error, Result};
+use crate::gpu::DeviceKv;
 use crate::quant::QLinear;
 use crate::weights::Loader;
 
@@ -51,7 +52,8 @@ struct SelfAttention {
     head_dim: usize,
     /// Keys and values in host memory, decoding steps attending there ([`super::kv`]; the CPU backend).
     host_cache: bool,
-    /// RoPE by the GPU's fused kernel ([`crate::gpu::rope`]).
+    /// The GPU kernels' path: RoPE by the fused kernel ([`crate::gpu::rope`]), the cache and a
+    /// decoding step's attention by [`DeviceKv`].
     fused: bool,
 }
 
@@ -252,6 +254,9 @@ impl DecoderLayer {
 
 impl SelfAttention {
     fn forward(&self, x: Tensor<3>, positions: &Positions, cache: &mut Option<LayerKv>) -> Tensor<3> {
+        if self.fused {
+            return self.forward_fused(x, positions, cache);
+        }
         let Positions { cos, sin, start } = positions;
         let start = *start;
         let [b, s, _] = x.dims();
@@ -265,6 +270,14 @@ impl SelfAttention {
             return self.attend_on_host(q, k, v, &mut [host]);
         }
         let (k, v) = self.extend(cache, k, v);
+        let out = self.attend_chunk(q, k, v, start);
+        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, self.heads * hd]))
+    }
+
+    /// burn's attention of a chunk of queries `q` `(B, heads, S, head_dim)` at positions `start ..`
+    /// over all keys and values so far `(B, kv_heads, start + S, head_dim)`, causal within the chunk.
+    fn attend_chunk(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, start: usize) -> Tensor<4> {
+        let [b, _, s, _] = q.dims();
         let total = start + s;
         let (k, v) = (repeat_kv(k, self.heads), repeat_kv(v, self.heads));
         let (mask, is_causal) = match (s, start) {
@@ -274,8 +287,64 @@ impl SelfAttention {
             _ => (Some(causal_mask(s, start, total, b, self.heads, &q.device())), false),
         };
         let options = AttentionModuleOptions { scale: None, softcap: None, is_causal };
-        let out = attention(q, k, v, mask, None, options);
-        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, self.heads * hd]))
+        attention(q, k, v, mask, None, options)
+    }
+
+    /// The GPU kernels' path of [`SelfAttention::forward`] (`x` `(1, S, hidden)`): RoPE on the
+    /// projections' rows, the new keys and values written into the layer's [`DeviceKv`], one token
+    /// attending there in one dispatch; a prefill chunk runs burn's attention (over the cache when
+    /// it follows cached tokens).
+    fn forward_fused(&self, x: Tensor<3>, positions: &Positions, cache: &mut Option<LayerKv>) -> Tensor<3> {
+        let [b, s, _] = x.dims();
+        let width = self.heads * self.head_dim;
+        let (q, k, v) = self.rotated_rows(x, &positions.cos, &positions.sin);
+        let kv = Self::append(cache, k.clone(), v.clone(), self.kv_heads, self.head_dim);
+        let out = if s == 1 {
+            kv.attend(q, self.heads)
+        } else {
+            let split = |t: Tensor<2>, heads: usize| t.reshape([1, s, heads, self.head_dim]).swap_dims(1, 2);
+            let (k, v) = if positions.start == 0 { (split(k, self.kv_heads), split(v, self.kv_heads)) } else { kv.prefix() };
+            self.attend_chunk(split(q, self.heads), k, v, positions.start).swap_dims(1, 2).reshape([s, width])
+        };
+        *cache = Some(LayerKv::Device(kv));
+        self.o_proj.forward(out.reshape([b, s, width]))
+    }
+
+    /// [`SelfAttention::forward_rows`] on the GPU kernels' path: each sequence's row appended to
+    /// its cache and attending there.
+    fn forward_rows_fused(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, caches: &mut [&mut Option<LayerKv>]) -> Tensor<3> {
+        let [b, _, _] = x.dims();
+        let (q, k, v) = self.rotated_rows(x, cos, sin);
+        let mut outs = Vec::with_capacity(b);
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let row = |t: &Tensor<2>| t.clone().narrow(0, i, 1);
+            let kv = Self::append(cache, row(&k), row(&v), self.kv_heads, self.head_dim);
+            outs.push(kv.attend(row(&q), self.heads));
+            **cache = Some(LayerKv::Device(kv));
+        }
+        self.o_proj.forward(Tensor::cat(outs, 0).reshape([b, 1, self.heads * self.head_dim]))
+    }
+
+    /// The projections of `x` `(B, S, hidden)` as rows `(B · S, heads · head_dim)`: queries and keys
+    /// rotated by the fused kernel (`cos`/`sin` hold each row's position), values as they are.
+    fn rotated_rows(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
+        let [b, s, _] = x.dims();
+        let rows = |t: Tensor<3>| {
+            let width = t.dims()[2];
+            t.reshape([b * s, width])
+        };
+        let rope = |t: Tensor<3>| crate::gpu::rope(rows(t), cos.clone(), sin.clone(), self.head_dim);
+        (rope(self.q_proj.forward(x.clone())), rope(self.k_proj.forward(x.clone())), rows(self.v_proj.forward(x)))
+    }
+
+    /// A layer's [`DeviceKv`] (`None` before its first chunk) with `k`, `v` appended.
+    fn append(cache: &mut Option<LayerKv>, k: Tensor<2>, v: Tensor<2>, kv_heads: usize, head_dim: usize) -> DeviceKv {
+        let held = match cache.take() {
+            Some(LayerKv::Device(kv)) => Some(kv),
+            None => None,
+            Some(_) => unreachable!("a layer's cache is filled by one path, fixed when the model is loaded"),
+        };
+        DeviceKv::append(held, k, v, kv_heads, head_dim)
     }
 }
 
@@ -283,12 +352,8 @@ impl SelfAttention {
     /// A projection's output `(B, S, heads · head_dim)` split into heads `(B, heads, S, head_dim)`
     /// and rotated; `cos`/`sin` `(B · S, head_dim)` hold each row's position (B = 1 or S = 1).
     fn rotated(&self, t: Tensor<3>, heads: usize, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<4> {
-        let [b, s, width] = t.dims();
+        let [b, s, _] = t.dims();
         let hd = self.head_dim;
-        if self.fused {
-            let rows = crate::gpu::rope(t.reshape([b * s, width]), cos.clone(), sin.clone(), hd);
-            return rows.reshape([b, s, heads, hd]).swap_dims(1, 2);
-        }
         // The tables broadcast over heads: (1, 1, S, d) for one sequence, (B, 1, 1, d) for B rows.
         let table = |t: &Tensor<2>| if b == 1 { t.clone().reshape([1, 1, s, hd]) } else { t.clone().reshape([b, 1, 1, hd]) };
         rotate(t.reshape([b, s, heads, hd]).swap_dims(1, 2), &table(cos), &table(sin))
@@ -297,6 +362,9 @@ impl SelfAttention {
     /// [`SelfAttention::forward`] for B sequences of one new token each: `x` `(B, 1, hidden)`, row i
     /// at the position whose RoPE row is `cos[i]`/`sin[i]`, attending over `caches[i]` (extended).
     fn forward_rows(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, caches: &mut [&mut Option<LayerKv>]) -> Tensor<3> {
+        if self.fused {
+            return self.forward_rows_fused(x, cos, sin, caches);
+        }
         let [b, _, _] = x.dims();
         let hd = self.head_dim;
         let split = |t: Tensor<3>, heads: usize| t.reshape([b, 1, heads, hd]).swap_dims(1, 2);

@@ -1,6 +1,7 @@
 //! The decoder's key/value cache, and the attention of a decoding step over it on the host.
 //!
-//! On GPU backends a layer's keys and values are device tensors, extended by concatenation. On
+//! On GPU backends a layer's keys and values are device tensors, extended by concatenation, or —
+//! with the crate's GPU kernels — buffers written in place ([`crate::gpu::DeviceKv`]). On
 //! the CPU backend (with the crate's host kernels) they live in host memory that grows in place:
 //! a decoding step appends one row per head and its attention reads the cache where it lies.
 //! Concatenating instead copies the whole cache every step (read and written once more, then made
@@ -36,6 +37,8 @@ pub(super) enum LayerKv {
     Tensors(Tensor<4>, Tensor<4>),
     /// In host memory (the CPU backend).
     Host(HostKv),
+    /// On the GPU, written in place and attended by the crate's kernels.
+    Device(crate::gpu::DeviceKv),
 }
 
 impl LayerKv {
@@ -44,6 +47,7 @@ impl LayerKv {
         match self {
             LayerKv::Tensors(k, v) => (k, v),
             LayerKv::Host(host) => host.tensors(device),
+            LayerKv::Device(kv) => kv.prefix(),
         }
     }
 }
