@@ -3,7 +3,7 @@
 
 use std::ops::ControlFlow;
 
-use burn::tensor::Tensor;
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 
@@ -231,7 +231,7 @@ impl<'d, K: Copy> Batch<'d, K> {
     }
 }
 
-/// One decoding step for `seqs`: their last tokens in, their next logits stored.
+/// One decoding step for `seqs`: their last tokens in, what their next tokens are chosen from stored.
 async fn step_batch<K>(decoder: &Decoder, seqs: &mut [(K, Sequence)]) -> Result<()> {
     let ids: Vec<u32> = seqs.iter().map(|(_, s)| *s.tokens.last().expect("advance chose a token")).collect();
     let x = decoder.embed(&ids, &seqs[0].1.device)?;
@@ -241,12 +241,60 @@ async fn step_batch<K>(decoder: &Decoder, seqs: &mut [(K, Sequence)]) -> Result<
         [cache] => decoder.forward(x, cache).await?,
         _ => decoder.step_batch(x, &mut caches).await?,
     };
-    let logits = read_f32(decoder.logits(hidden)).await?;
-    let vocab = logits.len() / seqs.len();
-    for (row, (_, seq)) in seqs.iter_mut().enumerate() {
-        seq.logits = logits[row * vocab..(row + 1) * vocab].to_vec();
+    let mut seqs: Vec<&mut Sequence> = seqs.iter_mut().map(|(_, s)| s).collect();
+    pick(decoder, decoder.logits(hidden), &mut seqs).await
+}
+
+/// Stores each sequence's [`Next`] from the logits `(B, vocab)` of their next tokens (row i:
+/// `seqs[i]`). Where the decoder picks on the device and every sequence is greedy, each row's
+/// banned ids are set to −∞ there and only the choice comes back (three numbers a row, one
+/// readback); otherwise the logits are read.
+async fn pick(decoder: &Decoder, logits: Tensor<2>, seqs: &mut [&mut Sequence]) -> Result<()> {
+    let [rows, vocab] = logits.dims();
+    if !(decoder.picks_on_device() && seqs.iter().all(|s| s.rng.is_none())) {
+        let values = read_f32(logits).await?;
+        for (row, seq) in seqs.iter_mut().enumerate() {
+            seq.next = Next::Logits(values[row * vocab..(row + 1) * vocab].to_vec());
+        }
+        return Ok(());
+    }
+    let banned: Vec<i64> = seqs
+        .iter()
+        .enumerate()
+        .flat_map(|(row, seq)| seq.banned().into_iter().filter(|&id| (id as usize) < vocab).map(move |id| (row * vocab + id as usize) as i64))
+        .collect();
+    let device = logits.device();
+    let logits = if banned.is_empty() {
+        logits
+    } else {
+        let n = banned.len();
+        let index = Tensor::<1, Int>::from_data(TensorData::new(banned, [n]), &device);
+        let minus_infinity = Tensor::<1>::full([n], f32::NEG_INFINITY, &device);
+        logits.reshape([rows * vocab]).select_assign(0, index, minus_infinity, IndexingUpdateOp::Add).reshape([rows, vocab])
+    };
+    let picks = read_f32(crate::gpu::greedy(logits)).await?;
+    for (row, seq) in seqs.iter_mut().enumerate() {
+        let (at, nan) = (picks[row * 3] as usize, picks[row * 3 + 2] as usize);
+        seq.next = Next::Picked(if nan < vocab {
+            Err(format!("logit {nan} is NaN"))
+        } else if at < vocab {
+            Ok(at as u32)
+        } else {
+            Err("every token is banned or has zero probability".into())
+        });
     }
     Ok(())
+}
+
+/// What a sequence's next token is chosen from.
+enum Next {
+    /// Nothing (`max_new_tokens` is 0).
+    Nothing,
+    /// The logits, on the host: the repeat guard and greedy or sampled choice run there.
+    Logits(Vec<f32>),
+    /// A greedy choice made on the device with the repeat guard applied (see [`pick`]), or why
+    /// there is none.
+    Picked(std::result::Result<u32, String>),
 }
 
 /// A generation in progress: the prompt, its cache, what was generated, the next logits.
@@ -258,8 +306,7 @@ struct Sequence {
     rng: Option<ChaCha8Rng>,
     cache: KvCache,
     tokens: Vec<u32>,
-    /// Logits of the next token (empty once `max_new_tokens` is 0).
-    logits: Vec<f32>,
+    next: Next,
     device: burn::tensor::Device,
 }
 
@@ -284,14 +331,18 @@ impl Sequence {
             Sampling::Sample { seed, .. } => Some(ChaCha8Rng::seed_from_u64(seed)),
             Sampling::Greedy => None,
         };
-        let mut cache = KvCache::default();
-        let logits = if options.max_new_tokens == 0 {
-            Vec::new()
-        } else {
-            let hidden = decoder.forward(prompt_embeds, &mut cache).await?;
-            last_logits(decoder, hidden).await?
-        };
-        Ok(Sequence { prompt_ids: prompt_ids.to_vec(), options: options.clone(), limit, rng, cache, tokens: Vec::new(), logits, device })
+        let mut seq = Sequence { prompt_ids: prompt_ids.to_vec(), options: options.clone(), limit, rng, cache: KvCache::default(), tokens: Vec::new(), next: Next::Nothing, device };
+        if options.max_new_tokens > 0 {
+            let hidden = decoder.forward(prompt_embeds, &mut seq.cache).await?;
+            let [s, d] = hidden.dims();
+            pick(decoder, decoder.logits(hidden.slice([s - 1..s, 0..d])), &mut [&mut seq]).await?;
+        }
+        Ok(seq)
+    }
+
+    /// Ids the repeat guard bans as the next token.
+    fn banned(&self) -> Vec<u32> {
+        self.options.repeat_guard.banned(&self.prompt_ids, &self.tokens)
     }
 
     /// Chooses the next token from the logits and tells `on_token`; `Some` when the sequence ends
@@ -301,14 +352,20 @@ impl Sequence {
         if options.max_new_tokens == 0 {
             return Ok(Some(FinishReason::MaxNewTokens));
         }
-        for id in options.repeat_guard.banned(&self.prompt_ids, &self.tokens) {
-            if let Some(l) = self.logits.get_mut(id as usize) {
-                *l = f32::NEG_INFINITY;
+        let token = match std::mem::replace(&mut self.next, Next::Nothing) {
+            Next::Picked(choice) => choice.map_err(Error::Backend)?,
+            Next::Logits(mut logits) => {
+                for id in self.banned() {
+                    if let Some(l) = logits.get_mut(id as usize) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+                match (&options.sampling, self.rng.as_mut()) {
+                    (Sampling::Sample { temperature, top_k, top_p, .. }, Some(rng)) => sample(&logits, *temperature, *top_k, *top_p, rng)?,
+                    _ => argmax(&logits)?,
+                }
             }
-        }
-        let token = match (&options.sampling, self.rng.as_mut()) {
-            (Sampling::Sample { temperature, top_k, top_p, .. }, Some(rng)) => sample(&self.logits, *temperature, *top_k, *top_p, rng)?,
-            _ => argmax(&self.logits)?,
+            Next::Nothing => return Err(Error::Backend("no logits to choose the next token from".into())),
         };
         if options.stop_ids.contains(&token) {
             return Ok(Some(FinishReason::Stop(token)));
@@ -325,11 +382,6 @@ impl Sequence {
         }
         Ok(None)
     }
-}
-
-async fn last_logits(decoder: &Decoder, hidden: Tensor<2>) -> Result<Vec<f32>> {
-    let [s, d] = hidden.dims();
-    read_f32(decoder.logits(hidden.slice([s - 1..s, 0..d]))).await
 }
 
 fn argmax(logits: &[f32]) -> Result<u32> {

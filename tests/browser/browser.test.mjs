@@ -7,11 +7,16 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { execFileSync } from 'node:child_process';
 import { chromium } from 'playwright-core';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const fixtures = path.join(root, 'tests', 'fixtures');
+// tiny-a converted to q4 and q8 by the CLI (built by the suite's `cargo test --release`), 1 MiB shards.
+const quantized = fs.mkdtempSync(path.join(os.tmpdir(), 'dsocr-browser-quantized-'));
+const dsocr = path.join(root, 'target', 'release', 'dsocr');
 const routes = {
+  '/quantized/': quantized,
   '/pkg/': path.join(root, 'www', 'dist', 'wasm'),
   '/ckpt/': fixtures,
   // The same files from a server that ignores Range headers (like `python3 -m http.server`).
@@ -64,7 +69,10 @@ before(async () => {
   base = `http://127.0.0.1:${server.address().port}`;
 });
 
-after(() => server?.close());
+after(() => {
+  server?.close();
+  fs.rmSync(quantized, { recursive: true, force: true });
+});
 
 async function browser(webgpu = true) {
   const args = ['--headless', '--no-sandbox', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-quic'];
@@ -140,6 +148,40 @@ for (const [mode, tokens, maxBindingBytes] of [['tiny', 8, undefined], ['small',
     }
   });
 }
+
+// Quantized weights on WebGPU, multiplied packed by the crate's GPU kernels: tiny-a converted to q4
+// and q8 (the sharded format) and the float checkpoint quantized while loading (q4) give the greedy
+// tokens the native GPU path gives (wgpu on Vulkan: lavapipe in CI) for the same weights.
+test('tiny-a q4 and q8 on WebGPU: the greedy tokens of native wgpu (converted checkpoints, and quantize at load)', { timeout: 15 * 60_000 }, async () => {
+  const tokens = 6;
+  const native = (model) => {
+    const out = execFileSync(dsocr, ['ocr', path.join(fixtures, 'images', 'page.png'), '--model', model, '--device', 'wgpu', '--mode', 'tiny',
+      '--max-new-tokens', String(tokens), '--repeat-guard', 'hf', '--format', 'json'], { env: { ...process.env, XDG_RUNTIME_DIR: os.tmpdir() } });
+    return JSON.parse(out).results[0].token_ids;
+  };
+  const { context, page } = await browser();
+  try {
+    for (const scheme of ['q4', 'q8']) {
+      const dir = path.join(quantized, scheme);
+      execFileSync(dsocr, ['quantize', path.join(fixtures, 'tiny-a'), '--scheme', scheme, '--shard-mib', '1', '--out', dir], { stdio: 'inherit' });
+      const expected = native(dir);
+      assert.equal(expected.length, tokens);
+      const out = await recognize(page, { checkpoint: scheme, image: 'page', mode: 'tiny', maxNewTokens: tokens, route: '/quantized' });
+      assert.equal(out.error, undefined, JSON.stringify(out.error));
+      assert.deepEqual(out.result.token_ids, expected, `${scheme}: the native wgpu tokens`);
+      console.log(`# tiny-a ${scheme} converted: load ${out.loadMs.toFixed(0)} ms, recognize ${tokens} tokens ${out.runMs.toFixed(0)} ms`);
+    }
+    const atLoad = await page.evaluate(async (tokens) => {
+      const { Dsocr } = await window.dsocr;
+      const engine = await Dsocr.load('/ckpt/tiny-a', { quantize: 'q4' });
+      const blob = new Blob([await (await fetch('/images/page.png')).arrayBuffer()], { type: 'image/png' });
+      return (await engine.recognize(blob, { task: 'markdown', mode: 'tiny', maxNewTokens: tokens, repeatGuard: 'hf' })).token_ids;
+    }, tokens);
+    assert.deepEqual(atLoad, native(path.join(quantized, 'q4')), 'quantized at load = the converted q4 checkpoint on native wgpu');
+  } finally {
+    await context.close();
+  }
+});
 
 // DeepSeek-OCR-2 in the browser: the engine picks the model from config.json; Base (the 1024 view,
 // the query encoder's masked attention on WebGPU) gives the reference's tokens; a v1-only mode is refused.

@@ -8,6 +8,8 @@
 //!   concatenation and products: 8).
 //! * [`route`]: the MoE router — gate logits, softmax, top-k, the weights' normalisation and
 //!   scaling (burn: 11) — writing each token's expert ids and weights for the experts' kernels.
+//! * [`greedy`]: each row's arg-max, maximum and first NaN, so a greedy decoding step reads back
+//!   three numbers per sequence instead of the vocabulary's logits.
 
 use burn::tensor::{DType, Tensor};
 use burn_cubecl::Cube;
@@ -232,4 +234,80 @@ pub fn route(x: Tensor<2>, gate: Tensor<2>, k: usize, normalise: bool, scale: f6
         );
     }
     (Tensor::from_primitive::<Cube>(weights), Tensor::<2, burn::tensor::Int>::from_primitive::<Cube>(ids))
+}
+
+#[cube(launch_unchecked)]
+fn greedy_kernel<F: Float>(logits: &[F], out: &mut [f32], vocab: usize, #[define(F)] _dtype: ElemType) {
+    let row = CUBE_POS_X as usize;
+    let unit = UNIT_POS as usize;
+    let base = row * vocab;
+    // Per unit: the largest value (the lowest index among equals: a unit scans upwards) and the
+    // first NaN (`vocab` for none).
+    let mut best = f32::new(-3.4e38f32);
+    let mut best_at = vocab;
+    let mut nan_at = vocab;
+    let mut i = unit;
+    while i < vocab {
+        let v = f32::cast_from(logits[base + i]);
+        if f32::is_nan(v) {
+            nan_at = clamp_max(nan_at, i);
+        } else if v > best || (best_at == vocab && v == best) {
+            best = v;
+            best_at = i;
+        }
+        i += UNITS as usize;
+    }
+    let mut value = Shared::<[f32]>::new_slice(UNITS as usize);
+    let mut at = Shared::<[u32]>::new_slice(UNITS as usize);
+    let mut nan = Shared::<[u32]>::new_slice(UNITS as usize);
+    value[unit] = best;
+    at[unit] = u32::cast_from(best_at);
+    nan[unit] = u32::cast_from(nan_at);
+    sync_cube();
+    #[unroll]
+    for step in 0..UNIT_STEPS {
+        let stride = comptime![(UNITS >> (step + 1)) as usize];
+        if unit < stride {
+            let (a, b) = (unit, unit + stride);
+            // The larger value; on a tie the lower index (an unset `vocab` index loses).
+            let take = value[b] > value[a] || (value[b] == value[a] && at[b] < at[a]);
+            if take {
+                value[a] = value[b];
+                at[a] = at[b];
+            }
+            nan[a] = clamp_max(nan[a], nan[b]);
+        }
+        sync_cube();
+    }
+    if unit == 0 {
+        out[row * 3] = f32::cast_from(at[0]);
+        out[row * 3 + 1] = value[0];
+        out[row * 3 + 2] = f32::cast_from(nan[0]);
+    }
+}
+
+/// Per row of `logits` `(rows, vocab)` (banned tokens already at −∞): `[arg-max, maximum, first
+/// NaN]` as f32 `(rows, 3)` — the arg-max the lowest index among equal maxima (`torch.argmax`),
+/// the NaN index `vocab` when there is none, the arg-max `vocab` when every value is −∞ or NaN.
+/// Indices below 2²⁴ are exact in f32.
+pub fn greedy(logits: Tensor<2>) -> Tensor<2> {
+    let [rows, vocab] = logits.dims();
+    assert!(vocab < 1 << 24, "a vocabulary of {vocab}: indices are returned as f32");
+    let logits = cube(logits);
+    let out = empty_device_dtype(logits.client.clone(), logits.device.clone(), [rows, 3].into(), DType::F32);
+    let client = logits.client.clone();
+    let float = storage(logits.dtype);
+    // SAFETY: one workgroup per row, reading that row; unit 0 writes the row's three values.
+    unsafe {
+        greedy_kernel::launch_unchecked(
+            &client,
+            CubeCount::Static(rows as u32, 1, 1),
+            CubeDim::new_1d(UNITS),
+            logits.into_buffer_arg(),
+            out.clone().into_buffer_arg(),
+            vocab,
+            float,
+        );
+    }
+    Tensor::from_primitive::<Cube>(out)
 }

@@ -8,7 +8,7 @@
 //! * `packed`: [`DevicePacked`], a packed matrix on the device in row shards within the binding
 //!   limit, and the launches.
 //! * `fused`: one dispatch each for what burn's tensor ops do in several: [`rms_norm`], [`rope`]
-//!   and the MoE router ([`route`]).
+//!   the MoE router ([`route`]) and a greedy step's choice ([`greedy`]).
 //! * `attention`: the decoder's KV cache written in place and a decoding step's attention over it
 //!   ([`DeviceKv`]).
 //!
@@ -27,11 +27,11 @@ mod packed;
 mod absent;
 
 #[cfg(not(feature = "gpu"))]
-pub use absent::{DeviceKv, DevicePacked, rms_norm, rope, route};
+pub use absent::{DeviceKv, DevicePacked, greedy, rms_norm, rope, route};
 #[cfg(feature = "gpu")]
 pub use attention::DeviceKv;
 #[cfg(feature = "gpu")]
-pub use fused::{rms_norm, rope, route};
+pub use fused::{greedy, rms_norm, rope, route};
 #[cfg(feature = "gpu")]
 pub use packed::DevicePacked;
 

@@ -28,6 +28,8 @@ pub struct Decoder {
     rope: Rope,
     vocab_size: usize,
     max_positions: usize,
+    /// Greedy choices on the device ([`crate::gpu::greedy`]): the crate's GPU kernels are on.
+    picks_on_device: bool,
 }
 
 #[derive(Module, Debug)]
@@ -103,6 +105,7 @@ impl Decoder {
             rope: Rope::new(c.head_dim, c.rope_theta),
             vocab_size: c.vocab_size,
             max_positions: c.max_position_embeddings,
+            picks_on_device: l.device_kernels(),
         })
     }
 
@@ -113,6 +116,12 @@ impl Decoder {
 
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
+    }
+
+    /// Whether a greedy decoding loop should choose tokens on the device ([`crate::gpu::greedy`]:
+    /// a step then reads back its choice, not the vocabulary's logits).
+    pub fn picks_on_device(&self) -> bool {
+        self.picks_on_device
     }
 
     /// Positions the model has (`max_position_embeddings`).
