@@ -91,16 +91,16 @@ function reference(checkpoint, image, mode) {
 }
 
 // Loads a tiny checkpoint, recognises an image, returns the result plus streamed tokens and progress.
-// `route`: '/ckpt' (Range requests) or '/norange'; `maxBindingBytes` lowers the binding limit;
-// `bitmap` passes an ImageBitmap instead of a Blob.
-async function recognize(page, { checkpoint, image, mode, maxNewTokens, abortAfter, route = '/ckpt', maxBindingBytes, bitmap = false, task = 'markdown' }) {
-  return page.evaluate(async ({ checkpoint, image, mode, maxNewTokens, abortAfter, route, maxBindingBytes, bitmap, task }) => {
+// `route`: '/ckpt' (Range requests), '/norange' or '/quantized'; `maxBindingBytes` lowers the
+// binding limit; `bitmap` passes an ImageBitmap instead of a Blob; `quantize` quantizes at load.
+async function recognize(page, { checkpoint, image, mode, maxNewTokens, abortAfter, route = '/ckpt', maxBindingBytes, bitmap = false, task = 'markdown', quantize }) {
+  return page.evaluate(async ({ checkpoint, image, mode, maxNewTokens, abortAfter, route, maxBindingBytes, bitmap, task, quantize }) => {
     const { Dsocr } = await window.dsocr;
     const progress = [];
     const streamed = [];
     try {
       const started = performance.now();
-      const engine = await Dsocr.load(`${route}/${checkpoint}`, { onProgress: (p) => progress.push(p), maxBindingBytes });
+      const engine = await Dsocr.load(`${route}/${checkpoint}`, { onProgress: (p) => progress.push(p), maxBindingBytes, quantize });
       const loadMs = performance.now() - started;
       const adapter = engine.adapterInfo();
       const blob = new Blob([await (await fetch(`/images/${image}.png`)).arrayBuffer()], { type: 'image/png' });
@@ -115,7 +115,7 @@ async function recognize(page, { checkpoint, image, mode, maxNewTokens, abortAft
     } catch (e) {
       return { error: { code: e.code, message: String(e.message) }, streamed, progress };
     }
-  }, { checkpoint, image, mode, maxNewTokens, abortAfter, route, maxBindingBytes, bitmap, task });
+  }, { checkpoint, image, mode, maxNewTokens, abortAfter, route, maxBindingBytes, bitmap, task, quantize });
 }
 
 // Small runs under a 4 MiB binding cap, so the embedding and lm_head load as vocabulary shards.
@@ -159,28 +159,28 @@ test('tiny-a q4 and q8 on WebGPU: the greedy tokens of native wgpu (converted ch
       '--max-new-tokens', String(tokens), '--repeat-guard', 'hf', '--format', 'json'], { env: { ...process.env, XDG_RUNTIME_DIR: os.tmpdir() } });
     return JSON.parse(out).results[0].token_ids;
   };
-  const { context, page } = await browser();
-  try {
-    for (const scheme of ['q4', 'q8']) {
-      const dir = path.join(quantized, scheme);
-      execFileSync(dsocr, ['quantize', path.join(fixtures, 'tiny-a'), '--scheme', scheme, '--shard-mib', '1', '--out', dir], { stdio: 'inherit' });
-      const expected = native(dir);
-      assert.equal(expected.length, tokens);
-      const out = await recognize(page, { checkpoint: scheme, image: 'page', mode: 'tiny', maxNewTokens: tokens, route: '/quantized' });
-      assert.equal(out.error, undefined, JSON.stringify(out.error));
-      assert.deepEqual(out.result.token_ids, expected, `${scheme}: the native wgpu tokens`);
-      console.log(`# tiny-a ${scheme} converted: load ${out.loadMs.toFixed(0)} ms, recognize ${tokens} tokens ${out.runMs.toFixed(0)} ms`);
+  // A page per load: one WebGPU device per page.
+  const inBrowser = async (options) => {
+    const { context, page } = await browser();
+    try {
+      return await recognize(page, { image: 'page', mode: 'tiny', maxNewTokens: tokens, ...options });
+    } finally {
+      await context.close();
     }
-    const atLoad = await page.evaluate(async (tokens) => {
-      const { Dsocr } = await window.dsocr;
-      const engine = await Dsocr.load('/ckpt/tiny-a', { quantize: 'q4' });
-      const blob = new Blob([await (await fetch('/images/page.png')).arrayBuffer()], { type: 'image/png' });
-      return (await engine.recognize(blob, { task: 'markdown', mode: 'tiny', maxNewTokens: tokens, repeatGuard: 'hf' })).token_ids;
-    }, tokens);
-    assert.deepEqual(atLoad, native(path.join(quantized, 'q4')), 'quantized at load = the converted q4 checkpoint on native wgpu');
-  } finally {
-    await context.close();
+  };
+  for (const scheme of ['q4', 'q8']) {
+    const dir = path.join(quantized, scheme);
+    execFileSync(dsocr, ['quantize', path.join(fixtures, 'tiny-a'), '--scheme', scheme, '--shard-mib', '1', '--out', dir], { stdio: 'inherit' });
+    const expected = native(dir);
+    assert.equal(expected.length, tokens);
+    const out = await inBrowser({ checkpoint: scheme, route: '/quantized' });
+    assert.equal(out.error, undefined, JSON.stringify(out.error));
+    assert.deepEqual(out.result.token_ids, expected, `${scheme}: the native wgpu tokens`);
+    console.log(`# tiny-a ${scheme} converted: load ${out.loadMs.toFixed(0)} ms, recognize ${tokens} tokens ${out.runMs.toFixed(0)} ms`);
   }
+  const atLoad = await inBrowser({ checkpoint: 'tiny-a', quantize: 'q4' });
+  assert.equal(atLoad.error, undefined, JSON.stringify(atLoad.error));
+  assert.deepEqual(atLoad.result.token_ids, native(path.join(quantized, 'q4')), 'quantized at load = the converted q4 checkpoint on native wgpu');
 });
 
 // DeepSeek-OCR-2 in the browser: the engine picks the model from config.json; Base (the 1024 view,
