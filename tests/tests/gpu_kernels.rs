@@ -79,8 +79,14 @@ fn gpu_linear_equals_the_dequantized_product() {
                     let d = DevicePacked::upload(&w, &device, limit);
                     for m in [1, 3, 8, 9, 20] {
                         let x = values(m * cols, 100 + m as u64);
+                        let want = reference(&x, m, &w);
                         let got = read(d.linear(tensor(&x, [m, cols], &device)));
-                        assert_close(&format!("{bits:?} g{group} {rows}×{cols} m={m} {shards}"), &got, &reference(&x, m, &w));
+                        assert_close(&format!("{bits:?} g{group} {rows}×{cols} m={m} {shards}"), &got, &want);
+                        // With a residual added in the same pass.
+                        let residual = values(m * rows, 7 * m as u64);
+                        let got = read(d.linear_add(tensor(&x, [m, cols], &device), Some(tensor(&residual, [m, rows], &device))));
+                        let want: Vec<f32> = want.iter().zip(&residual).map(|(a, b)| a + b).collect();
+                        assert_close(&format!("{bits:?} g{group} {rows}×{cols} m={m} {shards} + residual"), &got, &want);
                     }
                 }
             }
@@ -139,6 +145,27 @@ fn gpu_gathered_experts_equal_each_experts_product() {
                 let label = format!("{bits:?} {tokens} tokens, {per_shard} experts per shard");
                 assert_close(&format!("{label}, gate"), &plain, &want_plain);
                 assert_close(&format!("{label}, gate/up"), &fused, &want_fused);
+                // Summed per token with routing weights, plus a residual: Σ_j w[t, j] · x_p · W_eᵀ
+                // over the token's k pairs (each pair's own input row).
+                let pair_inputs = values(tokens * k * cols, 13);
+                let weights = values(tokens * k, 17);
+                let residual = values(tokens * per_expert, 19);
+                let index = Tensor::<1, Int>::from_data(TensorData::new(ids.clone(), [ids.len()]), &device);
+                let got = read(dg.gathered_sum(
+                    tensor(&pair_inputs, [tokens * k, cols], &device),
+                    index,
+                    tensor(&weights, [tokens, k], &device),
+                    per_expert,
+                    Some(tensor(&residual, [tokens, per_expert], &device)),
+                ));
+                let mut want = residual.clone();
+                for (p, &e) in ids.iter().enumerate() {
+                    let y = reference(&pair_inputs[p * cols..(p + 1) * cols], 1, &expert_rows(&gate, e as usize));
+                    for (r, v) in y.iter().enumerate() {
+                        want[(p / k) * per_expert + r] += weights[p] * v;
+                    }
+                }
+                assert_close(&format!("{label}, weighted sum per token + residual"), &got, &want);
                 // One expert on all rows, few (the gathered kernel) and many (dequantized + matmul).
                 for m in [2, 11] {
                     let x = values(m * cols, 5 + m as u64);

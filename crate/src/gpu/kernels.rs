@@ -65,15 +65,70 @@ fn word_column(w: usize, #[comptime] bits: u32, #[comptime] group: usize) -> usi
     (w / words_per_group) * group + (w % words_per_group) * 4
 }
 
+/// Adds `factor ·` one weight row's products with `m` input rows (from `x_first` on) to the
+/// accumulators, this unit's words only: `acc[i] += factor · Σ scale · q · x[x_first + i]`; with
+/// `up`, `acc[m + i]` gets the same of the second matrix's row.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn accumulate<F: Float>(
+    acc: &mut Array<f32>,
+    x: &[F],
+    words: &[u32],
+    scales: &[f32],
+    up_words: ComptimeOption<&[u32]>,
+    up_scales: ComptimeOption<&[f32]>,
+    weight_row: usize,
+    x_first: usize,
+    factor: f32,
+    lane: usize,
+    k: usize,
+    groups: usize,
+    #[comptime] m: usize,
+    #[comptime] bits: u32,
+    #[comptime] group: usize,
+    #[comptime] team: u32,
+) {
+    let words_per_group = comptime![group * bits as usize / 32];
+    let row_words = groups * words_per_group;
+    let mut w = lane;
+    while w < row_words {
+        let at = weight_row * row_words + w;
+        let col = word_column(w, bits, group);
+        let g = weight_row * groups + w / words_per_group;
+        let word = words[at];
+        let scale = factor * scales[g];
+        #[unroll]
+        for i in 0..m {
+            acc[i] += scale * word_dot::<F>(word, x, (x_first + i) * k, col, k, bits, group);
+        }
+        #[comptime]
+        match (up_words, up_scales) {
+            (ComptimeOption::Some(up_words), ComptimeOption::Some(up_scales)) => {
+                let up_word = up_words[at];
+                let up_scale = factor * up_scales[g];
+                #[unroll]
+                for i in 0..m {
+                    acc[m + i] += up_scale * word_dot::<F>(up_word, x, (x_first + i) * k, col, k, bits, group);
+                }
+            }
+            _ => {}
+        }
+        w += team as usize;
+    }
+}
+
 /// `y = x · Wᵀ` for few input rows, `W` packed `(n, k)`; optionally `silu(x · Wᵀ) ⊙ (x · Uᵀ)`
-/// with a second matrix `U` of the same shape (`up`: the gate/up pair of an MLP in one pass).
+/// with a second matrix `U` of the same shape (`up`: the gate/up pair of an MLP in one pass), and
+/// `y + addend` (a residual; `addend` shaped as `out`).
 ///
 /// * Plain (`ids` none): `x` is `(m, k)`, `out` `(m, n)`; every weight row is read once for the
 ///   `m` rows (a decoding step of `m` sequences).
-/// * Gathered (`ids` some): cube row `s` (`CUBE_POS_Y`) is one (token, expert) pair, `m = 1`:
+/// * Gathered (`ids` some, `m = 1`): cube row `s` (`CUBE_POS_Y`) is one (token, expert) pair —
 ///   input row `s / x_div`, weight rows `(ids[s] − first) · n …` of a stack of experts `n` rows
-///   each, `out` row `s`. A pair whose expert is not in `first .. first + experts` (another
-///   shard's) gets zeros. The router's choice never leaves the device.
+///   each, `out` row `s` — or, with `combine` (the routing weights of `slots` pairs per token),
+///   one token: `out` row `s` is `Σ_j combine[p] · x[p / x_div] · W_{ids[p]}ᵀ` over its pairs
+///   `p = s · slots + j`. A pair whose expert is not in `first .. first + experts` (another
+///   shard's) adds nothing. The router's choice never leaves the device.
 ///
 /// Workgroups of [`CUBE_UNITS`] units, `CUBE_UNITS / team` output rows each ([`team_for`]).
 #[cube(launch_unchecked)]
@@ -85,6 +140,8 @@ pub fn few_rows_kernel<F: Float, I: Int>(
     up_words: ComptimeOption<&[u32]>,
     up_scales: ComptimeOption<&[f32]>,
     ids: ComptimeOption<&[I]>,
+    combine: ComptimeOption<&[F]>,
+    addend: ComptimeOption<&[F]>,
     out: &mut [F],
     k: usize,
     n: usize,
@@ -93,6 +150,7 @@ pub fn few_rows_kernel<F: Float, I: Int>(
     first: usize,
     experts: usize,
     #[comptime] m: usize,
+    #[comptime] slots: usize,
     #[comptime] bits: u32,
     #[comptime] group: usize,
     #[comptime] team: u32,
@@ -104,56 +162,38 @@ pub fn few_rows_kernel<F: Float, I: Int>(
     let lane = (UNIT_POS % team) as usize;
     let row = CUBE_POS_X as usize * comptime![(CUBE_UNITS / team) as usize] + (UNIT_POS / team) as usize;
     let slot = CUBE_POS_Y as usize;
-    let row_words = groups * comptime![group * bits as usize / 32];
-
-    // Which weight rows and input rows this cube row reads.
-    let mut weight_row = row;
-    let mut x_first = 0usize;
-    let mut valid = row < n;
-    #[comptime]
-    match ids {
-        ComptimeOption::Some(ids) => {
-            let expert = usize::cast_from(ids[slot]);
-            let inside = expert >= first && expert < first + experts;
-            valid = valid && inside;
-            weight_row = select(inside, expert - first, 0) * n + row;
-            x_first = slot / x_div;
-        }
-        ComptimeOption::None => {}
-    }
 
     let mut acc = Array::<f32>::new(accumulators);
     #[unroll]
     for a in 0..accumulators {
         acc[a] = 0.0;
     }
-    if valid {
-        let mut w = lane;
-        while w < row_words {
-            let at = weight_row * row_words + w;
-            let col = word_column(w, bits, group);
-            let g = weight_row * groups + w / comptime![group * bits as usize / 32];
-            let word = words[at];
-            let scale = scales[g];
-            #[unroll]
-            for i in 0..m {
-                let base = (x_first + i) * k;
-                acc[i] += scale * word_dot::<F>(word, x, base, col, k, bits, group);
-            }
-            #[comptime]
-            match (up_words, up_scales) {
-                (ComptimeOption::Some(up_words), ComptimeOption::Some(up_scales)) => {
-                    let up_word = up_words[at];
-                    let up_scale = up_scales[g];
-                    #[unroll]
-                    for i in 0..m {
-                        let base = (x_first + i) * k;
-                        acc[m + i] += up_scale * word_dot::<F>(up_word, x, base, col, k, bits, group);
+    // Whether anything was added (a gathered pair of another shard's expert: nothing).
+    let mut valid = row < n;
+    if row < n {
+        #[comptime]
+        match ids {
+            ComptimeOption::Some(ids) => {
+                valid = false;
+                #[unroll]
+                for j in 0..slots {
+                    let pair = slot * slots + j;
+                    let expert = usize::cast_from(ids[pair]);
+                    if expert >= first && expert < first + experts {
+                        valid = true;
+                        let mut factor = 1.0f32;
+                        #[comptime]
+                        match combine {
+                            ComptimeOption::Some(weights) => factor = f32::cast_from(weights[pair]),
+                            ComptimeOption::None => {}
+                        }
+                        accumulate::<F>(&mut acc, x, words, scales, up_words, up_scales, (expert - first) * n + row, pair / x_div, factor, lane, k, groups, m, bits, group, team);
                     }
                 }
-                _ => {}
             }
-            w += team as usize;
+            ComptimeOption::None => {
+                accumulate::<F>(&mut acc, x, words, scales, up_words, up_scales, row, 0, 1.0f32, lane, k, groups, m, bits, group, team);
+            }
         }
     }
 
@@ -187,8 +227,14 @@ pub fn few_rows_kernel<F: Float, I: Int>(
                 let u = partial[(m + i) * CUBE_UNITS as usize + unit];
                 y = y / (1.0 + f32::exp(-y)) * u;
             }
-            let out_row = select(gathered, slot, i);
-            out[out_row * n + row] = F::cast_from(select(valid, y, 0.0));
+            y = select(valid, y, 0.0);
+            let at = select(gathered, slot, i) * n + row;
+            #[comptime]
+            match addend {
+                ComptimeOption::Some(addend) => y += f32::cast_from(addend[at]),
+                ComptimeOption::None => {}
+            }
+            out[at] = F::cast_from(y);
         }
     }
 }

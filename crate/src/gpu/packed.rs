@@ -94,12 +94,24 @@ impl DevicePacked {
 
     /// `x (m, cols) · Wᵀ`: `(m, rows)` in `x`'s float type.
     pub fn linear(&self, x: Tensor<2>) -> Tensor<2> {
+        self.linear_add(x, None)
+    }
+
+    /// [`DevicePacked::linear`] plus `addend` `(m, rows)` (a residual), added in the same pass
+    /// where the product runs as one launch.
+    pub fn linear_add(&self, x: Tensor<2>, addend: Option<Tensor<2>>) -> Tensor<2> {
         let m = x.dims()[0];
-        if m > FEW_ROWS {
-            return self.many_rows(x);
+        let y = if m > FEW_ROWS {
+            self.many_rows(x)
+        } else if let ([shard], Some(addend)) = (self.shards.as_slice(), &addend) {
+            return self.launch(shard, Launch { addend: Some(addend.clone()), ..Launch::plain(x, m) });
+        } else {
+            cat_columns(self.shards.iter().map(|shard| self.launch(shard, Launch::plain(x.clone(), m))).collect())
+        };
+        match addend {
+            Some(addend) => y + addend,
+            None => y,
         }
-        let parts = self.shards.iter().map(|s| Tensor::from_primitive::<Cube>(self.few_rows(s, None, x.clone(), None, m, 1, 1))).collect();
-        cat_columns(parts)
     }
 
     /// `silu(x · Gᵀ) ⊙ (x · Uᵀ)` of an MLP's gate and up matrices (same shape and sharding).
@@ -108,12 +120,7 @@ impl DevicePacked {
         if m > FEW_ROWS_GLU || !gate.same_layout(up) {
             return burn::tensor::activation::silu(gate.linear(x.clone())) * up.linear(x);
         }
-        let parts = gate
-            .shards
-            .iter()
-            .zip(&up.shards)
-            .map(|(g, u)| Tensor::from_primitive::<Cube>(gate.few_rows(g, Some(u), x.clone(), None, m, 1, 1)))
-            .collect();
+        let parts = gate.shards.iter().zip(&up.shards).map(|(g, u)| gate.launch(g, Launch { up: Some(u), ..Launch::plain(x.clone(), m) })).collect();
         cat_columns(parts)
     }
 
@@ -122,11 +129,27 @@ impl DevicePacked {
     /// `silu(x · G_eᵀ) ⊙ (x · U_eᵀ)`.
     pub fn gathered(&self, up: Option<&Self>, x: Tensor<2>, experts: Tensor<1, Int>, x_div: usize, per_expert: usize) -> Tensor<2> {
         let pairs = experts.dims()[0];
+        let gathered = Gathered { ids: experts, per_expert, x_div, combine: None };
+        self.per_shard_sum(None, |i| Launch { up: up.map(|u| &u.shards[i]), rows: pairs, gathered: Some(gathered.clone()), ..Launch::plain(x.clone(), 1) })
+    }
+
+    /// The experts' outputs summed per token with their routing weights, plus `addend`: for each
+    /// token `t` of `weights` `(tokens, k)`, `addend[t] + Σ_j weights[t, j] · x[t·k + j] · W_eᵀ`
+    /// with `e = experts[t·k + j]` (`x` is `(tokens · k, cols)`, the pairs' inputs): `(tokens,
+    /// per_expert)`.
+    pub fn gathered_sum(&self, x: Tensor<2>, experts: Tensor<1, Int>, weights: Tensor<2>, per_expert: usize, addend: Option<Tensor<2>>) -> Tensor<2> {
+        let [tokens, k] = weights.dims();
+        let gathered = Gathered { ids: experts, per_expert, x_div: 1, combine: Some((weights.reshape([tokens * k]), k)) };
+        self.per_shard_sum(addend, |_| Launch { rows: tokens, gathered: Some(gathered.clone()), ..Launch::plain(x.clone(), 1) })
+    }
+
+    /// One launch per shard of a gathered product (`launch(shard index)`), summed: each shard adds
+    /// only its experts' pairs (zeros for the others'); `addend` goes with the first.
+    fn per_shard_sum<'a>(&self, addend: Option<Tensor<2>>, launch: impl Fn(usize) -> Launch<'a>) -> Tensor<2> {
+        let mut addend = addend;
         let mut total: Option<Tensor<2>> = None;
         for (i, shard) in self.shards.iter().enumerate() {
-            let up = up.map(|u| &u.shards[i]);
-            let y = Tensor::from_primitive::<Cube>(self.few_rows(shard, up, x.clone(), Some((experts.clone(), per_expert)), 1, pairs, x_div));
-            // Each shard wrote zeros for the pairs of the others.
+            let y = self.launch(shard, Launch { addend: addend.take(), ..launch(i) });
             total = Some(match total {
                 Some(t) => t + y,
                 None => y,
@@ -195,29 +218,33 @@ impl DevicePacked {
             && self.shards.iter().zip(&other.shards).all(|(a, b)| (a.first, a.rows) == (b.first, b.rows))
     }
 
-    /// Launches [`few_rows_kernel`] on one shard: plain over `m` rows of `x`, or gathered over
-    /// `pairs` (token, expert) pairs of `per_expert` rows each.
-    #[allow(clippy::too_many_arguments)]
-    fn few_rows(&self, shard: &Shard, up: Option<&Shard>, x: Tensor<2>, gathered: Option<(Tensor<1, Int>, usize)>, m: usize, pairs: usize, x_div: usize) -> CubeTensor {
-        let x = cube(x);
-        let n = if gathered.is_some() { gathered.as_ref().map_or(0, |g| g.1) } else { shard.rows };
-        let (first_expert, experts) = match &gathered {
-            Some((_, per_expert)) => (shard.first / per_expert, shard.rows / per_expert),
-            None => (0, 0),
+    /// Launches [`few_rows_kernel`] on one shard (see [`Launch`]).
+    fn launch(&self, shard: &Shard, l: Launch<'_>) -> Tensor<2> {
+        let x = cube(l.x);
+        let (n, out_rows) = match &l.gathered {
+            Some(g) => (g.per_expert, l.rows),
+            None => (shard.rows, l.m),
         };
-        let out_rows = if gathered.is_some() { pairs } else { m };
+        let (first_expert, experts) = l.gathered.as_ref().map_or((0, 0), |g| (shard.first / g.per_expert, shard.rows / g.per_expert));
+        let x_div = l.gathered.as_ref().map_or(1, |g| g.x_div);
         let out = empty_device_dtype(x.client.clone(), x.device.clone(), [out_rows, n].into(), x.dtype);
-        let ids = gathered.map(|(ids, _)| cube_int(ids));
+        let (ids, combine) = match l.gathered {
+            Some(g) => (Some(cube_int(g.ids)), g.combine.map(|(w, slots)| (cube(w), slots))),
+            None => (None, None),
+        };
+        let slots = combine.as_ref().map_or(1, |c| c.1);
         let index_dtype = ids.as_ref().map_or(storage(DType::U32), |ids| storage(ids.dtype));
         let (words, scales) = (cube_int(shard.words.clone()), cube(shard.scales.clone()));
-        let up = up.map(|u| (cube_int(u.words.clone()), cube(u.scales.clone())));
+        let up = l.up.map(|u| (cube_int(u.words.clone()), cube(u.scales.clone())));
         let client = x.client.clone();
         let team = team_for(self.groups * self.group * self.bits.count() as usize / 32);
-        let cube_count = CubeCount::Static(n.div_ceil((CUBE_UNITS / team) as usize) as u32, pairs as u32, 1);
+        // Gathered: a row of workgroups per pair (or token); plain: one, all `m` rows in it.
+        let across = if ids.is_some() { out_rows } else { 1 };
+        let cube_count = CubeCount::Static(n.div_ceil((CUBE_UNITS / team) as usize) as u32, across as u32, 1);
         let float = storage(x.dtype);
         // SAFETY: every index the kernel computes stays within the buffers bound here: weight rows
-        // below `n` (gathered: within the shard's experts), input rows below `m` (gathered: `pairs
-        // / x_div`), columns clamped below `k`.
+        // below `n` (gathered: within the shard's experts), input rows below `m` (gathered: the
+        // pairs' `p / x_div`), columns clamped below `k`, outputs and addend `(out_rows, n)`.
         unsafe {
             few_rows_kernel::launch_unchecked(
                 &client,
@@ -229,6 +256,8 @@ impl DevicePacked {
                 up.as_ref().map(|(w, _)| w.clone().into_buffer_arg()).into(),
                 up.map(|(_, s)| s.into_buffer_arg()).into(),
                 ids.map(|ids| ids.into_buffer_arg()).into(),
+                combine.map(|(w, _)| w.into_buffer_arg()).into(),
+                l.addend.map(|a| cube(a).into_buffer_arg()).into(),
                 out.clone().into_buffer_arg(),
                 self.cols,
                 n,
@@ -236,14 +265,15 @@ impl DevicePacked {
                 x_div,
                 first_expert,
                 experts,
-                m,
+                l.m,
+                slots,
                 self.bits.count(),
                 self.group,
                 team,
                 [float, index_dtype],
             );
         }
-        out
+        Tensor::from_primitive::<Cube>(out)
     }
 
     /// Launches [`dequantize_kernel`] on one shard.
@@ -282,6 +312,35 @@ impl DevicePacked {
         }
         Tensor::from_primitive::<Cube>(out)
     }
+}
+
+/// One launch of the few-rows kernel: `m` rows of `x` through one shard (plain), or `rows`
+/// gathered (token, expert) pairs — or tokens, with `combine` — through the experts in it.
+struct Launch<'a> {
+    x: Tensor<2>,
+    m: usize,
+    /// The gate/up pair's second matrix: `silu(x · Wᵀ) ⊙ (x · Uᵀ)`.
+    up: Option<&'a Shard>,
+    /// Output rows of a gathered launch.
+    rows: usize,
+    gathered: Option<Gathered>,
+    addend: Option<Tensor<2>>,
+}
+
+impl Launch<'_> {
+    fn plain(x: Tensor<2>, m: usize) -> Self {
+        Self { x, m, up: None, rows: 0, gathered: None, addend: None }
+    }
+}
+
+/// Experts picked on the device: pair `p` reads input row `p / x_div` through expert `ids[p]`
+/// (`per_expert` rows each); `combine`: the pairs' routing weights and pairs per token.
+#[derive(Clone)]
+struct Gathered {
+    ids: Tensor<1, Int>,
+    per_expert: usize,
+    x_div: usize,
+    combine: Option<(Tensor<1>, usize)>,
 }
 
 /// Products of column blocks side by side (one block: as it is).

@@ -212,7 +212,7 @@ impl Decoder {
         let mut x = x.reshape([b, 1, d]);
         for (l, layer) in self.layers.iter().enumerate() {
             let mut entries: Vec<&mut Option<LayerKv>> = caches.iter_mut().map(|c| &mut c.layers[l]).collect();
-            let h = x.clone() + layer.self_attn.forward_rows(layer.input_layernorm.forward(x), &cos, &sin, &mut entries);
+            let h = layer.self_attn.forward_rows(layer.input_layernorm.forward(x.clone()), x, &cos, &sin, &mut entries);
             x = layer.mlp_residual(h).await?;
         }
         for cache in caches.iter_mut() {
@@ -242,29 +242,29 @@ struct Positions {
 
 impl DecoderLayer {
     async fn forward(&self, x: Tensor<3>, positions: &Positions, cache: &mut Option<LayerKv>) -> Result<Tensor<3>> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), positions, cache);
+        let h = self.self_attn.forward(self.input_layernorm.forward(x.clone()), x, positions, cache);
         self.mlp_residual(h).await
     }
 
     /// `h + mlp(norm(h))`: the layer's second half (dense MLP or experts), row by row.
     async fn mlp_residual(&self, h: Tensor<3>) -> Result<Tensor<3>> {
         let u = self.post_attention_layernorm.forward(h.clone());
+        let [b, s, d] = u.dims();
+        let rows = |t: Tensor<3>| t.reshape([b * s, d]);
         let y = match (&self.mlp, &self.moe) {
-            (Some(mlp), _) => mlp.forward(u),
-            (None, Some(moe)) => {
-                let [b, s, d] = u.dims();
-                moe.forward(u.reshape([b * s, d])).await?.reshape([b, s, d])
-            }
+            (Some(mlp), _) => mlp.forward_add(rows(u), rows(h)),
+            (None, Some(moe)) => moe.forward_add(rows(u), rows(h)).await?,
             (None, None) => unreachable!("every layer is built with a dense MLP or a MoE"),
         };
-        Ok(h + y)
+        Ok(y.reshape([b, s, d]))
     }
 }
 
 impl SelfAttention {
-    fn forward(&self, x: Tensor<3>, positions: &Positions, cache: &mut Option<LayerKv>) -> Tensor<3> {
+    /// `residual + attention(x)` (`x` the normalised hidden states, `residual` the layer's input).
+    fn forward(&self, x: Tensor<3>, residual: Tensor<3>, positions: &Positions, cache: &mut Option<LayerKv>) -> Tensor<3> {
         if self.fused {
-            return self.forward_fused(x, positions, cache);
+            return self.forward_fused(x, residual, positions, cache);
         }
         let Positions { cos, sin, start } = positions;
         let start = *start;
@@ -276,11 +276,11 @@ impl SelfAttention {
         let k = self.rotated(self.k_proj.forward(x.clone()), self.kv_heads, cos, sin);
         let v = split(self.v_proj.forward(x), self.kv_heads);
         if let (1, Some(LayerKv::Host(host))) = (s, cache.as_mut()) {
-            return self.attend_on_host(q, k, v, &mut [host]);
+            return residual + self.attend_on_host(q, k, v, &mut [host]);
         }
         let (k, v) = self.extend(cache, k, v);
         let out = self.attend_chunk(q, k, v, start);
-        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, self.heads * hd]))
+        residual + self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, self.heads * hd]))
     }
 
     /// burn's attention of a chunk of queries `q` `(B, heads, S, head_dim)` at positions `start ..`
@@ -303,7 +303,7 @@ impl SelfAttention {
     /// projections' rows, the new keys and values written into the layer's [`DeviceKv`], one token
     /// attending there in one dispatch; a prefill chunk runs burn's attention (over the cache when
     /// it follows cached tokens).
-    fn forward_fused(&self, x: Tensor<3>, positions: &Positions, cache: &mut Option<LayerKv>) -> Tensor<3> {
+    fn forward_fused(&self, x: Tensor<3>, residual: Tensor<3>, positions: &Positions, cache: &mut Option<LayerKv>) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let width = self.heads * self.head_dim;
         let (q, k, v) = self.rotated_rows(x, &positions.cos, &positions.sin);
@@ -316,12 +316,12 @@ impl SelfAttention {
             self.attend_chunk(split(q, self.heads), k, v, positions.start).swap_dims(1, 2).reshape([s, width])
         };
         *cache = Some(LayerKv::Device(kv));
-        self.o_proj.forward(out.reshape([b, s, width]))
+        self.o_proj.forward_add(out.reshape([b, s, width]), residual)
     }
 
     /// [`SelfAttention::forward_rows`] on the GPU kernels' path: each sequence's row appended to
     /// its cache and attending there.
-    fn forward_rows_fused(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, caches: &mut [&mut Option<LayerKv>]) -> Tensor<3> {
+    fn forward_rows_fused(&self, x: Tensor<3>, residual: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, caches: &mut [&mut Option<LayerKv>]) -> Tensor<3> {
         let [b, _, _] = x.dims();
         let (q, k, v) = self.rotated_rows(x, cos, sin);
         let mut outs = Vec::with_capacity(b);
@@ -331,7 +331,7 @@ impl SelfAttention {
             outs.push(kv.attend(row(&q), self.heads));
             **cache = Some(LayerKv::Device(kv));
         }
-        self.o_proj.forward(Tensor::cat(outs, 0).reshape([b, 1, self.heads * self.head_dim]))
+        self.o_proj.forward_add(Tensor::cat(outs, 0).reshape([b, 1, self.heads * self.head_dim]), residual)
     }
 
     /// The projections of `x` `(B, S, hidden)` as rows `(B · S, heads · head_dim)`: queries and keys
@@ -368,11 +368,11 @@ impl SelfAttention {
         rotate(t.reshape([b, s, heads, hd]).swap_dims(1, 2), &table(cos), &table(sin))
     }
 
-    /// [`SelfAttention::forward`] for B sequences of one new token each: `x` `(B, 1, hidden)`, row i
+    /// [`SelfAttention::forward`] (with its residual) for B sequences of one new token each: `x` `(B, 1, hidden)`, row i
     /// at the position whose RoPE row is `cos[i]`/`sin[i]`, attending over `caches[i]` (extended).
-    fn forward_rows(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, caches: &mut [&mut Option<LayerKv>]) -> Tensor<3> {
+    fn forward_rows(&self, x: Tensor<3>, residual: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, caches: &mut [&mut Option<LayerKv>]) -> Tensor<3> {
         if self.fused {
-            return self.forward_rows_fused(x, cos, sin, caches);
+            return self.forward_rows_fused(x, residual, cos, sin, caches);
         }
         let [b, _, _] = x.dims();
         let hd = self.head_dim;
@@ -389,7 +389,7 @@ impl SelfAttention {
             })
             .collect();
         if let Some(mut hosts) = hosts {
-            return self.attend_on_host(q, k, v, &mut hosts);
+            return residual + self.attend_on_host(q, k, v, &mut hosts);
         }
         let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: false };
         let mut outs = Vec::with_capacity(b);
@@ -399,7 +399,7 @@ impl SelfAttention {
             outs.push(attention(q.clone().narrow(0, i, 1), ki, vi, None, None, options));
         }
         let out = Tensor::cat(outs, 0);
-        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, 1, self.heads * hd]))
+        residual + self.o_proj.forward(out.swap_dims(1, 2).reshape([b, 1, self.heads * hd]))
     }
 
     /// Appends `k`, `v` `(1, kv_heads, S, head_dim)` to a layer's cache as tensors (the cache keeps

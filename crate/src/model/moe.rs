@@ -39,6 +39,15 @@ impl Mlp {
         self.forward_threads(x, self.threads)
     }
 
+    /// `addend + mlp(x)` for rows `x` (a residual): on the GPU kernels' path added in the down
+    /// projection's pass.
+    pub fn forward_add(&self, x: Tensor<2>, addend: Tensor<2>) -> Tensor<2> {
+        match (self.gate_proj.device_weight(), self.up_proj.device_weight(), self.down_proj.device_weight()) {
+            (Some(g), Some(u), Some(d)) => d.linear_add(DevicePacked::glu(g, u, x), Some(addend)),
+            _ => addend + self.forward(x),
+        }
+    }
+
     fn forward_threads<const D: usize>(&self, x: Tensor<D>, t: usize) -> Tensor<D> {
         if let (Some(g), Some(u), Some(d)) = (self.gate_proj.packed_weight(), self.up_proj.packed_weight(), self.down_proj.packed_weight()) {
             // All three packed (the CPU): one host pass, only the input and output are tensors.
@@ -133,6 +142,28 @@ impl Moe {
             threads: l.threads(),
             fused: l.device_kernels(),
         })
+    }
+
+    /// `residual + moe(x)` (see [`Moe::forward`]). With the experts packed on the GPU and few tokens
+    /// (a decoding step), everything after the router is three launches: the experts' gate/up
+    /// pair by index, their down projection summed per token with the routing weights, and the
+    /// shared experts, the residual added inside the last two.
+    pub async fn forward_add(&self, x: Tensor<2>, residual: Tensor<2>) -> Result<Tensor<2>> {
+        let [tokens, _] = x.dims();
+        let k = self.top_k;
+        let packed = self.stacked.as_ref().and_then(|s| s.packed.as_ref());
+        let Some(stack) = packed.filter(|_| self.fused && tokens * k <= GATHER_MAX_PAIRS) else {
+            return Ok(residual + self.forward(x).await?);
+        };
+        let (weights, experts) = crate::gpu::route(x.clone(), self.gate.weight.val(), k, k > 1 && self.norm_topk_prob, self.routed_scaling_factor);
+        let experts = experts.reshape([tokens * k]);
+        // Pair r reads token r / k.
+        let hidden = stack.gate.gathered(Some(&stack.up), x.clone(), experts.clone(), k, stack.width);
+        let base = match &self.shared_experts {
+            Some(shared) => shared.forward_add(x, residual),
+            None => residual,
+        };
+        Ok(stack.down.gathered_sum(hidden, experts, weights, stack.hidden, Some(base)))
     }
 
     /// `x`: `(T, hidden)` normalised hidden states of T tokens.

@@ -76,6 +76,19 @@ impl QLinear {
         }
     }
 
+    /// `addend + x · Wᵀ + b` (a residual): on the GPU kernels' path added in the product's pass.
+    pub fn forward_add<const D: usize>(&self, x: Tensor<D>, addend: Tensor<D>) -> Tensor<D> {
+        match (&self.on_gpu, &self.bias) {
+            (Some(device), None) => {
+                let dims = addend.dims();
+                let rows: usize = dims[..D - 1].iter().product();
+                let addend = addend.reshape([rows, dims[D - 1]]);
+                crate::model::ops::as_rows(x, |x| device.linear_add(x, Some(addend)))
+            }
+            _ => addend + self.forward(x),
+        }
+    }
+
     fn with_bias(&self, y: Tensor<2>) -> Tensor<2> {
         match &self.bias {
             Some(bias) => y + bias.val().unsqueeze_dim(0),
