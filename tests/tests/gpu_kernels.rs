@@ -203,7 +203,8 @@ fn gpu_rows_are_the_dequantized_rows() {
 /// The KV cache written in place and a step's attention over it equal burn's attention over the
 /// concatenated keys and values: positions appended in a prefill chunk and then one at a time
 /// (the cache grows past its first 256 positions), scores past one 1024-position chunk of
-/// workgroup memory, grouped KV heads.
+/// workgroup memory, grouped KV heads. The append rotates queries and keys (RoPE) on the way:
+/// the queries it returns and the keys it stores equal a host rotation.
 #[test]
 fn gpu_cache_attention_equals_burn_attention() {
     use burn::tensor::module::attention;
@@ -211,33 +212,45 @@ fn gpu_cache_attention_equals_burn_attention() {
     use dsocr::gpu::DeviceKv;
     let Some((device, _)) = wgpu_device(false) else { return };
     let (heads, kv_heads, hd) = (6, 3, 20);
-    let width = kv_heads * hd;
+    let (q_width, kv_width) = (heads * hd, kv_heads * hd);
+    let width = q_width + 2 * kv_width;
+    // x · cos + rotate_half(x) · sin per head, with a row's table.
+    let rotate = |x: &[f32], cos: &[f32], sin: &[f32]| -> Vec<f32> {
+        x.chunks(hd)
+            .flat_map(|head| (0..hd).map(move |d| if d < hd / 2 { head[d] * cos[d] - head[d + hd / 2] * sin[d] } else { head[d] * cos[d] + head[d - hd / 2] * sin[d] }))
+            .collect()
+    };
     let mut cache: Option<DeviceKv> = None;
     let (mut keys, mut vals) = (Vec::new(), Vec::new());
     let mut appended = 0;
     for (step, chunk) in [200usize, 1, 1, 60, 1, 900, 1].into_iter().enumerate() {
-        let (k, v) = (values(chunk * width, 40 + step as u64), values(chunk * width, 80 + step as u64));
-        cache = Some(DeviceKv::append(cache, tensor(&k, [chunk, width], &device), tensor(&v, [chunk, width], &device), kv_heads, hd));
-        keys.extend(k);
-        vals.extend(v);
+        let qkv = values(chunk * width, 40 + step as u64);
+        let angles = values(chunk * hd, 60 + step as u64);
+        let (cos, sin): (Vec<f32>, Vec<f32>) = angles.iter().map(|a| (a.cos(), a.sin())).unzip();
+        let (kv, q) = DeviceKv::append(cache.take(), tensor(&qkv, [chunk, width], &device), tensor(&cos, [chunk, hd], &device), tensor(&sin, [chunk, hd], &device), heads, kv_heads, hd);
+        let mut want_q = Vec::new();
+        for r in 0..chunk {
+            let (row, c, s) = (&qkv[r * width..(r + 1) * width], &cos[r * hd..(r + 1) * hd], &sin[r * hd..(r + 1) * hd]);
+            want_q.extend(rotate(&row[..q_width], c, s));
+            keys.extend(rotate(&row[q_width..q_width + kv_width], c, s));
+            vals.extend_from_slice(&row[q_width + kv_width..]);
+        }
+        assert_close(&format!("step {step}: rotated queries"), &read(q), &want_q);
         appended += chunk;
-        let kv = cache.as_ref().unwrap();
         assert_eq!(kv.len(), appended);
-        let q = values(heads * hd, 120 + step as u64);
-        let got = read(kv.attend(tensor(&q, [1, heads * hd], &device), heads));
-        // burn: (1, heads, 1, hd) over (1, heads, T, hd), each KV head repeated for its query heads.
         let t = appended;
-        let split = |rows: &[f32]| {
-            Tensor::<2>::from_data(TensorData::new(rows.to_vec(), [t, width]), &device)
-                .reshape([1, t, kv_heads, hd])
-                .swap_dims(1, 2)
-                .reshape([1, kv_heads, 1, t, hd])
-                .expand([1, kv_heads, heads / kv_heads, t, hd])
-                .reshape([1, heads, t, hd])
-        };
-        let query = Tensor::<2>::from_data(TensorData::new(q, [1, heads * hd]), &device).reshape([1, 1, heads, hd]).swap_dims(1, 2);
+        // The cache's keys, (1, kv_heads, T, hd), against the rotated keys as rows (T, kv_heads · hd).
+        let (cached_keys, _) = kv.prefix();
+        let rows = |v: &[f32]| Tensor::<2>::from_data(TensorData::new(v.to_vec(), [t, kv_width]), &device).reshape([1, t, kv_heads, hd]).swap_dims(1, 2);
+        assert_close(&format!("step {step}: cached keys"), &read(cached_keys.reshape([kv_heads * t, hd])), &read(rows(&keys).reshape([kv_heads * t, hd])));
+        let query = values(q_width, 120 + step as u64);
+        let got = read(kv.attend(tensor(&query, [1, q_width], &device), heads));
+        // burn: (1, heads, 1, hd) over (1, heads, T, hd), each KV head repeated for its query heads.
+        let repeat = |v: &[f32]| rows(v).reshape([1, kv_heads, 1, t, hd]).expand([1, kv_heads, heads / kv_heads, t, hd]).reshape([1, heads, t, hd]);
+        let q = Tensor::<2>::from_data(TensorData::new(query, [1, q_width]), &device).reshape([1, 1, heads, hd]).swap_dims(1, 2);
         let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: false };
-        let want = read(attention(query, split(&keys), split(&vals), None, None, options).reshape([1, heads * hd]));
+        let want = read(attention(q, repeat(&keys), repeat(&vals), None, None, options).reshape([1, q_width]));
         assert_close(&format!("{t} positions"), &got, &want);
+        cache = Some(kv);
     }
 }

@@ -57,10 +57,6 @@ pub fn rms_norm(_: Tensor<2>, _: Tensor<1>, _: f64) -> Tensor<2> {
     unreachable!("no GPU kernels in this build (feature `gpu`)")
 }
 
-pub fn rope(_: Tensor<2>, _: Tensor<2>, _: Tensor<2>, _: usize) -> Tensor<2> {
-    unreachable!("no GPU kernels in this build (feature `gpu`)")
-}
-
 pub fn route(_: Tensor<2>, _: Tensor<2>, _: usize, _: bool, _: f64) -> (Tensor<2>, Tensor<2, Int>) {
     unreachable!("no GPU kernels in this build (feature `gpu`)")
 }
@@ -77,7 +73,8 @@ impl DeviceKv {
         match *self {}
     }
 
-    pub fn append(_: Option<Self>, _: Tensor<2>, _: Tensor<2>, _: usize, _: usize) -> Self {
+    #[allow(clippy::too_many_arguments)]
+    pub fn append(_: Option<Self>, _: Tensor<2>, _: Tensor<2>, _: Tensor<2>, _: usize, _: usize, _: usize) -> (Self, Tensor<2>) {
         unreachable!("no GPU kernels in this build (feature `gpu`)")
     }
 

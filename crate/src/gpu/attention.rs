@@ -2,8 +2,9 @@
 //!
 //! burn's path concatenates each layer's cache with the new position every step (a copy of the
 //! whole cache, four dispatches) and runs attention as matmul, softmax and matmul (about ten more).
-//! Here a layer's keys and values live in buffers with room to grow, a new position is written in
-//! place ([`DeviceKv::append`], one dispatch for keys and values), and one workgroup per head runs
+//! Here a layer's keys and values live in buffers with room to grow, a new position's keys and
+//! values are rotated and written in place with its queries rotated beside them
+//! ([`DeviceKv::append`], one dispatch), and one workgroup per head runs
 //! the step's attention straight over the cache ([`DeviceKv::attend`]): scores in workgroup memory
 //! a chunk at a time, an online softmax across chunks (no scores tensor, no length limit).
 
@@ -40,20 +41,54 @@ impl Clone for DeviceKv {
     }
 }
 
+/// One unit per value of the projections' rows `qkv` `(S, (heads + 2·kv_heads) · head_dim)`
+/// (queries, keys, values side by side, as one product gives them): queries and keys rotated
+/// (rotate-half RoPE, `cos`/`sin` `(S, head_dim)` a row per position), queries written to
+/// `q_out` `(S, heads · head_dim)`, keys and values into the cache at positions `start ..`.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn append_kernel<F: Float>(k_new: &[F], v_new: &[F], k: &mut [F], v: &mut [F], total: usize, kv_heads: usize, head_dim: usize, capacity: usize, start: usize, #[define(F)] _dtype: ElemType) {
+fn rope_append_kernel<F: Float>(
+    qkv: &[F],
+    cos: &[F],
+    sin: &[F],
+    q_out: &mut [F],
+    k: &mut [F],
+    v: &mut [F],
+    total: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    capacity: usize,
+    start: usize,
+    #[define(F)] _dtype: ElemType,
+) {
     let at = ABSOLUTE_POS;
     if at >= total {
         terminate!();
     }
-    // Source: row r of the projection's output `(S, kv_heads · head_dim)`.
-    let width = kv_heads * head_dim;
+    let width = (heads + 2 * kv_heads) * head_dim;
     let (r, c) = (at / width, at % width);
-    let (h, d) = (c / head_dim, c % head_dim);
-    let dst = (h * capacity + start + r) * head_dim + d;
-    k[dst] = k_new[at];
-    v[dst] = v_new[at];
+    let d = c % head_dim;
+    let (q_width, k_end) = (heads * head_dim, (heads + kv_heads) * head_dim);
+    let value = f32::cast_from(qkv[at]);
+    if c >= k_end {
+        // A value: copied into the cache.
+        let h = (c - k_end) / head_dim;
+        v[(h * capacity + start + r) * head_dim + d] = F::cast_from(value);
+    } else {
+        // A query or key: x · cos + rotate_half(x) · sin, rotate_half([x₁, x₂]) = [−x₂, x₁].
+        let half = head_dim / 2;
+        let partner = select(d < half, at + half, at - half);
+        let sign = select(d < half, -1.0f32, 1.0);
+        let table = r * head_dim + d;
+        let y = value * f32::cast_from(cos[table]) + sign * f32::cast_from(qkv[partner]) * f32::cast_from(sin[table]);
+        if c < q_width {
+            q_out[r * q_width + c] = F::cast_from(y);
+        } else {
+            let h = (c - q_width) / head_dim;
+            k[(h * capacity + start + r) * head_dim + d] = F::cast_from(y);
+        }
+    }
 }
 
 /// Max of `partial[0 .. UNITS]` into `partial[0]`.
@@ -166,15 +201,19 @@ impl DeviceKv {
         self.len == 0
     }
 
-    /// `cache` (a new one when `None`) with `S` more positions: `k`, `v` `(S, kv_heads · head_dim)`
-    /// (rows as the projections give them, keys after RoPE), written in place. A full cache grows
-    /// by doubling (a copy of what it holds).
-    pub fn append(cache: Option<Self>, k: Tensor<2>, v: Tensor<2>, kv_heads: usize, head_dim: usize) -> Self {
-        let [s, _] = k.dims();
-        let mut kv = cache.unwrap_or_else(|| Self::with_capacity(kv_heads, head_dim, (s + 1).max(MIN_CAPACITY), &k));
+    /// `cache` (a new one when `None`) with `S` more positions from the projections' rows `qkv`
+    /// `(S, (heads + 2·kv_heads) · head_dim)` (queries, keys, values side by side): queries and
+    /// keys rotated by RoPE (`cos`/`sin` `(S, head_dim)`, a row per position), keys and values
+    /// written into the cache in place — one dispatch. Returns the cache and the rotated queries
+    /// `(S, heads · head_dim)`. A full cache grows by doubling (a copy of what it holds).
+    #[allow(clippy::too_many_arguments)]
+    pub fn append(cache: Option<Self>, qkv: Tensor<2>, cos: Tensor<2>, sin: Tensor<2>, heads: usize, kv_heads: usize, head_dim: usize) -> (Self, Tensor<2>) {
+        let [s, width] = qkv.dims();
+        assert_eq!(width, (heads + 2 * kv_heads) * head_dim, "queries, keys and values side by side");
+        let mut kv = cache.unwrap_or_else(|| Self::with_capacity(kv_heads, head_dim, (s + 1).max(MIN_CAPACITY), &qkv));
         let capacity = kv.k.dims()[1];
         if kv.len + s > capacity {
-            let mut grown = Self::with_capacity(kv_heads, head_dim, (2 * capacity).max(kv.len + s), &k);
+            let mut grown = Self::with_capacity(kv_heads, head_dim, (2 * capacity).max(kv.len + s), &qkv);
             let held = [0..kv_heads, 0..kv.len, 0..head_dim];
             grown.k = grown.k.slice_assign(held.clone(), kv.k.slice(held.clone()));
             grown.v = grown.v.slice_assign(held.clone(), kv.v.slice(held));
@@ -182,23 +221,28 @@ impl DeviceKv {
             kv = grown;
         }
         let capacity = kv.k.dims()[1];
-        let (k_new, v_new) = (cube(k), cube(v));
+        let (qkv, cos, sin) = (cube(qkv), cube(cos), cube(sin));
+        let q = empty_device_dtype(qkv.client.clone(), qkv.device.clone(), [s, heads * head_dim].into(), qkv.dtype);
         let (k_cache, v_cache) = (cube(kv.k.clone()), cube(kv.v.clone()));
-        let client = k_new.client.clone();
-        let float = storage(k_new.dtype);
-        let total = s * kv_heads * head_dim;
-        // SAFETY: units past `total` stop; writes land at positions `len .. len + S` of the cache,
-        // within its capacity (grown above); the cache's buffers are this cache's own.
+        let client = qkv.client.clone();
+        let float = storage(qkv.dtype);
+        let total = s * width;
+        // SAFETY: units past `total` stop; a unit reads its value, its RoPE partner within the same
+        // head and its row's table entry; writes land in its query or at positions `len .. len + S`
+        // of the cache, within its capacity (grown above); the cache's buffers are this cache's own.
         unsafe {
-            append_kernel::launch_unchecked(
+            rope_append_kernel::launch_unchecked(
                 &client,
                 CubeCount::Static(total.div_ceil(UNITS as usize).max(1) as u32, 1, 1),
                 CubeDim::new_1d(UNITS),
-                k_new.into_buffer_arg(),
-                v_new.into_buffer_arg(),
+                qkv.into_buffer_arg(),
+                cos.into_buffer_arg(),
+                sin.into_buffer_arg(),
+                q.clone().into_buffer_arg(),
                 k_cache.into_buffer_arg(),
                 v_cache.into_buffer_arg(),
                 total,
+                heads,
                 kv_heads,
                 head_dim,
                 capacity,
@@ -207,7 +251,7 @@ impl DeviceKv {
             );
         }
         kv.len += s;
-        kv
+        (kv, Tensor::from_primitive::<Cube>(q))
     }
 
     /// Keys and values of positions `0 .. len` as `(1, kv_heads, len, head_dim)` (for a prefill chunk).

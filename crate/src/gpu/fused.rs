@@ -4,8 +4,6 @@
 //! type; WebGPU's guaranteed limits only.
 //!
 //! * [`rms_norm`]: `x / sqrt(mean(x²) + ε) · γ` per row (burn: 6 dispatches).
-//! * [`rope`]: rotate-half rotary embedding of every head of a row (burn's slices, negation,
-//!   concatenation and products: 8).
 //! * [`route`]: the MoE router — gate logits, softmax, top-k, the weights' normalisation and
 //!   scaling (burn: 11) — writing each token's expert ids and weights for the experts' kernels.
 //! * [`greedy`]: each row's arg-max, maximum and first NaN, so a greedy decoding step reads back
@@ -78,53 +76,6 @@ pub fn rms_norm(x: Tensor<2>, gamma: Tensor<1>, eps: f64) -> Tensor<2> {
             out.clone().into_buffer_arg(),
             d,
             eps as f32,
-            float,
-        );
-    }
-    Tensor::from_primitive::<Cube>(out)
-}
-
-#[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments)]
-fn rope_kernel<F: Float>(x: &[F], cos: &[F], sin: &[F], out: &mut [F], total: usize, width: usize, head_dim: usize, #[define(F)] _dtype: ElemType) {
-    let at = ABSOLUTE_POS;
-    if at >= total {
-        terminate!();
-    }
-    let row = at / width;
-    let i = at % head_dim;
-    let half = head_dim / 2;
-    // rotate_half([x₁, x₂]) = [−x₂, x₁]: the partner half a head away, negated in the first half.
-    let partner = select(i < half, at + half, at - half);
-    let sign = select(i < half, -1.0f32, 1.0);
-    let table = row * head_dim + i;
-    let y = f32::cast_from(x[at]) * f32::cast_from(cos[table]) + sign * f32::cast_from(x[partner]) * f32::cast_from(sin[table]);
-    out[at] = F::cast_from(y);
-}
-
-/// Rotary embedding of every head of each row: `x` `(rows, heads · head_dim)`, `cos`/`sin`
-/// `(rows, head_dim)` (each row's position): `x · cos + rotate_half(x) · sin` per head.
-pub fn rope(x: Tensor<2>, cos: Tensor<2>, sin: Tensor<2>, head_dim: usize) -> Tensor<2> {
-    let [rows, width] = x.dims();
-    let (x, cos, sin) = (cube(x), cube(cos), cube(sin));
-    let out = empty_device_dtype(x.client.clone(), x.device.clone(), [rows, width].into(), x.dtype);
-    let client = x.client.clone();
-    let float = storage(x.dtype);
-    let total = rows * width;
-    // SAFETY: units past `total` stop; a unit reads its own element, its partner within the same
-    // head, and its row's table entry.
-    unsafe {
-        rope_kernel::launch_unchecked(
-            &client,
-            CubeCount::Static(total.div_ceil(UNITS as usize).max(1) as u32, 1, 1),
-            CubeDim::new_1d(UNITS),
-            x.into_buffer_arg(),
-            cos.into_buffer_arg(),
-            sin.into_buffer_arg(),
-            out.clone().into_buffer_arg(),
-            total,
-            width,
-            head_dim,
             float,
         );
     }

@@ -7,10 +7,10 @@
 //!   embedding lookup; weight blocks for many-row products through burn's matmul).
 //! * `packed`: [`DevicePacked`], a packed matrix on the device in row shards within the binding
 //!   limit, and the launches.
-//! * `fused`: one dispatch each for what burn's tensor ops do in several: [`rms_norm`], [`rope`]
-//!   the MoE router ([`route`]) and a greedy step's choice ([`greedy`]).
-//! * `attention`: the decoder's KV cache written in place and a decoding step's attention over it
-//!   ([`DeviceKv`]).
+//! * `fused`: one dispatch each for what burn's tensor ops do in several: [`rms_norm`], the MoE
+//!   router ([`route`]) and a greedy step's choice ([`greedy`]).
+//! * `attention`: the decoder's KV cache, RoPE and the cache's writes in one dispatch, a decoding
+//!   step's attention over the cache in another ([`DeviceKv`]).
 //!
 //! Built with the `gpu` feature (implied by `wgpu` and `webgpu`); without it [`DevicePacked`] is
 //! a type with no values (`absent`), so the model's code reads the same either way.
@@ -27,11 +27,11 @@ mod packed;
 mod absent;
 
 #[cfg(not(feature = "gpu"))]
-pub use absent::{DeviceKv, DevicePacked, greedy, rms_norm, rope, route};
+pub use absent::{DeviceKv, DevicePacked, greedy, rms_norm, route};
 #[cfg(feature = "gpu")]
 pub use attention::DeviceKv;
 #[cfg(feature = "gpu")]
-pub use fused::{greedy, rms_norm, rope, route};
+pub use fused::{greedy, rms_norm, route};
 #[cfg(feature = "gpu")]
 pub use packed::DevicePacked;
 

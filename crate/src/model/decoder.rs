@@ -45,17 +45,21 @@ struct DecoderLayer {
 
 #[derive(Module, Debug)]
 struct SelfAttention {
-    q_proj: QLinear,
-    k_proj: QLinear,
-    v_proj: QLinear,
+    /// The input projections, separate …
+    q_proj: Option<QLinear>,
+    k_proj: Option<QLinear>,
+    v_proj: Option<QLinear>,
+    /// … or, on the GPU kernels' path (`fused`), one product whose output rows hold the queries,
+    /// keys and values side by side.
+    qkv_proj: Option<QLinear>,
     o_proj: QLinear,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
     /// Keys and values in host memory, decoding steps attending there ([`super::kv`]; the CPU backend).
     host_cache: bool,
-    /// The GPU kernels' path: RoPE by the fused kernel ([`crate::gpu::rope`]), the cache and a
-    /// decoding step's attention by [`DeviceKv`].
+    /// The GPU kernels' path: one projection for queries, keys and values, RoPE and the cache's
+    /// writes in one dispatch and a decoding step's attention in another ([`DeviceKv`]).
     fused: bool,
 }
 
@@ -72,6 +76,16 @@ impl Decoder {
         for n in 0..c.num_hidden_layers {
             let p = format!("model.layers.{n}");
             let (q_out, kv_out) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+            let projection = |name: &str| format!("{p}.self_attn.{name}");
+            let (mut q_proj, mut k_proj, mut v_proj, mut qkv_proj) = (None, None, None, None);
+            if l.device_kernels() {
+                let names = [projection("q_proj"), projection("k_proj"), projection("v_proj")];
+                qkv_proj = Some(l.qlinear_concat(&names, h, &[q_out, kv_out, kv_out]).await?);
+            } else {
+                q_proj = Some(l.qlinear(&projection("q_proj"), h, q_out, false).await?);
+                k_proj = Some(l.qlinear(&projection("k_proj"), h, kv_out, false).await?);
+                v_proj = Some(l.qlinear(&projection("v_proj"), h, kv_out, false).await?);
+            }
             let (mlp, moe) = if c.is_moe_layer(n) {
                 (None, Some(Moe::load(c, l, &format!("{p}.mlp")).await?))
             } else {
@@ -80,9 +94,10 @@ impl Decoder {
             layers.push(DecoderLayer {
                 input_layernorm: rms_norm(l, &format!("{p}.input_layernorm.weight"), h, c.rms_norm_eps).await?,
                 self_attn: SelfAttention {
-                    q_proj: l.qlinear(&format!("{p}.self_attn.q_proj"), h, q_out, false).await?,
-                    k_proj: l.qlinear(&format!("{p}.self_attn.k_proj"), h, kv_out, false).await?,
-                    v_proj: l.qlinear(&format!("{p}.self_attn.v_proj"), h, kv_out, false).await?,
+                    q_proj,
+                    k_proj,
+                    v_proj,
+                    qkv_proj,
                     o_proj: l.qlinear(&format!("{p}.self_attn.o_proj"), q_out, h, false).await?,
                     heads: c.num_attention_heads,
                     kv_heads: c.num_key_value_heads,
@@ -272,9 +287,8 @@ impl SelfAttention {
         let hd = self.head_dim;
         let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, hd]).swap_dims(1, 2);
         // One table row per position (B = 1).
-        let q = self.rotated(self.q_proj.forward(x.clone()), self.heads, cos, sin);
-        let k = self.rotated(self.k_proj.forward(x.clone()), self.kv_heads, cos, sin);
-        let v = split(self.v_proj.forward(x), self.kv_heads);
+        let (q, k, v) = self.separate(x);
+        let (q, k, v) = (self.rotated(q, self.heads, cos, sin), self.rotated(k, self.kv_heads, cos, sin), split(v, self.kv_heads));
         if let (1, Some(LayerKv::Host(host))) = (s, cache.as_mut()) {
             return residual + self.attend_on_host(q, k, v, &mut [host]);
         }
@@ -306,14 +320,14 @@ impl SelfAttention {
     fn forward_fused(&self, x: Tensor<3>, residual: Tensor<3>, positions: &Positions, cache: &mut Option<LayerKv>) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let width = self.heads * self.head_dim;
-        let (q, k, v) = self.rotated_rows(x, &positions.cos, &positions.sin);
-        let kv = Self::append(cache, k.clone(), v.clone(), self.kv_heads, self.head_dim);
+        let (kv, q) = self.append(cache, self.qkv_rows(x), positions.cos.clone(), positions.sin.clone());
         let out = if s == 1 {
             kv.attend(q, self.heads)
         } else {
-            let split = |t: Tensor<2>, heads: usize| t.reshape([1, s, heads, self.head_dim]).swap_dims(1, 2);
-            let (k, v) = if positions.start == 0 { (split(k, self.kv_heads), split(v, self.kv_heads)) } else { kv.prefix() };
-            self.attend_chunk(split(q, self.heads), k, v, positions.start).swap_dims(1, 2).reshape([s, width])
+            // A prefill chunk: burn's attention over every position so far (from the cache).
+            let (k, v) = kv.prefix();
+            let q = q.reshape([1, s, self.heads, self.head_dim]).swap_dims(1, 2);
+            self.attend_chunk(q, k, v, positions.start).swap_dims(1, 2).reshape([s, width])
         };
         *cache = Some(LayerKv::Device(kv));
         self.o_proj.forward_add(out.reshape([b, s, width]), residual)
@@ -323,37 +337,42 @@ impl SelfAttention {
     /// its cache and attending there.
     fn forward_rows_fused(&self, x: Tensor<3>, residual: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, caches: &mut [&mut Option<LayerKv>]) -> Tensor<3> {
         let [b, _, _] = x.dims();
-        let (q, k, v) = self.rotated_rows(x, cos, sin);
+        let qkv = self.qkv_rows(x);
         let mut outs = Vec::with_capacity(b);
         for (i, cache) in caches.iter_mut().enumerate() {
             let row = |t: &Tensor<2>| t.clone().narrow(0, i, 1);
-            let kv = Self::append(cache, row(&k), row(&v), self.kv_heads, self.head_dim);
-            outs.push(kv.attend(row(&q), self.heads));
+            let (kv, q) = self.append(cache, row(&qkv), row(cos), row(sin));
+            outs.push(kv.attend(q, self.heads));
             **cache = Some(LayerKv::Device(kv));
         }
         self.o_proj.forward_add(Tensor::cat(outs, 0).reshape([b, 1, self.heads * self.head_dim]), residual)
     }
 
-    /// The projections of `x` `(B, S, hidden)` as rows `(B · S, heads · head_dim)`: queries and keys
-    /// rotated by the fused kernel (`cos`/`sin` hold each row's position), values as they are.
-    fn rotated_rows(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
+    /// The fused projection of `x` `(B, S, hidden)` as rows `(B · S, (heads + 2·kv_heads) · head_dim)`.
+    fn qkv_rows(&self, x: Tensor<3>) -> Tensor<2> {
         let [b, s, _] = x.dims();
-        let rows = |t: Tensor<3>| {
-            let width = t.dims()[2];
-            t.reshape([b * s, width])
-        };
-        let rope = |t: Tensor<3>| crate::gpu::rope(rows(t), cos.clone(), sin.clone(), self.head_dim);
-        (rope(self.q_proj.forward(x.clone())), rope(self.k_proj.forward(x.clone())), rows(self.v_proj.forward(x)))
+        let qkv = self.qkv_proj.as_ref().expect("the fused path has the fused projection").forward(x);
+        let width = qkv.dims()[2];
+        qkv.reshape([b * s, width])
     }
 
-    /// A layer's [`DeviceKv`] (`None` before its first chunk) with `k`, `v` appended.
-    fn append(cache: &mut Option<LayerKv>, k: Tensor<2>, v: Tensor<2>, kv_heads: usize, head_dim: usize) -> DeviceKv {
+    /// The separate projections of `x` (queries, keys, values).
+    fn separate(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<3>, Tensor<3>) {
+        match (&self.q_proj, &self.k_proj, &self.v_proj) {
+            (Some(q), Some(k), Some(v)) => (q.forward(x.clone()), k.forward(x.clone()), v.forward(x)),
+            _ => unreachable!("separate projections unless the fused path was loaded"),
+        }
+    }
+
+    /// A layer's [`DeviceKv`] (`None` before its first chunk) with the rows `qkv` appended (keys
+    /// rotated by RoPE, `cos`/`sin` a row per position), and the rotated queries.
+    fn append(&self, cache: &mut Option<LayerKv>, qkv: Tensor<2>, cos: Tensor<2>, sin: Tensor<2>) -> (DeviceKv, Tensor<2>) {
         let held = match cache.take() {
             Some(LayerKv::Device(kv)) => Some(kv),
             None => None,
             Some(_) => unreachable!("a layer's cache is filled by one path, fixed when the model is loaded"),
         };
-        DeviceKv::append(held, k, v, kv_heads, head_dim)
+        DeviceKv::append(held, qkv, cos, sin, self.heads, self.kv_heads, self.head_dim)
     }
 }
 
@@ -378,9 +397,8 @@ impl SelfAttention {
         let hd = self.head_dim;
         let split = |t: Tensor<3>, heads: usize| t.reshape([b, 1, heads, hd]).swap_dims(1, 2);
         // One RoPE row per sequence.
-        let q = self.rotated(self.q_proj.forward(x.clone()), self.heads, cos, sin);
-        let k = self.rotated(self.k_proj.forward(x.clone()), self.kv_heads, cos, sin);
-        let v = split(self.v_proj.forward(x), self.kv_heads);
+        let (q, k, v) = self.separate(x);
+        let (q, k, v) = (self.rotated(q, self.heads, cos, sin), self.rotated(k, self.kv_heads, cos, sin), split(v, self.kv_heads));
         let hosts: Option<Vec<&mut HostKv>> = caches
             .iter_mut()
             .map(|c| match &mut **c {

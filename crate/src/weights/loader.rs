@@ -275,6 +275,34 @@ impl<'c, 'b> Loader<'c, 'b> {
         Ok(QLinear::dense(self.linear(prefix, d_in, d_out, bias).await?, self.threads))
     }
 
+    /// Bias-free linear layers `prefixes` of one input as one layer, their outputs side by side in
+    /// that order (`d_outs` each): the weights stacked by output rows — packed on the GPU where this
+    /// loader keeps them there, else in float.
+    pub async fn qlinear_concat(&self, prefixes: &[String], d_in: usize, d_outs: &[usize]) -> Result<QLinear> {
+        let names: Vec<String> = prefixes.iter().map(|p| format!("{p}.weight")).collect();
+        if self.device_kernels() && names.iter().all(|n| self.is_quantized(n)) {
+            let mut parts = Vec::with_capacity(names.len());
+            for (name, &d_out) in names.iter().zip(d_outs) {
+                if let Matrix::Packed(m) = self.matrix(name, [d_out, d_in]).await? {
+                    parts.push(m);
+                }
+            }
+            let spec = parts[0].spec;
+            if parts.len() == names.len() && parts.iter().all(|p| p.spec == spec) {
+                let stacked = PackedMatrix::concat_rows(parts, d_in, spec);
+                return Ok(QLinear::on_device(DevicePacked::upload(&stacked, &self.device, self.max_tensor_bytes), None));
+            }
+        }
+        let total = d_outs.iter().sum();
+        let mut weights = Vec::with_capacity(names.len());
+        for (name, &d_out) in names.iter().zip(d_outs) {
+            weights.push(Tensor::<2>::from_data(self.transposed_data(name, [d_out, d_in], 0..d_out).await?, &self.device));
+        }
+        let mut linear = LinearConfig::new(d_in, total).with_bias(false).init(&self.device);
+        linear.weight = Param::from_tensor(Tensor::cat(weights, 1));
+        Ok(QLinear::dense(linear, self.threads))
+    }
+
     /// `prefix.weight` (PyTorch `(out, in)`, stored transposed as burn's `[in, out]`) and optional
     /// `prefix.bias`, in float (dequantized if quantized).
     pub async fn linear(&self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Linear> {
