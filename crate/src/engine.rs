@@ -305,6 +305,17 @@ impl Engine {
         batch.run(|_, event| on_token(event)).await.pop().expect("one result per page").1
     }
 
+    /// Runs a blank page through the model's smallest mode with two greedy tokens and no stop ids,
+    /// so that a GPU compiles the kernels of encoding, prefill and a decoding step now (wgpu compiles
+    /// each on first use: seconds) rather than during the first recognition. The CLI and the service
+    /// call it after loading on a GPU, the npm package with its `warmup` option.
+    pub async fn warm_up(&self) -> Result<()> {
+        let blank = RgbImage::from_pixel(64, 64, image::Rgb([255, 255, 255]));
+        let mode = Mode::available(self.config.version())[0];
+        let generation = GenerationOptions { max_new_tokens: 2, stop_ids: Vec::new(), ..GenerationOptions::default() };
+        self.recognize_image(&blank, &Task::FreeOcr, mode, &generation, |_| ControlFlow::Continue(())).await.map(|_| ())
+    }
+
     /// Runs the whole pipeline on an RGB image (already EXIF-oriented).
     pub async fn recognize_image(
         &self,

@@ -13,7 +13,6 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod generate;
-#[cfg(feature = "gpu")]
 pub mod gpu;
 #[cfg(all(feature = "hub", not(target_arch = "wasm32")))]
 pub mod hub;

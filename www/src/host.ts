@@ -150,13 +150,11 @@ export function serve(endpoint: Endpoint): void {
     }
   }
 
-  /** One token on a blank page: the GPU compiles the model's shaders now rather than on the first call. */
+  /** A blank page through the model's smallest mode, two tokens (encoding, prefill and a decoding step): the GPU compiles the model's shaders now rather than on the first call. */
   async function warmup(engine: WasmEngine, id: number, signal: AbortSignal): Promise<void> {
-    const blank = new ImageData(64, 64);
-    blank.data.fill(255);
     reply({ type: 'progress', id, event: { phase: 'compile', file: 'shaders', loaded: 0, total: 1, fromCache: false } });
-    // No mode: the model's smallest (Tiny; DeepSeek-OCR-2 has no Tiny, its smallest is Base).
-    await engine.recognize(blank, { maxNewTokens: 1, signal });
+    await engine.warmUp();
+    if (signal.aborted) throw { code: 'ABORTED', message: 'aborted' };
     reply({ type: 'progress', id, event: { phase: 'compile', file: 'shaders', loaded: 1, total: 1, fromCache: false } });
   }
 

@@ -89,9 +89,10 @@ export interface LoadOptions {
   /** A download that receives no bytes for this long is retried from its last byte (default 30000). */
   stallTimeoutMs?: number;
   /**
-   * Run one token on a blank page before `load` resolves (phase `compile`), so the GPU compiles the
-   * model's shaders during the load instead of in the first recognition (seconds on a real GPU, tens of
-   * seconds on a software adapter). Default false.
+   * Run a blank page through the model's smallest mode (two tokens: encoding, prefill and a decoding
+   * step) before `load` resolves (phase `compile`), so the GPU compiles the model's shaders during the
+   * load instead of in the first recognition (seconds on a real GPU, tens of seconds on a software
+   * adapter). Default false.
    */
   warmup?: boolean;
   /**

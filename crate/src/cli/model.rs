@@ -95,8 +95,16 @@ impl ModelArgs {
                 format!("loaded {} in {:.1} s", self.model, load_started.elapsed().as_secs_f64())
             });
         };
+        let gpu = !matches!(self.device, DeviceArg::Cpu);
         let options = LoadOptions { device, dtype, engine, on_download: Some(&mut on_download), on_load: Some(&on_load) };
-        pollster::block_on(Engine::load(&self.model, options)).map_err(|e| e.to_string())
+        let engine = pollster::block_on(Engine::load(&self.model, options)).map_err(|e| e.to_string())?;
+        if gpu {
+            // wgpu compiles each kernel on first use: now, not during the first page.
+            let started = std::time::Instant::now();
+            pollster::block_on(engine.warm_up()).map_err(|e| format!("warming up the GPU: {e}"))?;
+            eprintln!("dsocr: compiled the GPU kernels in {:.1} s", started.elapsed().as_secs_f64());
+        }
+        Ok(engine)
     }
 }
 

@@ -194,6 +194,13 @@ impl Dsocr {
         Ok(Dsocr { engine, adapter })
     }
 
+    /// Compiles the GPU kernels now ([`Engine::warm_up`]: a blank page, two tokens), so the first
+    /// recognition does not wait for them.
+    #[wasm_bindgen(js_name = warmUp)]
+    pub async fn warm_up(&self) -> Result<(), JsValue> {
+        self.engine.warm_up().await.map_err(from_error)
+    }
+
     /// The adapter and the limits the device was granted, as JSON: `{ name, backend,
     /// maxStorageBufferBindingSize, maxBufferSize, maxComputeWorkgroupStorageSize, adapterMax…,
     /// shaderF16, maxTensorBytes, dtype }`.

@@ -2,15 +2,19 @@
 //! device in one run, so the figures compare as ratios.
 //!
 //! ```sh
-//! cargo run --release -p dsocr-tests --bin gpu_bench -- tests/fixtures/tiny-a [tokens] [f32,f16,q8,q4,q4-dequantized] [mode]
+//! cargo run --release -p dsocr-tests --bin gpu_bench -- tests/fixtures/tiny-a [tokens] [f32,q8,q4,f32-burn,q4-burn] [mode]
 //! ```
-//! Formats: `f32`, `f16` (the float checkpoint in that type; f16 alone in a run: a device's float
-//! type is set once), `q8`/`q4` (quantized at load, weights packed on the device and multiplied by
-//! the crate's GPU kernels), `q8-dequantized`/`q4-dequantized` (quantized at load, then dequantized
-//! into float weights: the GPU path before its kernels).
+//! Formats: `f32`, `f16` (the float checkpoint in that type; f16 in a run of its own: a device's
+//! float type is set once), `q8`/`q4` (quantized at load, weights packed on the device and
+//! multiplied by the crate's GPU kernels). A `-burn` suffix runs the same weights on burn's tensor
+//! ops only, as the GPU path did before the crate's kernels (`EngineOptions::device_kernels` off:
+//! quantized weights dequantized into float at load, no fused kernels, logits read back).
 //!
-//! Prints per format: load time, time to the first token (encoder + prefill), decode tokens/s
-//! (tokens after the first), readbacks per decode step (counted in the crate), and — measured in a
+//! Prints per format: load time, the warm-up's time (`Engine::warm_up`: the kernels this format
+//! needs that the process has not compiled yet — for the first format, all of them), then for a
+//! page: time to the first token (encoder + prefill), decode tokens/s (tokens after the first),
+//! readbacks per decode step (counted in the crate), device memory (the allocator's bytes in use
+//! after loading, and what it holds after the page), and — measured in a
 //! child process with cubecl's execution log (it synchronises after every kernel, so it is
 //! not timed) — GPU dispatches per decode step (the difference between a page of 2 and of
 //! `tokens` tokens) and per page.
@@ -34,7 +38,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let dir = PathBuf::from(args.next().expect("usage: gpu_bench <checkpoint dir> [tokens] [formats] [mode]"));
     let tokens: usize = args.next().map_or(16, |t| t.parse().expect("tokens"));
-    let formats: Vec<String> = args.next().unwrap_or_else(|| "f32,q8,q4".into()).split(',').map(String::from).collect();
+    let formats: Vec<String> = args.next().unwrap_or_else(|| "f32,q8,q4,f32-burn,q4-burn".into()).split(',').map(String::from).collect();
     let mode: Mode = args.next().map_or(Mode::Tiny, |m| m.parse().expect("mode"));
     assert!(tokens >= 4, "at least 4 tokens (decode is measured after the first, dispatches between 2 and `tokens`)");
 
@@ -46,36 +50,41 @@ fn main() {
         return;
     }
     println!("adapter: {} ({:?}); checkpoint {}; {mode:?} mode, {tokens} tokens", setup.adapter.get_info().name, setup.backend, dir.display());
-    println!("{:<16} {:>8} {:>10} {:>10} {:>10} {:>12} {:>12}", "format", "load s", "first s", "tok/s", "reads/step", "disp/step", "disp/page");
+    println!(
+        "{:<12} {:>7} {:>9} {:>7} {:>8} {:>10} {:>9} {:>9} {:>10} {:>8}",
+        "format", "load s", "warm-up s", "first s", "tok/s", "reads/step", "disp/step", "disp/page", "weights MB", "held MB"
+    );
     let mut base: Option<f64> = None;
     for format in &formats {
         let started = Instant::now();
         let engine = load(&dir, format, &mut device, limit);
         let load_s = started.elapsed().as_secs_f64();
-        // Warm: shaders compiled, buffers allocated.
-        run(&engine, 2, mode);
+        let weights_mb = device.memory_pool_usage().map_or(f64::NAN, |u| u.bytes_in_use as f64 / 1e6);
+        let started = Instant::now();
+        pollster::block_on(engine.warm_up()).expect("warm-up");
+        let warm_s = started.elapsed().as_secs_f64();
+        run(&engine, 2, mode); // this mode's shapes too (the warm-up ran the smallest mode)
         let (first, rate, reads) = run(&engine, tokens, mode);
+        let held_mb = device.memory_pool_usage().map_or(f64::NAN, |u| u.bytes_reserved as f64 / 1e6);
         let (per_step, per_page) = dispatches(&dir, format, tokens, mode);
         let ratio = base.map_or(String::new(), |b| format!("  ({:.2}× {})", rate / b, formats[0]));
         base.get_or_insert(rate);
-        println!("{format:<16} {load_s:>8.2} {first:>10.2} {rate:>10.2} {reads:>10.2} {per_step:>12.1} {per_page:>12}{ratio}");
+        println!("{format:<12} {load_s:>7.2} {warm_s:>9.2} {first:>7.2} {rate:>8.2} {reads:>10.2} {per_step:>9.1} {per_page:>9} {weights_mb:>10.1} {held_mb:>8.1}{ratio}");
     }
 }
 
 fn load(dir: &Path, format: &str, device: &mut Device, limit: usize) -> Engine {
-    let (quantize, device_kernels) = match format {
-        "f32" => (None, true),
+    let (weights, device_kernels) = match format.strip_suffix("-burn") {
+        Some(weights) => (weights, false),
+        None => (format, true),
+    };
+    let quantize = match weights {
+        "f32" => None,
         "f16" => {
-            device.configure(FloatDType::F16).expect("f16 on this device (alone in a run)");
-            (None, true)
+            device.configure(FloatDType::F16).expect("f16 on this device (in a run of its own)");
+            None
         }
-        other => {
-            let (preset, dequantized) = match other.strip_suffix("-dequantized") {
-                Some(p) => (p, true),
-                None => (other, false),
-            };
-            (Some(Recipe::preset(Preset::parse(preset).expect("a format"), None).unwrap()), !dequantized)
-        }
+        preset => Some(Recipe::preset(Preset::parse(preset).expect("a format"), None).unwrap()),
     };
     let options = EngineOptions { quantize, device_kernels, ..EngineOptions::gpu(limit) };
     pollster::block_on(Engine::load_dir(dir, device, options, None)).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
