@@ -13,12 +13,7 @@ use burn_cubecl::Cube;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use cubecl::prelude::*;
 
-use super::packed::{cube, storage};
-
-/// Units per workgroup.
-const UNITS: u32 = 256;
-/// `log2(UNITS)`.
-const UNIT_STEPS: u32 = 8;
+use super::launch::{UNITS, cube, reduce_max, reduce_sum, storage};
 /// Positions whose scores a workgroup holds at a time (4 KiB of workgroup memory).
 const CHUNK: usize = 1024;
 /// Positions a cache grows by, at least (then it doubles).
@@ -88,32 +83,6 @@ fn rope_append_kernel<F: Float>(
             let h = (c - q_width) / head_dim;
             k[(h * capacity + start + r) * head_dim + d] = F::cast_from(y);
         }
-    }
-}
-
-/// Max of `partial[0 .. UNITS]` into `partial[0]`.
-#[cube]
-fn reduce_max(partial: &mut [f32], unit: usize) {
-    #[unroll]
-    for step in 0..UNIT_STEPS {
-        let stride = comptime![(UNITS >> (step + 1)) as usize];
-        if unit < stride {
-            partial[unit] = f32::max(partial[unit], partial[unit + stride]);
-        }
-        sync_cube();
-    }
-}
-
-/// Sum of `partial[0 .. UNITS]` into `partial[0]`.
-#[cube]
-fn reduce_sum(partial: &mut [f32], unit: usize) {
-    #[unroll]
-    for step in 0..UNIT_STEPS {
-        let stride = comptime![(UNITS >> (step + 1)) as usize];
-        if unit < stride {
-            partial[unit] += partial[unit + stride];
-        }
-        sync_cube();
     }
 }
 

@@ -14,25 +14,7 @@ use burn_cubecl::Cube;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use cubecl::prelude::*;
 
-use super::packed::{cube, storage};
-
-/// Units per workgroup of the row kernels (one row per workgroup).
-const UNITS: u32 = 256;
-/// `log2(UNITS)`.
-const UNIT_STEPS: u32 = 8;
-
-/// Sum of `partial[0 .. UNITS]` into `partial[0]` (halving; every unit takes part).
-#[cube]
-fn reduce_sum(partial: &mut [f32], unit: usize) {
-    #[unroll]
-    for step in 0..UNIT_STEPS {
-        let stride = comptime![(UNITS >> (step + 1)) as usize];
-        if unit < stride {
-            partial[unit] += partial[unit + stride];
-        }
-        sync_cube();
-    }
-}
+use super::launch::{UNIT_STEPS, UNITS, cube, reduce_sum, storage};
 
 #[cube(launch_unchecked)]
 fn rms_norm_kernel<F: Float>(x: &[F], gamma: &[F], out: &mut [F], d: usize, eps: f32, #[define(F)] _dtype: ElemType) {

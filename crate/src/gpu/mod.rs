@@ -22,6 +22,8 @@ mod fused;
 #[cfg(feature = "gpu")]
 mod kernels;
 #[cfg(feature = "gpu")]
+mod launch;
+#[cfg(feature = "gpu")]
 mod packed;
 #[cfg(not(feature = "gpu"))]
 mod absent;

@@ -7,12 +7,12 @@
 
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use burn_cubecl::Cube;
-use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
 use super::kernels::{CUBE_UNITS, dequantize_kernel, few_rows_kernel, team_for};
+use super::launch::{cube, cube_int, storage};
 use super::{FEW_ROWS, FEW_ROWS_GLU};
 use crate::quant::{Bits, PackedMatrix};
 
@@ -39,20 +39,6 @@ struct Shard {
     words: Tensor<1, Int>,
     /// `rows × groups` scales.
     scales: Tensor<1>,
-}
-
-/// `t`'s CubeCL tensor, contiguous (the kernels index it as a flat row-major buffer).
-pub(super) fn cube<const D: usize>(t: Tensor<D>) -> CubeTensor {
-    into_contiguous(t.try_into_primitive::<Cube>().expect("a GPU kernel's input lives on a CubeCL device"))
-}
-
-pub(super) fn cube_int<const D: usize>(t: Tensor<D, Int>) -> CubeTensor {
-    into_contiguous(t.try_into_primitive::<Cube>().expect("a GPU kernel's input lives on a CubeCL device"))
-}
-
-/// The kernel-side element type of a burn dtype.
-pub(super) fn storage(dtype: DType) -> cubecl::ir::ElemType {
-    burn::backend::cubecl::dtype_to_storage_type(dtype)
 }
 
 impl DevicePacked {

@@ -3,7 +3,10 @@
 //!
 //! ```sh
 //! cargo run --release -p dsocr-tests --bin gpu_bench -- tests/fixtures/tiny-a [tokens] [f32,q8,q4,f32-burn,q4-burn] [mode]
+//! cargo run --release -p dsocr-tests --bin gpu_bench -- /work/full-ckpt 8 q4,q4-burn text   # decoding only
 //! ```
+//! Mode `text` skips the image: a 32-token text prompt, then decoding (for full-size weights on a
+//! software adapter, where the encoder alone would take minutes).
 //! Formats: `f32`, `f16` (the float checkpoint in that type; f16 in a run of its own: a device's
 //! float type is set once), `q8`/`q4` (quantized at load, weights packed on the device and
 //! multiplied by the crate's GPU kernels). A `-burn` suffix runs the same weights on burn's tensor
@@ -24,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::{Device, FloatDType};
-use dsocr::generate::{GenerationOptions, RepeatGuard};
+use dsocr::generate::{GenerationOptions, RepeatGuard, generate};
 use dsocr::model::readbacks;
 use dsocr::quant::{Preset, Recipe};
 use dsocr::text::Task;
@@ -39,7 +42,11 @@ fn main() {
     let dir = PathBuf::from(args.next().expect("usage: gpu_bench <checkpoint dir> [tokens] [formats] [mode]"));
     let tokens: usize = args.next().map_or(16, |t| t.parse().expect("tokens"));
     let formats: Vec<String> = args.next().unwrap_or_else(|| "f32,q8,q4,f32-burn,q4-burn".into()).split(',').map(String::from).collect();
-    let mode: Mode = args.next().map_or(Mode::Tiny, |m| m.parse().expect("mode"));
+    let mode: Option<Mode> = match args.next().as_deref() {
+        None => Some(Mode::Tiny),
+        Some("text") => None,
+        Some(m) => Some(m.parse().expect("mode (or `text`)")),
+    };
     assert!(tokens >= 4, "at least 4 tokens (decode is measured after the first, dispatches between 2 and `tokens`)");
 
     let (mut device, setup) = pollster::block_on(Device::wgpu_options().init_with_setup_async()).expect("a wgpu adapter");
@@ -49,7 +56,8 @@ fn main() {
         count_dispatches(&dir, &formats[0], &mut device, limit, tokens, mode, Path::new(&log));
         return;
     }
-    println!("adapter: {} ({:?}); checkpoint {}; {mode:?} mode, {tokens} tokens", setup.adapter.get_info().name, setup.backend, dir.display());
+    let what = mode.map_or("a text prompt, no image".to_string(), |m| format!("{m:?} mode"));
+    println!("adapter: {} ({:?}); checkpoint {}; {what}, {tokens} tokens", setup.adapter.get_info().name, setup.backend, dir.display());
     println!(
         "{:<12} {:>7} {:>9} {:>7} {:>8} {:>10} {:>9} {:>9} {:>10} {:>8}",
         "format", "load s", "warm-up s", "first s", "tok/s", "reads/step", "disp/step", "disp/page", "weights MB", "held MB"
@@ -61,11 +69,16 @@ fn main() {
         let load_s = started.elapsed().as_secs_f64();
         let weights_mb = device.memory_pool_usage().map_or(f64::NAN, |u| u.bytes_in_use as f64 / 1e6);
         let started = Instant::now();
-        pollster::block_on(engine.warm_up()).expect("warm-up");
+        if mode.is_some() {
+            pollster::block_on(engine.warm_up()).expect("warm-up");
+        }
         let warm_s = started.elapsed().as_secs_f64();
         run(&engine, 2, mode); // this mode's shapes too (the warm-up ran the smallest mode)
         let (first, rate, reads) = run(&engine, tokens, mode);
         let held_mb = device.memory_pool_usage().map_or(f64::NAN, |u| u.bytes_reserved as f64 / 1e6);
+        // Freed before the counting child loads its own copy.
+        drop(engine);
+        device.memory_cleanup();
         let (per_step, per_page) = dispatches(&dir, format, tokens, mode);
         let ratio = base.map_or(String::new(), |b| format!("  ({:.2}× {})", rate / b, formats[0]));
         base.get_or_insert(rate);
@@ -90,18 +103,28 @@ fn load(dir: &Path, format: &str, device: &mut Device, limit: usize) -> Engine {
     pollster::block_on(Engine::load_dir(dir, device, options, None)).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
 
-/// One page of `tokens` greedy tokens: seconds to the first token, decode tokens/s after it,
-/// readbacks per decode step.
-fn run(engine: &Engine, tokens: usize, mode: Mode) -> (f64, f64, f64) {
+/// One page (or, without a mode, a 32-token text prompt) of `tokens` greedy tokens: seconds to the
+/// first token, decode tokens/s after it, readbacks per decode step.
+fn run(engine: &Engine, tokens: usize, mode: Option<Mode>) -> (f64, f64, f64) {
     // Stop ids off: a random-weight model must not end early.
     let options = GenerationOptions { max_new_tokens: tokens, repeat_guard: RepeatGuard::hf(), stop_ids: Vec::new(), ..GenerationOptions::default() };
     let started = Instant::now();
     let mut marks: Vec<(Instant, u64)> = Vec::new();
-    pollster::block_on(engine.recognize(&page(), &Task::Markdown, mode, &options, |_| {
+    let on_token = |_: u32| {
         marks.push((Instant::now(), readbacks()));
         ControlFlow::Continue(())
-    }))
-    .expect("recognize");
+    };
+    match mode {
+        Some(mode) => {
+            let mut on_event = on_token;
+            pollster::block_on(engine.recognize(&page(), &Task::Markdown, mode, &options, |e| on_event(e.id))).expect("recognize");
+        }
+        None => {
+            let ids: Vec<u32> = (0..32).map(|i| 1000 + 37 * i).collect();
+            let embeds = engine.decoder().embed(&ids, engine.device()).expect("embed");
+            pollster::block_on(generate(engine.decoder(), embeds, &ids, &options, on_token)).expect("generate");
+        }
+    }
     assert_eq!(marks.len(), tokens, "every token generated");
     let (first, last) = (marks[0], marks[tokens - 1]);
     let steps = (tokens - 1) as f64;
@@ -109,11 +132,11 @@ fn run(engine: &Engine, tokens: usize, mode: Mode) -> (f64, f64, f64) {
 }
 
 /// Dispatches per decode step and per page of `tokens` tokens, counted in a child process.
-fn dispatches(dir: &Path, format: &str, tokens: usize, mode: Mode) -> (f64, u64) {
+fn dispatches(dir: &Path, format: &str, tokens: usize, mode: Option<Mode>) -> (f64, u64) {
     let log = std::env::temp_dir().join(format!("dsocr-gpu-bench-{}-{format}.log", std::process::id()));
     let _ = std::fs::remove_file(&log);
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([dir.to_str().unwrap(), &tokens.to_string(), format, &format!("{mode:?}").to_lowercase()])
+        .args([dir.to_str().unwrap(), &tokens.to_string(), format, &mode.map_or("text".into(), |m| format!("{m:?}").to_lowercase())])
         .env(COUNT_CHILD, &log)
         .env("CUBECL_DEBUG_LOG", &log)
         .env("CUBECL_DEBUG_OPTION", "profile-full")
@@ -131,7 +154,7 @@ fn executions(log: &Path) -> u64 {
     std::fs::read_to_string(log).unwrap_or_default().lines().filter(|l| l.starts_with("| ")).count() as u64
 }
 
-fn count_dispatches(dir: &Path, format: &str, device: &mut Device, limit: usize, tokens: usize, mode: Mode, log: &Path) {
+fn count_dispatches(dir: &Path, format: &str, device: &mut Device, limit: usize, tokens: usize, mode: Option<Mode>, log: &Path) {
     let engine = load(dir, format, device, limit);
     run(&engine, tokens, mode); // compiled and allocated; the counts below are steady state
     let c0 = executions(log);
