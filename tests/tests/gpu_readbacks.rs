@@ -1,6 +1,6 @@
 //! What a decoding step reads back from the GPU (wgpu; lavapipe in CI): one read per step, of the
 //! greedy choice (three numbers), not the vocabulary's logits — also with the repeat guard banning
-//! tokens (they are set to −∞ on the device). Alone in its test binary: the crate counts reads per
+//! tokens (they are set to −∞ on the device); with packed experts, none during a Tiny prefill. Alone in its test binary: the crate counts reads per
 //! process. Skipped without an adapter unless `DSOCR_REQUIRE_WGPU` is set.
 #![cfg(feature = "wgpu")]
 
@@ -27,12 +27,18 @@ fn a_decoding_step_reads_back_once() {
         for guard in &guards {
             let generation = GenerationOptions { max_new_tokens: tokens, repeat_guard: guard.clone(), stop_ids: Vec::new(), ..GenerationOptions::default() };
             let mut reads = Vec::new();
+            let before = readbacks();
             let result = pollster::block_on(engine.recognize(&page(), &Task::Markdown, Mode::Tiny, &generation, |_| {
                 reads.push(readbacks());
                 ControlFlow::Continue(())
             }))
             .unwrap();
             assert_eq!(result.token_ids.len(), tokens);
+            if quantize.is_some() {
+                // The whole page: one read per token (the prefill's choice included); the MoE
+                // layers of a Tiny prompt route on the device, with no read of their own.
+                assert_eq!(readbacks() - before, tokens as u64, "{guard:?}: reads in the page");
+            }
             let per_step: Vec<u64> = reads.windows(2).map(|w| w[1] - w[0]).collect();
             assert!(per_step.iter().all(|&r| r == 1), "{quantize:?} {guard:?}: reads per step {per_step:?}");
             let ids = &result.token_ids;

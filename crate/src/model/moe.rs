@@ -115,6 +115,13 @@ struct PackedStack {
 /// grouped, which needs the routing on the host but reads each expert's weights once.
 const GATHER_MAX_PAIRS: usize = 32;
 
+/// With the experts packed on the GPU, chunks of up to this many pairs run gathered too: each pair
+/// reads its expert's packed rows (weight traffic grows with the pairs, from cache for repeats),
+/// but the layer needs no readback and three launches instead of a few per expert used. 1,024
+/// covers the prompts of Tiny and Small (the browser's modes: 83 and 110 tokens, 6 experts each);
+/// Base and Gundam prompts (≥ 273 tokens) stay grouped, where reading each expert once wins.
+const GATHER_MAX_PAIRS_PACKED: usize = 1024;
+
 impl Moe {
     pub async fn load(c: &DecoderConfig, l: &Loader<'_, '_>, prefix: &str) -> Result<Self> {
         let h = c.hidden_size;
@@ -144,15 +151,16 @@ impl Moe {
         })
     }
 
-    /// `residual + moe(x)` (see [`Moe::forward`]). With the experts packed on the GPU and few tokens
-    /// (a decoding step), everything after the router is three launches: the experts' gate/up
-    /// pair by index, their down projection summed per token with the routing weights, and the
-    /// shared experts, the residual added inside the last two.
+    /// `residual + moe(x)` (see [`Moe::forward`]). With the experts packed on the GPU and few
+    /// tokens (a decoding step; a Tiny or Small prompt, [`GATHER_MAX_PAIRS_PACKED`]), everything
+    /// after the router is three launches and no readback: the experts' gate/up pair by index,
+    /// their down projection summed per token with the routing weights, and the shared experts,
+    /// the residual added inside the last two.
     pub async fn forward_add(&self, x: Tensor<2>, residual: Tensor<2>) -> Result<Tensor<2>> {
         let [tokens, _] = x.dims();
         let k = self.top_k;
         let packed = self.stacked.as_ref().and_then(|s| s.packed.as_ref());
-        let Some(stack) = packed.filter(|_| self.fused && tokens * k <= GATHER_MAX_PAIRS) else {
+        let Some(stack) = packed.filter(|_| self.fused && tokens * k <= GATHER_MAX_PAIRS_PACKED) else {
             return Ok(residual + self.forward(x).await?);
         };
         let (weights, experts) = crate::gpu::route(x.clone(), self.gate.weight.val(), k, k > 1 && self.norm_topk_prob, self.routed_scaling_factor);
