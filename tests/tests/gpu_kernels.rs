@@ -94,6 +94,43 @@ fn gpu_linear_equals_the_dequantized_product() {
     }
 }
 
+/// A float checkpoint's weights as f16 or f32 words through the same kernels: products (few rows,
+/// many rows, residual), rows and a gathered expert equal the float products of the same values
+/// (f16: rounded to f16 first), shards included.
+#[test]
+fn gpu_float_words_equal_the_float_product() {
+    let Some((device, _)) = wgpu_device(false) else { return };
+    for half in [false, true] {
+        for &(rows, cols) in &[(1usize, 7usize), (37, 101), (300, 200)] {
+            let mut w = values(rows * cols, 3 + rows as u64);
+            if half {
+                w.iter_mut().for_each(|v| *v = half::f16::from_f32(*v).to_f32());
+            }
+            // The reference: the float product of the same values.
+            let w = &w;
+            let dense = |x: &[f32], m: usize| -> Vec<f32> {
+                let mut y = Vec::with_capacity(m * rows);
+                for i in 0..m {
+                    y.extend((0..rows).map(|r| (0..cols).map(|c| x[i * cols + c] as f64 * w[r * cols + c] as f64).sum::<f64>() as f32));
+                }
+                y
+            };
+            for (shards, limit) in [("one shard", usize::MAX), ("3-row shards", 3 * 4 * cols)] {
+                let d = DevicePacked::upload_float(&w, rows, cols, half, &device, limit, None);
+                for m in [1, 4, 12] {
+                    let x = values(m * cols, 50 + m as u64);
+                    let got = read(d.linear(tensor(&x, [m, cols], &device)));
+                    assert_close(&format!("{} {rows}×{cols} m={m} {shards}", if half { "f16" } else { "f32" }), &got, &dense(&x, m));
+                }
+                let ids: Vec<i64> = vec![0, (rows - 1) as i64, (rows / 2) as i64];
+                let index = Tensor::<1, Int>::from_data(TensorData::new(ids.clone(), [3]), &device);
+                let want: Vec<f32> = ids.iter().flat_map(|&i| w[i as usize * cols..(i as usize + 1) * cols].to_vec()).collect();
+                assert_eq!(read(d.rows_of(index)), want, "rows of {rows}×{cols} {shards}");
+            }
+        }
+    }
+}
+
 #[test]
 fn gpu_gate_up_fused_equals_silu_times_up() {
     let Some((device, _)) = wgpu_device(false) else { return };

@@ -18,6 +18,14 @@ impl DevicePacked {
         unreachable!("no GPU kernels in this build (feature `gpu`)")
     }
 
+    pub fn upload_float(_: &[f32], _: usize, _: usize, _: bool, _: &Device, _: usize, _: Option<usize>) -> Self {
+        unreachable!("no GPU kernels in this build (feature `gpu`)")
+    }
+
+    pub fn shard_count(&self) -> usize {
+        match *self {}
+    }
+
     pub fn device_bytes(&self) -> usize {
         match *self {}
     }

@@ -1,10 +1,12 @@
 //! The `#[cube]` kernels: one source, compiled to WGSL for native wgpu and the browser alike.
 //!
-//! They read the device layout of [`super::packed`]: a row is `groups` whole groups of
-//! `group · bits / 32` little-endian `u32` words (the last group padded with zeros), one f32
-//! scale per group. Within a q4 group, word `j` holds columns `4j … 4j+3` in its low nibbles and
-//! `group/2 + 4j …` in its high ones (stored `q + 8`); a q8 word holds four consecutive columns
-//! as two's-complement bytes. So `w = scale · q`.
+//! They read the device layout of [`super::packed`], rows of little-endian `u32` words:
+//! * quantized (`bits` 4 or 8): `groups` whole groups of `group · bits / 32` words (the last group
+//!   padded with zeros), one f32 scale per group. Within a q4 group, word `j` holds columns
+//!   `4j … 4j+3` in its low nibbles and `group/2 + 4j …` in its high ones (stored `q + 8`); a q8
+//!   word holds four consecutive columns as two's-complement bytes. So `w = scale · q`.
+//! * float (`bits` 16 or 32): the row's values in order, two f16 or one f32 per word (a float
+//!   checkpoint's weights, read by the same kernels; no scales).
 //!
 //! Only what WebGPU guarantees is used: workgroups of [`CUBE_UNITS`] units, at most 16 KiB of
 //! workgroup memory, no subgroup operations, f32 arithmetic whatever the activations' type.
@@ -24,50 +26,90 @@ pub fn team_for(row_words: usize) -> u32 {
     ((row_words / 4).max(1).next_power_of_two() as u32).min(MAX_TEAM)
 }
 
-/// Input column `col` of the row starting at `base` as f32, 0 past the row's `k` columns (the
-/// padding of a ragged last group; the index is clamped so the read stays inside the row).
+/// Input column `col` of the row starting at `base` as f32. With `padded` rows (a ragged last
+/// group, an odd f16 row) 0 past the row's `k` columns, the index clamped so the read stays inside
+/// the row; without, the plain read (every column a word holds is real).
 #[cube]
-fn input<F: Float>(x: &[F], base: usize, col: usize, k: usize) -> f32 {
-    let at = base + clamp_max(col, k - 1);
-    select(col < k, f32::cast_from(x[at]), 0.0)
+fn input<F: Float>(x: &[F], base: usize, col: usize, k: usize, #[comptime] padded: bool) -> f32 {
+    if comptime![padded] {
+        let at = base + clamp_max(col, k - 1);
+        select(col < k, f32::cast_from(x[at]), 0.0)
+    } else {
+        f32::cast_from(x[base + col])
+    }
 }
 
-/// `Σ q · x` over the values of one packed word (the group's scale not applied): `col` is the
-/// word's first column within its row, `base` where the input row starts.
+/// An f16 value's bits (the low 16 of `h`) as f32: normal, subnormal, infinite and NaN.
 #[cube]
-fn word_dot<F: Float>(word: u32, x: &[F], base: usize, col: usize, k: usize, #[comptime] bits: u32, #[comptime] group: usize) -> f32 {
-    let mut sum = 0.0f32;
+fn half_to_f32(h: u32) -> f32 {
+    let sign = (h >> 15) & 1;
+    let exponent = (h >> 10) & 31;
+    let mantissa = h & 1023;
+    // Normal: the exponent rebiased from 15 to 127; all ones: infinity or NaN; zero: mantissa · 2⁻²⁴.
+    let normal = f32::reinterpret((sign << 31) | ((exponent + 112) << 23) | (mantissa << 13));
+    let special = f32::reinterpret((sign << 31) | 0x7f80_0000u32 | (mantissa << 13));
+    let subnormal = (1.0 - 2.0 * f32::cast_from(sign)) * f32::cast_from(mantissa) * 5.960_464_5e-8;
+    select(exponent == 0, subnormal, select(exponent == 31, special, normal))
+}
+
+/// Value `j` of a word (before a group's scale).
+#[cube]
+fn value_of(word: u32, #[comptime] j: u32, #[comptime] bits: u32) -> f32 {
     if comptime![bits == 4] {
-        #[unroll]
-        for b in 0..4usize {
-            // Stored q + 8 (0..=15).
-            let lo = f32::cast_from((word >> (8 * b as u32)) & 15) - 8.0;
-            let hi = f32::cast_from((word >> (8 * b as u32 + 4)) & 15) - 8.0;
-            sum += lo * input::<F>(x, base, col + b, k) + hi * input::<F>(x, base, col + group / 2 + b, k);
-        }
+        // Stored q + 8 (0..=15): the low nibbles first, then the high ones.
+        let shift = comptime![if j < 4 { 8 * j } else { 8 * (j - 4) + 4 }];
+        f32::cast_from((word >> shift) & 15) - 8.0
+    } else if comptime![bits == 8] {
+        // Branchless two's complement: a byte of 128 or more stands for byte − 256.
+        let raw = (word >> comptime![8 * j]) & 255;
+        f32::cast_from(raw) - select(raw >= 128, 256.0, 0.0)
+    } else if comptime![bits == 16] {
+        half_to_f32((word >> comptime![16 * j]) & 0xffff)
     } else {
-        #[unroll]
-        for b in 0..4usize {
-            // Branchless two's complement: a byte of 128 or more stands for byte − 256.
-            let raw = (word >> (8 * b as u32)) & 255;
-            let q = f32::cast_from(raw) - select(raw >= 128, 256.0, 0.0);
-            sum += q * input::<F>(x, base, col + b, k);
-        }
+        f32::reinterpret(word)
+    }
+}
+
+/// Where value `j` of a word lies, counted from the word's first column.
+fn value_offset(j: u32, bits: u32, group: usize) -> usize {
+    if bits == 4 && j >= 4 { group / 2 + j as usize - 4 } else { j as usize }
+}
+
+/// `Σ w · x` over the values of one word (a group's scale not applied): `col` is the word's
+/// first column within its row, `base` where the input row starts.
+#[cube]
+fn word_dot<F: Float>(word: u32, x: &[F], base: usize, col: usize, k: usize, #[comptime] bits: u32, #[comptime] group: usize, #[comptime] padded: bool) -> f32 {
+    let mut sum = 0.0f32;
+    #[unroll]
+    for j in 0..comptime![32 / bits] {
+        sum += value_of(word, j, bits) * input::<F>(x, base, col + comptime![value_offset(j, bits, group)], k, padded);
     }
     sum
 }
 
-/// The first column of word `w` of a row: word `j` of a group starts at column `4j` of it (q8:
-/// four bytes; q4: the four low nibbles, the high ones half a group later).
+/// The first column of word `w` of a row. Quantized: word `j` of a group starts at column `4j` of
+/// it (q8: four bytes; q4: the four low nibbles, the high ones half a group later); float: `w`
+/// times the values a word holds.
 #[cube]
 fn word_column(w: usize, #[comptime] bits: u32, #[comptime] group: usize) -> usize {
-    let words_per_group = comptime![group * bits as usize / 32];
-    (w / words_per_group) * group + (w % words_per_group) * 4
+    if comptime![bits >= 16] {
+        w * comptime![32 / bits as usize]
+    } else {
+        let words_per_group = comptime![group * bits as usize / 32];
+        (w / words_per_group) * group + (w % words_per_group) * 4
+    }
+}
+
+/// The factor of word `w`'s values in row `row`: `factor` times its group's scale (quantized) or
+/// `factor` (float: no scales).
+#[cube]
+fn word_scale(scales: &[f32], row: usize, w: usize, groups: usize, factor: f32, #[comptime] bits: u32, #[comptime] group: usize) -> f32 {
+    if comptime![bits >= 16] { factor } else { factor * scales[row * groups + w / comptime![group * bits as usize / 32]] }
 }
 
 /// Adds `factor ·` one weight row's products with `m` input rows (from `x_first` on) to the
-/// accumulators, this unit's words only: `acc[i] += factor · Σ scale · q · x[x_first + i]`; with
-/// `up`, `acc[m + i]` gets the same of the second matrix's row.
+/// accumulators, this unit's words only: `acc[i] += factor · Σ w · x[x_first + i]`; with `up`,
+/// `acc[m + i]` gets the same of the second matrix's row.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn accumulate<F: Float>(
@@ -82,33 +124,32 @@ fn accumulate<F: Float>(
     factor: f32,
     lane: usize,
     k: usize,
+    row_words: usize,
     groups: usize,
     #[comptime] m: usize,
     #[comptime] bits: u32,
     #[comptime] group: usize,
     #[comptime] team: u32,
+    #[comptime] padded: bool,
 ) {
-    let words_per_group = comptime![group * bits as usize / 32];
-    let row_words = groups * words_per_group;
     let mut w = lane;
     while w < row_words {
         let at = weight_row * row_words + w;
         let col = word_column(w, bits, group);
-        let g = weight_row * groups + w / words_per_group;
         let word = words[at];
-        let scale = factor * scales[g];
+        let scale = word_scale(scales, weight_row, w, groups, factor, bits, group);
         #[unroll]
         for i in 0..m {
-            acc[i] += scale * word_dot::<F>(word, x, (x_first + i) * k, col, k, bits, group);
+            acc[i] += scale * word_dot::<F>(word, x, (x_first + i) * k, col, k, bits, group, padded);
         }
         #[comptime]
         match (up_words, up_scales) {
             (ComptimeOption::Some(up_words), ComptimeOption::Some(up_scales)) => {
                 let up_word = up_words[at];
-                let up_scale = factor * up_scales[g];
+                let up_scale = word_scale(up_scales, weight_row, w, groups, factor, bits, group);
                 #[unroll]
                 for i in 0..m {
-                    acc[m + i] += up_scale * word_dot::<F>(up_word, x, (x_first + i) * k, col, k, bits, group);
+                    acc[m + i] += up_scale * word_dot::<F>(up_word, x, (x_first + i) * k, col, k, bits, group, padded);
                 }
             }
             _ => {}
@@ -145,6 +186,7 @@ pub fn few_rows_kernel<F: Float, I: Int>(
     out: &mut [F],
     k: usize,
     n: usize,
+    row_words: usize,
     groups: usize,
     x_div: usize,
     first: usize,
@@ -154,6 +196,7 @@ pub fn few_rows_kernel<F: Float, I: Int>(
     #[comptime] bits: u32,
     #[comptime] group: usize,
     #[comptime] team: u32,
+    #[comptime] padded: bool,
     #[define(F, I)] _dtypes: [ElemType; 2],
 ) {
     let glu = comptime![up_words.is_some()];
@@ -187,12 +230,12 @@ pub fn few_rows_kernel<F: Float, I: Int>(
                             ComptimeOption::Some(weights) => factor = f32::cast_from(weights[pair]),
                             ComptimeOption::None => {}
                         }
-                        accumulate::<F>(&mut acc, x, words, scales, up_words, up_scales, (expert - first) * n + row, pair / x_div, factor, lane, k, groups, m, bits, group, team);
+                        accumulate::<F>(&mut acc, x, words, scales, up_words, up_scales, (expert - first) * n + row, pair / x_div, factor, lane, k, row_words, groups, m, bits, group, team, padded);
                     }
                 }
             }
             ComptimeOption::None => {
-                accumulate::<F>(&mut acc, x, words, scales, up_words, up_scales, row, 0, 1.0f32, lane, k, groups, m, bits, group, team);
+                accumulate::<F>(&mut acc, x, words, scales, up_words, up_scales, row, 0, 1.0f32, lane, k, row_words, groups, m, bits, group, team, padded);
             }
         }
     }
@@ -239,7 +282,7 @@ pub fn few_rows_kernel<F: Float, I: Int>(
     }
 }
 
-/// Dequantizes weight rows into floats, one unit per packed word.
+/// Dequantizes weight rows into floats (float words: converts them), one unit per word.
 ///
 /// * Rows `first .. first + count` (`ids` none); `transposed`: `out` is `(k, count)` — the layout
 ///   of a burn `Linear` weight, ready for a many-rows product — else `(count, k)`.
@@ -253,6 +296,7 @@ pub fn dequantize_kernel<F: Float, I: Int>(
     ids: ComptimeOption<&[I]>,
     out: &mut [F],
     k: usize,
+    row_words: usize,
     groups: usize,
     count: usize,
     first: usize,
@@ -262,8 +306,6 @@ pub fn dequantize_kernel<F: Float, I: Int>(
     #[comptime] transposed: bool,
     #[define(F, I)] _dtypes: [ElemType; 2],
 ) {
-    let words_per_group = comptime![group * bits as usize / 32];
-    let row_words = groups * words_per_group;
     let i = ABSOLUTE_POS / row_words;
     let w = ABSOLUTE_POS % row_words;
     if i >= count {
@@ -281,23 +323,11 @@ pub fn dequantize_kernel<F: Float, I: Int>(
         ComptimeOption::None => {}
     }
     let word = words[source * row_words + w];
-    let scale = select(valid, scales[source * groups + w / words_per_group], 0.0);
+    let scale = select(valid, word_scale(scales, source, w, groups, 1.0f32, bits, group), 0.0);
     let col = word_column(w, bits, group);
-    if comptime![bits == 4] {
-        #[unroll]
-        for b in 0..4usize {
-            let lo = f32::cast_from((word >> (8 * b as u32)) & 15) - 8.0;
-            let hi = f32::cast_from((word >> (8 * b as u32 + 4)) & 15) - 8.0;
-            write_value::<F>(out, scale * lo, i, col + b, k, count, transposed);
-            write_value::<F>(out, scale * hi, i, col + group / 2 + b, k, count, transposed);
-        }
-    } else {
-        #[unroll]
-        for b in 0..4usize {
-            let raw = (word >> (8 * b as u32)) & 255;
-            let q = f32::cast_from(raw) - select(raw >= 128, 256.0, 0.0);
-            write_value::<F>(out, scale * q, i, col + b, k, count, transposed);
-        }
+    #[unroll]
+    for j in 0..comptime![32 / bits] {
+        write_value::<F>(out, scale * value_of(word, j, bits), i, col + comptime![value_offset(j, bits, group)], k, count, transposed);
     }
 }
 

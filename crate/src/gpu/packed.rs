@@ -1,9 +1,10 @@
-//! A packed matrix on the GPU and the launches of the kernels that read it.
+//! A matrix on the GPU as rows of 32-bit words, and the launches of the kernels that read it.
 //!
-//! The matrix stays in its quantized size on the device: per row shard, the packed values as
-//! `u32` words with every group whole (see [`PackedMatrix::whole_groups`]) and one f32 scale per
-//! group. Shards of whole rows keep each buffer within the device's binding limit (WebGPU grants
-//! 128 MiB by default; the real model's lm_head is 165 MB in q8).
+//! Quantized, it stays in its quantized size: per row shard, the packed values as `u32` words with
+//! every group whole (see [`PackedMatrix::whole_groups`]) and one f32 scale per group. A float
+//! checkpoint's decoder weights are uploaded the same way as raw f16 or f32 words (no scales), so
+//! the same kernels serve them. Shards of whole rows keep each buffer within the device's binding
+//! limit (WebGPU grants 128 MiB by default; the real model's lm_head is 165 MB in q8).
 
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use burn_cubecl::Cube;
@@ -14,19 +15,24 @@ use cubecl::prelude::*;
 use super::kernels::{CUBE_UNITS, dequantize_kernel, few_rows_kernel, team_for};
 use super::launch::{cube, cube_int, storage};
 use super::{FEW_ROWS, FEW_ROWS_GLU};
-use crate::quant::{Bits, PackedMatrix};
+use crate::quant::PackedMatrix;
 
 /// Largest float block a many-rows product dequantizes at a time (bytes).
 const DEQUANTIZED_BLOCK_BYTES: usize = 64 << 20;
 
-/// A `(rows, cols)` packed matrix on the GPU.
+/// A `(rows, cols)` matrix on the GPU as rows of words (see the module docs).
 #[derive(Debug, Clone)]
 pub struct DevicePacked {
     pub rows: usize,
     pub cols: usize,
-    bits: Bits,
+    /// Bits per value: 4 or 8 (quantized, with scales), 16 or 32 (float).
+    bits: u32,
+    /// Values per scale (quantized); for float words the values of one word.
     group: usize,
+    /// Scales per row (0 for float words).
     groups: usize,
+    /// Words per row.
+    row_words: usize,
     shards: Vec<Shard>,
 }
 
@@ -35,9 +41,9 @@ pub struct DevicePacked {
 struct Shard {
     first: usize,
     rows: usize,
-    /// `rows × groups × group·bits/32` words.
+    /// `rows × row_words` words.
     words: Tensor<1, Int>,
-    /// `rows × groups` scales.
+    /// `rows × groups` scales (one unused value for float words).
     scales: Tensor<1>,
 }
 
@@ -50,32 +56,41 @@ impl DevicePacked {
 
     /// Uploads `m` in shards of `rows_per_shard` rows (an expert stack: whole experts per shard).
     pub fn upload_in_shards(m: &PackedMatrix, device: &Device, rows_per_shard: usize) -> Self {
-        let (groups, row_bytes) = (m.groups(), m.groups() * m.group_bytes());
-        let bytes = m.whole_groups();
-        let mut shards = Vec::new();
-        let mut first = 0;
-        while first < m.rows {
-            let rows = rows_per_shard.min(m.rows - first);
-            let words: Vec<u32> = bytes[first * row_bytes..(first + rows) * row_bytes]
-                .chunks_exact(4)
-                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
+        let groups = m.groups();
+        let row_words = groups * m.group_bytes() / 4;
+        let words = words_of(&m.whole_groups());
+        let shards = shards(m.rows, rows_per_shard, |first, rows| {
             let scales = m.scales[first * groups..(first + rows) * groups].to_vec();
-            let (n_words, n_scales) = (words.len(), scales.len());
-            shards.push(Shard {
-                first,
-                rows,
-                words: Tensor::from_data(TensorData::new(words, [n_words]), (device, DType::U32)),
-                scales: Tensor::from_data(TensorData::new(scales, [n_scales]), (device, DType::F32)),
-            });
-            first += rows;
-        }
-        Self { rows: m.rows, cols: m.cols, bits: m.spec.bits, group: m.spec.group, groups, shards }
+            (words[first * row_words..(first + rows) * row_words].to_vec(), scales)
+        }, device);
+        Self { rows: m.rows, cols: m.cols, bits: m.spec.bits.count(), group: m.spec.group, groups, row_words, shards }
+    }
+
+    /// Uploads the float `(rows, cols)` matrix `values` (row-major, PyTorch's `(out, in)`) as f16
+    /// words (`half`: two per word, a row of odd width padded with a zero) or f32 words, in row
+    /// shards of at most `max_bytes` each, or of `rows_per_shard` rows when given.
+    pub fn upload_float(values: &[f32], rows: usize, cols: usize, half: bool, device: &Device, max_bytes: usize, rows_per_shard: Option<usize>) -> Self {
+        let row_words = if half { cols.div_ceil(2) } else { cols };
+        let words: Vec<u32> = if half {
+            values.chunks(cols.max(1)).take(rows).flat_map(|row| row.chunks(2).map(|p| u32::from(half::f16::from_f32(p[0]).to_bits()) | u32::from(p.get(1).map_or(0, |&v| half::f16::from_f32(v).to_bits())) << 16)).collect()
+        } else {
+            values.iter().map(|v| v.to_bits()).collect()
+        };
+        let per_shard = rows_per_shard.unwrap_or((max_bytes / (4 * row_words).max(1)).max(1));
+        let shards = shards(rows, per_shard, |first, rows| (words[first * row_words..(first + rows) * row_words].to_vec(), vec![0.0]), device);
+        let bits = if half { 16 } else { 32 };
+        // A float row has no groups; the kernels take one word as its "group".
+        Self { rows, cols, bits, group: (32 / bits) as usize, groups: 0, row_words, shards }
+    }
+
+    /// Row shards (1 when the matrix fits one binding).
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
     }
 
     /// Bytes on the device (words and scales).
     pub fn device_bytes(&self) -> usize {
-        self.rows * self.groups * (self.group * self.bits.count() as usize / 8 + 4)
+        self.rows * (4 * self.row_words + 4 * self.groups)
     }
 
     /// `x (m, cols) · Wᵀ`: `(m, rows)` in `x`'s float type.
@@ -223,7 +238,7 @@ impl DevicePacked {
         let (words, scales) = (cube_int(shard.words.clone()), cube(shard.scales.clone()));
         let up = l.up.map(|u| (cube_int(u.words.clone()), cube(u.scales.clone())));
         let client = x.client.clone();
-        let team = team_for(self.groups * self.group * self.bits.count() as usize / 32);
+        let team = team_for(self.row_words);
         // Gathered: a row of workgroups per pair (or token); plain: one, all `m` rows in it.
         let across = if ids.is_some() { out_rows } else { 1 };
         let cube_count = CubeCount::Static(n.div_ceil((CUBE_UNITS / team) as usize) as u32, across as u32, 1);
@@ -247,15 +262,18 @@ impl DevicePacked {
                 out.clone().into_buffer_arg(),
                 self.cols,
                 n,
+                self.row_words,
                 self.groups,
                 x_div,
                 first_expert,
                 experts,
                 l.m,
                 slots,
-                self.bits.count(),
+                self.bits,
                 self.group,
                 team,
+                // Columns the words hold past the row's own: a ragged group, an odd f16 row.
+                self.row_words * (32 / self.bits as usize) > self.cols,
                 [float, index_dtype],
             );
         }
@@ -268,8 +286,7 @@ impl DevicePacked {
         let (words, scales) = (cube_int(shard.words.clone()), cube(shard.scales.clone()));
         let client = words.client.clone();
         let out = empty_device_dtype(client.clone(), words.device.clone(), shape.into(), float);
-        let row_words = self.groups * self.group * self.bits.count() as usize / 32;
-        let units = count * row_words;
+        let units = count * self.row_words;
         let cube_count = CubeCount::Static(units.div_ceil(CUBE_UNITS as usize).max(1) as u32, 1, 1);
         let index_dtype = ids.as_ref().map_or(storage(DType::U32), |ids| storage(ids.dtype));
         // Gathered ids are global rows: the shard's own first row tells which are its.
@@ -286,11 +303,12 @@ impl DevicePacked {
                 ids.map(|ids| ids.into_buffer_arg()).into(),
                 out.clone().into_buffer_arg(),
                 self.cols,
+                self.row_words,
                 self.groups,
                 count,
                 first,
                 shard.rows,
-                self.bits.count(),
+                self.bits,
                 self.group,
                 transposed,
                 [storage(float), index_dtype],
@@ -327,6 +345,31 @@ struct Gathered {
     per_expert: usize,
     x_div: usize,
     combine: Option<(Tensor<1>, usize)>,
+}
+
+/// Little-endian `u32` words of `bytes` (a whole number of words).
+fn words_of(bytes: &[u8]) -> Vec<u32> {
+    bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+}
+
+/// Shards of `rows_per_shard` rows of a `rows`-row matrix, `part(first, rows)` giving a shard's
+/// words and scales, uploaded to `device`.
+fn shards(rows: usize, rows_per_shard: usize, part: impl Fn(usize, usize) -> (Vec<u32>, Vec<f32>), device: &Device) -> Vec<Shard> {
+    let mut shards = Vec::new();
+    let mut first = 0;
+    while first < rows {
+        let count = rows_per_shard.max(1).min(rows - first);
+        let (words, scales) = part(first, count);
+        let (n_words, n_scales) = (words.len(), scales.len());
+        shards.push(Shard {
+            first,
+            rows: count,
+            words: Tensor::from_data(TensorData::new(words, [n_words]), (device, DType::U32)),
+            scales: Tensor::from_data(TensorData::new(scales, [n_scales]), (device, DType::F32)),
+        });
+        first += count;
+    }
+    shards
 }
 
 /// Products of column blocks side by side (one block: as it is).

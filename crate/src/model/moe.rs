@@ -12,7 +12,6 @@ use crate::error::{Error, Result};
 use super::ops;
 use crate::gpu::DevicePacked;
 use crate::quant::{PackedMatrix, QLinear};
-use crate::weights::Matrix;
 use crate::weights::Loader;
 
 /// `down(silu(gate(x)) ⊙ up(x))`, no biases (`DeepseekV2MLP`).
@@ -269,7 +268,7 @@ impl Moe {
 
 impl ExpertStack {
     async fn load(l: &Loader<'_, '_>, prefix: &str, count: usize, hidden: usize, width: usize) -> Result<Self> {
-        if l.device_kernels() && l.is_quantized(&format!("{prefix}.experts.0.gate_proj.weight")) {
+        if l.device_kernels() {
             return Self::load_packed(l, prefix, count, hidden, width).await;
         }
         let per_shard = (l.max_tensor_bytes() / (hidden * width * std::mem::size_of::<f32>())).clamp(1, count);
@@ -285,26 +284,14 @@ impl ExpertStack {
         Ok(Self { gate, up, down, per_shard, packed: None })
     }
 
-    /// The experts packed on the GPU, each projection stacked by rows and uploaded in shards of
-    /// whole experts within the binding limit.
+    /// The experts as rows of words on the GPU (packed, or a float checkpoint's values), each
+    /// projection stacked by rows and uploaded in shards of whole experts within the binding limit.
     async fn load_packed(l: &Loader<'_, '_>, prefix: &str, count: usize, hidden: usize, width: usize) -> Result<Self> {
-        let stack = async |proj: &str, [rows, cols]: [usize; 2]| -> Result<DevicePacked> {
-            let mut parts = Vec::with_capacity(count);
-            for e in 0..count {
-                match l.matrix(&format!("{prefix}.experts.{e}.{proj}.weight"), [rows, cols]).await? {
-                    Matrix::Packed(p) => parts.push(p),
-                    Matrix::Dense(_) => return Err(Error::Backend(format!("{prefix}.experts.{e}.{proj}: experts quantized only in part"))),
-                }
-            }
-            let spec = parts[0].spec;
-            let stacked = PackedMatrix::concat_rows(parts, cols, spec);
-            let per_shard = (l.max_tensor_bytes() / (stacked.groups() * stacked.group_bytes() * rows).max(1)).clamp(1, count);
-            Ok(DevicePacked::upload_in_shards(&stacked, l.device(), per_shard * rows))
-        };
+        let names = |proj: &str| (0..count).map(|e| format!("{prefix}.experts.{e}.{proj}.weight")).collect::<Vec<_>>();
         let packed = PackedStack {
-            gate: stack("gate_proj", [width, hidden]).await?,
-            up: stack("up_proj", [width, hidden]).await?,
-            down: stack("down_proj", [hidden, width]).await?,
+            gate: l.device_stack(&names("gate_proj"), [width, hidden]).await?,
+            up: l.device_stack(&names("up_proj"), [width, hidden]).await?,
+            down: l.device_stack(&names("down_proj"), [hidden, width]).await?,
             count,
             hidden,
             width,

@@ -44,7 +44,7 @@ impl EmbeddingShards {
     }
 
     pub fn shard_count(&self) -> usize {
-        self.shards.len().max(1)
+        self.on_gpu.as_ref().map_or(self.shards.len().max(1), DevicePacked::shard_count)
     }
 
     /// The rows of `ids` (all below the vocabulary size), in order: `(ids.len(), hidden)`.
@@ -115,7 +115,7 @@ impl LmHeadShards {
     }
 
     pub fn shard_count(&self) -> usize {
-        self.shards.len().max(1)
+        self.packed.as_ref().and_then(|head| head.device_weight()).map_or(self.shards.len().max(1), DevicePacked::shard_count)
     }
 
     /// `(S, hidden)` → `(S, vocab)`.

@@ -55,6 +55,31 @@ impl Matrix {
             Matrix::Packed(packed) => packed.dequantize(),
         }
     }
+
+    /// Matrices of `cols` columns stacked by rows: packed when all are, with one spec (a recipe
+    /// gives one role one spec), else float.
+    pub fn concat_rows(parts: Vec<Matrix>, cols: usize) -> Matrix {
+        let spec = match parts.first() {
+            Some(Matrix::Packed(p)) => Some(p.spec),
+            _ => None,
+        };
+        match spec.filter(|&spec| parts.iter().all(|p| matches!(p, Matrix::Packed(m) if m.spec == spec))) {
+            Some(spec) => {
+                let packed = parts.into_iter().filter_map(|p| if let Matrix::Packed(m) = p { Some(m) } else { None }).collect();
+                Matrix::Packed(PackedMatrix::concat_rows(packed, cols, spec))
+            }
+            None => Matrix::Dense(parts.into_iter().flat_map(Matrix::into_dense).collect()),
+        }
+    }
+
+    /// Bytes per row on the device as [`Loader::device_matrix`] uploads it.
+    fn device_row_bytes(&self, cols: usize, half: bool) -> usize {
+        match self {
+            Matrix::Packed(m) => m.groups() * m.group_bytes(),
+            Matrix::Dense(_) if half => 4 * cols.div_ceil(2),
+            Matrix::Dense(_) => 4 * cols,
+        }
+    }
 }
 
 impl<'c, 'b> Loader<'c, 'b> {
@@ -244,16 +269,49 @@ impl<'c, 'b> Loader<'c, 'b> {
         Ok(TensorData::from_bytes_vec(bytes, [names.len(), d_in, d_out], dtype))
     }
 
-    /// The matrix packed on the GPU when it is quantized and this loader keeps packed matrices
-    /// there (`None`: load it as float), in row shards within the binding limit.
+    /// The matrix as rows of words on the GPU where this loader keeps matrices for the crate's GPU
+    /// kernels (`None`: load it as a burn tensor): packed when it is quantized, else — for the
+    /// language model's matrices (decoder projections, experts, embedding, lm_head) — its float
+    /// values as f16 or f32 words, so a float checkpoint's decoding runs the same kernels. In row
+    /// shards within the binding limit.
     pub async fn packed_on_device(&self, name: &str, shape: [usize; 2]) -> Result<Option<DevicePacked>> {
-        if !(self.device_kernels() && self.is_quantized(name)) {
+        if !self.device_kernels() || !(self.is_quantized(name) || Self::language_model(name)) {
             return Ok(None);
         }
-        Ok(match self.matrix(name, shape).await? {
-            Matrix::Packed(packed) => Some(DevicePacked::upload(&packed, &self.device, self.max_tensor_bytes)),
-            Matrix::Dense(_) => None,
-        })
+        Ok(Some(self.device_matrix(self.matrix(name, shape).await?, shape, None)))
+    }
+
+    /// A matrix as read, uploaded as rows of words (see [`Loader::packed_on_device`]), in shards
+    /// of `rows_per_shard` rows when given, else within the binding limit.
+    pub fn device_matrix(&self, matrix: Matrix, [rows, cols]: [usize; 2], rows_per_shard: Option<usize>) -> DevicePacked {
+        match matrix {
+            Matrix::Packed(packed) => match rows_per_shard {
+                Some(n) => DevicePacked::upload_in_shards(&packed, &self.device, n),
+                None => DevicePacked::upload(&packed, &self.device, self.max_tensor_bytes),
+            },
+            Matrix::Dense(values) => {
+                let half = matches!(self.half, Some(Half::F16));
+                DevicePacked::upload_float(&values, rows, cols, half, &self.device, self.max_tensor_bytes, rows_per_shard)
+            }
+        }
+    }
+
+    /// Matrices read by `names` (each `(rows, cols)`) stacked by rows and uploaded as rows of words
+    /// in shards of whole matrices within the binding limit: an expert stack.
+    pub async fn device_stack(&self, names: &[String], [rows, cols]: [usize; 2]) -> Result<DevicePacked> {
+        let mut parts = Vec::with_capacity(names.len());
+        for name in names {
+            parts.push(self.matrix(name, [rows, cols]).await?);
+        }
+        let stacked = Matrix::concat_rows(parts, cols);
+        let half = matches!(self.half, Some(Half::F16));
+        let per_shard = (self.max_tensor_bytes / (stacked.device_row_bytes(cols, half) * rows).max(1)).clamp(1, names.len());
+        Ok(self.device_matrix(stacked, [names.len() * rows, cols], Some(per_shard * rows)))
+    }
+
+    /// The language model's matrices (by their roles): what the GPU kernels take as float words.
+    fn language_model(name: &str) -> bool {
+        matches!(crate::quant::Role::of(name), Some(crate::quant::Role::Decoder | crate::quant::Role::Embedding | crate::quant::Role::LmHead))
     }
 
     /// Whether `name` is stored packed or quantized at load time.
@@ -280,18 +338,13 @@ impl<'c, 'b> Loader<'c, 'b> {
     /// loader keeps them there, else in float.
     pub async fn qlinear_concat(&self, prefixes: &[String], d_in: usize, d_outs: &[usize]) -> Result<QLinear> {
         let names: Vec<String> = prefixes.iter().map(|p| format!("{p}.weight")).collect();
-        if self.device_kernels() && names.iter().all(|n| self.is_quantized(n)) {
+        if self.device_kernels() && names.iter().all(|n| self.is_quantized(n) || Self::language_model(n)) {
             let mut parts = Vec::with_capacity(names.len());
             for (name, &d_out) in names.iter().zip(d_outs) {
-                if let Matrix::Packed(m) = self.matrix(name, [d_out, d_in]).await? {
-                    parts.push(m);
-                }
+                parts.push(self.matrix(name, [d_out, d_in]).await?);
             }
-            let spec = parts[0].spec;
-            if parts.len() == names.len() && parts.iter().all(|p| p.spec == spec) {
-                let stacked = PackedMatrix::concat_rows(parts, d_in, spec);
-                return Ok(QLinear::on_device(DevicePacked::upload(&stacked, &self.device, self.max_tensor_bytes), None));
-            }
+            let total = d_outs.iter().sum();
+            return Ok(QLinear::on_device(self.device_matrix(Matrix::concat_rows(parts, d_in), [total, d_in], None), None));
         }
         let total = d_outs.iter().sum();
         let mut weights = Vec::with_capacity(names.len());
