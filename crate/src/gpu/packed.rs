@@ -88,11 +88,6 @@ impl DevicePacked {
         self.shards.len()
     }
 
-    /// Bytes on the device (words and scales).
-    pub fn device_bytes(&self) -> usize {
-        self.rows * (4 * self.row_words + 4 * self.groups)
-    }
-
     /// `x (m, cols) · Wᵀ`: `(m, rows)` in `x`'s float type.
     pub fn linear(&self, x: Tensor<2>) -> Tensor<2> {
         self.linear_add(x, None)
@@ -148,15 +143,7 @@ impl DevicePacked {
     /// only its experts' pairs (zeros for the others'); `addend` goes with the first.
     fn per_shard_sum<'a>(&self, addend: Option<Tensor<2>>, launch: impl Fn(usize) -> Launch<'a>) -> Tensor<2> {
         let mut addend = addend;
-        let mut total: Option<Tensor<2>> = None;
-        for (i, shard) in self.shards.iter().enumerate() {
-            let y = self.launch(shard, Launch { addend: addend.take(), ..launch(i) });
-            total = Some(match total {
-                Some(t) => t + y,
-                None => y,
-            });
-        }
-        total.expect("a packed matrix has at least one shard")
+        sum(self.shards.iter().enumerate().map(|(i, shard)| self.launch(shard, Launch { addend: addend.take(), ..launch(i) })))
     }
 
     /// Expert `e` of a stack of experts of `per_expert` rows each on all of `x`'s rows (the tokens
@@ -180,15 +167,8 @@ impl DevicePacked {
     pub fn rows_of(&self, ids: Tensor<1, Int>) -> Tensor<2> {
         let count = ids.dims()[0];
         let float = ids.device().settings().float_dtype.into();
-        let mut total: Option<Tensor<2>> = None;
-        for shard in &self.shards {
-            let y = self.dequantize(shard, Some(cube_int(ids.clone())), 0, count, float, false, [count, self.cols]);
-            total = Some(match total {
-                Some(t) => t + y,
-                None => y,
-            });
-        }
-        total.expect("a packed matrix has at least one shard")
+        // Each shard writes its own rows and zeros for the others'.
+        sum(self.shards.iter().map(|shard| self.dequantize(shard, Some(cube_int(ids.clone())), 0, count, float, false, [count, self.cols])))
     }
 
     /// Rows `first .. first + count` (within one shard) dequantized and transposed: `(cols, count)`.
@@ -370,6 +350,11 @@ fn shards(rows: usize, rows_per_shard: usize, part: impl Fn(usize, usize) -> (Ve
         first += count;
     }
     shards
+}
+
+/// The shards' outputs added up.
+fn sum(parts: impl Iterator<Item = Tensor<2>>) -> Tensor<2> {
+    parts.reduce(|total, y| total + y).expect("a matrix on the device has at least one shard")
 }
 
 /// Products of column blocks side by side (one block: as it is).
