@@ -51,6 +51,11 @@ pub struct EngineOptions {
     /// quantized weights packed on the device and multiply them there (default). Off, they are
     /// dequantized to the device's float type when loaded (float memory; for comparison).
     pub device_kernels: bool,
+    /// Faults the device reports on its own (a GPU's out-of-memory): checked after loading, each
+    /// page's prefill and each decoding step; once one is recorded, recognitions fail with
+    /// [`Error::Gpu`]. The CLI and the service watch their wgpu device
+    /// ([`crate::gpu::DeviceFaults::watch`]); the default watches nothing.
+    pub device_faults: crate::gpu::DeviceFaults,
 }
 
 impl Default for EngineOptions {
@@ -64,6 +69,7 @@ impl Default for EngineOptions {
             quantize: None,
             host_kernels: true,
             device_kernels: true,
+            device_faults: crate::gpu::DeviceFaults::default(),
         }
     }
 }
@@ -215,8 +221,11 @@ impl Engine {
         if let Some(progress) = progress {
             loader = loader.with_progress(progress);
         }
-        let encoder = VisionEncoder::load(&config, &loader).await?;
-        let decoder = Decoder::load(&config.decoder, &loader).await?;
+        // A weight whose buffer could not be made reads as garbage: a device fault comes first.
+        let encoder = VisionEncoder::load(&config, &loader).await;
+        let encoder = options.device_faults.check().and(encoder)?;
+        let decoder = Decoder::load(&config.decoder, &loader).await;
+        let decoder = options.device_faults.check().and(decoder)?;
         if let Some(progress) = progress {
             // Tensors the model does not use (CLIP's patch embedding) were never read.
             let total = checkpoint.data_len() as u64;
@@ -397,6 +406,11 @@ impl Engine {
         })
     }
 
+    /// `result`, unless the device has reported a fault: then that fault (what went wrong first).
+    fn unless_faulted<T>(&self, result: Result<T>) -> Result<T> {
+        self.options.device_faults.check().and(result)
+    }
+
     fn pixels(&self, views: &[&RgbImage]) -> Tensor<4> {
         let (values, shape) = normalize(views, self.options.preprocess.round_to_bf16);
         Tensor::from_data(TensorData::new(values, shape), &self.device)
@@ -455,12 +469,18 @@ impl<'e, K: Copy + PartialEq> PageBatch<'e, K> {
         if self.pages.iter().any(|(k, _)| *k == key) {
             return Err(Error::InvalidArgument("a page with this key is already in the batch".into()));
         }
-        let mut prepared = self.engine.prepare(image, task, mode)?;
+        let mut prepared = self.engine.unless_faulted(self.engine.prepare(image, task, mode))?;
         prepared.started = started;
         prepared.timings.preprocess += decode_ms;
         let t = Instant::now();
         let item = BatchItem { prompt_embeds: prepared.embeds.clone(), prompt_ids: &prepared.ids, options: generation };
-        self.batch.join(key, item).await?;
+        let joined = self.batch.join(key, item).await;
+        if let Err(fault) = self.engine.options.device_faults.check() {
+            // The pages already here end with the fault at the next step.
+            self.batch = Batch::new(&self.engine.decoder);
+            return Err(fault);
+        }
+        joined?;
         let page = Page { prepared, task: task.clone(), tokens: 0, prefill_ms: ms(t), decoding: Instant::now() };
         self.pages.push((key, page));
         Ok(())
@@ -481,6 +501,11 @@ impl<'e, K: Copy + PartialEq> PageBatch<'e, K> {
                 on_token(key, &TokenEvent { id, text, index: page.tokens })
             })
             .await;
+        if let Some(Error::Gpu { out_of_memory, message }) = self.engine.options.device_faults.error() {
+            // Every page's numbers since the fault are suspect: all of them end with it.
+            self.batch = Batch::new(&self.engine.decoder);
+            return self.pages.drain(..).map(|(key, _)| (key, Err(Error::Gpu { out_of_memory, message: message.clone() }))).collect();
+        }
         ended
             .into_iter()
             .map(|(key, generated)| {

@@ -52,6 +52,10 @@ pub enum Error {
     /// The compute backend failed (device lost, readback error) or returned something impossible.
     #[error("backend error: {0}")]
     Backend(String),
+    /// The GPU reported a fault of its own (out of memory when a buffer was made, an invalid
+    /// operation): what was computed since is not trusted, and neither is the device.
+    #[error("{}: {message}", if *out_of_memory { "the GPU ran out of memory" } else { "the GPU reported an error" })]
+    Gpu { out_of_memory: bool, message: String },
     /// The number of `<image>` placeholders in the prompt differs from the image vectors supplied.
     #[error("the prompt has {placeholders} <image> placeholders but the images give {vectors} vectors")]
     ImageTokenMismatch { placeholders: usize, vectors: usize },

@@ -377,3 +377,59 @@ fn e2e_cli_a_lost_gpu_device_ends_the_batch_with_exit_2() {
     assert_eq!(results.len(), 1, "the batch stopped at the page the device was lost in");
     assert!(results[0]["error"].is_string());
 }
+
+/// A GPU out of memory, provoked for real: the CLI runs under a shrinking address-space limit
+/// (lavapipe takes GPU memory from the process's own), a Gundam page (the largest activations).
+/// Each run either gives the unlimited run's text (the limit was not reached) or ends the batch
+/// with `OUT_OF_MEMORY` naming the page, exit code 2, no panic — never other text with exit 0,
+/// which is what an out-of-memory gave before the device's faults were recorded (wgpu reports it
+/// outside any call and the computation went on with buffers that were never made). Stops at the
+/// first out-of-memory. (Far below the window, lavapipe itself crashes compiling a shader.)
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+fn e2e_cli_a_gpu_out_of_memory_ends_the_batch_with_exit_2() {
+    use std::os::unix::process::CommandExt;
+    let model = checkpoint_dir("tiny-a").display().to_string();
+    let args = ["ocr", &image("page"), "--model", &model, "--mode", "gundam", "--max-new-tokens", "1", "--device", "wgpu"];
+    let limited = |megabytes: Option<u64>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_dsocr"));
+        command.args(args);
+        if let Some(mb) = megabytes {
+            let bytes = mb << 20;
+            // SAFETY: only setrlimit between fork and exec (async-signal-safe).
+            unsafe {
+                command.pre_exec(move || {
+                    let limit = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
+                    if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        command.output().unwrap()
+    };
+    let reference = limited(None);
+    if !reference.status.success() {
+        let stderr = String::from_utf8_lossy(&reference.stderr).to_string();
+        assert!(std::env::var_os("DSOCR_REQUIRE_WGPU").is_none(), "no wgpu device: {stderr}");
+        eprintln!("SKIPPED: no wgpu device ({})", stderr.lines().last().unwrap_or(""));
+        return;
+    }
+    for mb in (1250..=2250).rev().step_by(250) {
+        let out = limited(Some(mb));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{mb} MiB: a panic: {stderr}");
+        match out.status.code() {
+            Some(0) => assert_eq!(out.stdout, reference.stdout, "{mb} MiB: exit 0 with other text: {stderr}"),
+            Some(2) => {
+                let last = stderr.lines().rev().find(|l| l.starts_with("dsocr: OUT_OF_MEMORY")).unwrap_or_else(|| panic!("{mb} MiB: no OUT_OF_MEMORY line: {stderr}"));
+                assert!(last.contains("page.png"), "{last}");
+                eprintln!("{mb} MiB of address space: {last}");
+                return;
+            }
+            other => panic!("{mb} MiB: exit {other:?}: {stderr}"),
+        }
+    }
+    panic!("no out-of-memory down to 1250 MiB of address space");
+}

@@ -210,3 +210,33 @@ fn a_batch_on_the_gpu_gives_what_each_page_gives_alone() {
         }
     }
 }
+
+/// A fault the device reports on its own (a GPU's out-of-memory, recorded by
+/// `gpu::DeviceFaults`) ends every page of the batch with `Error::Gpu` at the next step — the pages
+/// decoding and the one whose token reported it — and every later page fails at once with it.
+#[test]
+fn a_device_fault_ends_every_page_and_the_next() {
+    let faults = dsocr::gpu::DeviceFaults::default();
+    let engine = engine(EngineOptions { device_faults: faults.clone(), ..EngineOptions::default() });
+    let (page, note) = (image("page"), image("note"));
+    let g8 = tokens(8);
+    let pages: Vec<(&[u8], &Task, Mode, &GenerationOptions)> = vec![(&page, &Task::FreeOcr, Mode::Tiny, &g8), (&note, &Task::FreeOcr, Mode::Tiny, &g8)];
+    let mut seen = 0;
+    let results = pollster::block_on(engine.recognize_batch(&pages, |_, event| {
+        seen += 1;
+        if event.index == 3 {
+            faults.record(true, "Out of Memory");
+        }
+        ControlFlow::Continue(())
+    }));
+    assert!(seen < 8, "the pages went on after the fault");
+    for result in &results {
+        match result {
+            Err(dsocr::Error::Gpu { out_of_memory: true, message }) => assert_eq!(message, "Out of Memory"),
+            other => panic!("expected the device's fault, got {other:?}"),
+        }
+    }
+    let later = pollster::block_on(engine.recognize(&note, &Task::FreeOcr, Mode::Tiny, &g8, |_| ControlFlow::Continue(())));
+    assert!(matches!(later, Err(dsocr::Error::Gpu { .. })), "{later:?}");
+    assert!(later.unwrap_err().to_string().starts_with("the GPU ran out of memory"));
+}

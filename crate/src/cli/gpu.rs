@@ -1,10 +1,10 @@
 //! GPU faults in the CLI (native wgpu): a device lost during a run (driver reset, GPU removed,
 //! timeout) or out of memory ends the batch with a message saying what ran and exit code 2, as the
 //! browser package reports `DEVICE_LOST` / `OUT_OF_MEMORY`. What a fault looks like from here varies
-//! (cubecl's "DevicePoisoned" once wgpu has reported the loss; before that, validation errors that
-//! its uncaptured-error handler turns into panics, and readbacks whose bytes "were never written"),
-//! so after a recognition fails on a GPU the device is probed with a one-value computation: if that
-//! fails too, the device is gone.
+//! (cubecl's "DevicePoisoned" once wgpu has reported the loss; before that, errors the device
+//! reports on its own — recorded by [`crate::gpu::DeviceFaults`], which the engine turns into
+//! `Error::Gpu` — and readbacks whose bytes "were never written"), so after a recognition fails on
+//! a GPU the device is probed with a one-value computation: if that fails too, the device is gone.
 //!
 //! Fault injection for the tests: `DSOCR_FAULT_DESTROY_GPU_AFTER_TOKENS=N` destroys the wgpu device
 //! (`wgpu::Device::destroy`, what a lost device looks like to wgpu) once token N is generated.
@@ -16,16 +16,19 @@ use std::sync::OnceLock;
 pub(crate) enum Fault {
     Lost(String),
     OutOfMemory(String),
+    /// An error the device reported on its own (`Error::Gpu` other than out of memory).
+    Failed(String),
 }
 
 impl Fault {
     /// The error of a recognition (or the message of a panic in it), when its words say GPU fault.
     fn of_error(message: &str) -> Option<Self> {
+        let lower = message.to_lowercase();
+        if lower.contains("out of memory") || lower.contains("outofmemory") {
+            return Some(Fault::OutOfMemory(message.to_string()));
+        }
         if message.contains("DevicePoison") || message.contains("device was lost") || message.contains("Device lost") {
             return Some(Fault::Lost(message.to_string()));
-        }
-        if message.contains("Out of Memory") || message.contains("OutOfMemory") || message.contains("out of memory") {
-            return Some(Fault::OutOfMemory(message.to_string()));
         }
         None
     }
@@ -43,7 +46,11 @@ impl Fault {
             let t = burn::tensor::Tensor::<1>::from_floats([1.0], device) + 1.0;
             pollster::block_on(crate::model::read_f32(t)).ok() == Some(vec![2.0])
         }));
-        (!matches!(works, Ok(true))).then(|| Fault::Lost(format!("a recognition failed ({}), and the device no longer computes", Self::first_line(failure))))
+        if !matches!(works, Ok(true)) {
+            return Some(Fault::Lost(format!("a recognition failed ({}), and the device no longer computes", Self::first_line(failure))));
+        }
+        // The device still computes, but the engine no longer trusts it (`Error::Gpu`).
+        failure.contains("the GPU reported an error").then(|| Fault::Failed(failure.to_string()))
     }
 
     /// The message of a panic's payload.
@@ -60,6 +67,7 @@ impl Fault {
         match self {
             Fault::Lost(why) => format!("DEVICE_LOST: the GPU device was lost while {doing} ({}); the remaining inputs were not read — run again, or use --device cpu", Self::first_line(why)),
             Fault::OutOfMemory(why) => format!("OUT_OF_MEMORY: the GPU ran out of memory while {doing} ({}); try a smaller --mode, --quantize q4, --dtype f16 or --device cpu", Self::first_line(why)),
+            Fault::Failed(why) => format!("GPU_ERROR: the GPU failed while {doing} ({}); the remaining inputs were not read — run again, or use --device cpu", Self::first_line(why)),
         }
     }
 }

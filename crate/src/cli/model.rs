@@ -124,7 +124,8 @@ fn device(arg: DeviceArg) -> Result<(Device, EngineOptions), String> {
             }
             let max = crate::engine::wgpu_max_tensor_bytes(&setup);
             eprintln!("dsocr: GPU {} ({:?}), largest binding {} MiB", setup.adapter.get_info().name, setup.backend, max >> 20);
-            Ok((device, EngineOptions::gpu(max)))
+            let device_faults = crate::gpu::DeviceFaults::watch(&setup.device);
+            Ok((device, EngineOptions { device_faults, ..EngineOptions::gpu(max) }))
         }
         #[cfg(not(feature = "wgpu"))]
         DeviceArg::Wgpu => Err("this dsocr was built without the `wgpu` feature".into()),

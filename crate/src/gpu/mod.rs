@@ -12,11 +12,15 @@
 //! * `attention`: the decoder's KV cache, RoPE and the cache's writes in one dispatch, a decoding
 //!   step's attention over the cache in another ([`DeviceKv`]).
 //!
+//! * `faults`: [`DeviceFaults`], what a device reports outside any call's result (out of memory),
+//!   recorded so that the engine fails the recognition instead of returning garbage.
+//!
 //! Built with the `gpu` feature (implied by `wgpu` and `webgpu`); without it [`DevicePacked`] is
 //! a type with no values (`absent`), so the model's code reads the same either way.
 
 #[cfg(feature = "gpu")]
 mod attention;
+mod faults;
 #[cfg(feature = "gpu")]
 mod fused;
 #[cfg(feature = "gpu")]
@@ -32,6 +36,7 @@ mod absent;
 pub use absent::{DeviceKv, DevicePacked, greedy, rms_norm, route};
 #[cfg(feature = "gpu")]
 pub use attention::DeviceKv;
+pub use faults::DeviceFaults;
 #[cfg(feature = "gpu")]
 pub use fused::{greedy, rms_norm, route};
 #[cfg(feature = "gpu")]

@@ -25,11 +25,10 @@ async fn read<E: std::fmt::Debug>(data: impl std::future::Future<Output = std::r
 }
 
 pub async fn read_f32<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
-    let data = read(t.into_data_async()).await?.convert::<f32>();
-    data.as_slice::<f32>().map(<[f32]>::to_vec).map_err(backend)
+    // `try_`: a device that failed leaves bytes that cannot be materialised (an error, not a panic).
+    read(t.into_data_async()).await?.try_into_vec_as::<f32>().map_err(backend)
 }
 
 pub async fn read_i64<const D: usize>(t: Tensor<D, Int>) -> Result<Vec<i64>> {
-    let data = read(t.into_data_async()).await?.convert::<i64>();
-    data.as_slice::<i64>().map(<[i64]>::to_vec).map_err(backend)
+    read(t.into_data_async()).await?.try_into_vec_as::<i64>().map_err(backend)
 }

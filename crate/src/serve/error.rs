@@ -43,6 +43,8 @@ impl From<Error> for ApiError {
             Error::ContextOverflow { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "context_overflow"),
             Error::ImageTokenMismatch { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "image_token_mismatch"),
             Error::Tokenizer(_) => (StatusCode::UNPROCESSABLE_ENTITY, "tokenizer"),
+            Error::Gpu { out_of_memory: true, .. } => (StatusCode::SERVICE_UNAVAILABLE, "out_of_memory"),
+            Error::Gpu { .. } => (StatusCode::SERVICE_UNAVAILABLE, "gpu_error"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "backend"),
         };
         Self::new(status, code, error.to_string())

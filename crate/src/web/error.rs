@@ -25,6 +25,8 @@ pub(crate) fn code_of(e: &Error) -> &'static str {
         Error::ImageTokenMismatch { .. } | Error::TokenOutOfRange { .. } => "INTERNAL",
         Error::Io(_) | Error::Download(_) => "NETWORK",
         Error::Backend(_) => "INTERNAL",
+        Error::Gpu { out_of_memory: true, .. } => "OUT_OF_MEMORY",
+        Error::Gpu { .. } => "INTERNAL",
     }
 }
 
