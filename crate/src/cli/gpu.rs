@@ -53,6 +53,18 @@ impl Fault {
         failure.contains("the GPU reported an error").then(|| Fault::Failed(failure.to_string()))
     }
 
+    /// An error of loading or warming up (`doing`) as the CLI prints it: a fault the device reported
+    /// (`Error::Gpu`) with its code, anything else as it is.
+    pub(crate) fn describe(error: &crate::Error, doing: &str) -> String {
+        match error {
+            crate::Error::Gpu { out_of_memory: true, message } => {
+                format!("OUT_OF_MEMORY: the GPU ran out of memory while {doing} ({message}); try --quantize q4, --dtype f16 or --device cpu")
+            }
+            crate::Error::Gpu { message, .. } => format!("GPU_ERROR: the GPU failed while {doing} ({message}); run again, or use --device cpu"),
+            other => other.to_string(),
+        }
+    }
+
     /// The message of a panic's payload.
     pub(crate) fn of_panic(payload: &(dyn Any + Send)) -> String {
         payload.downcast_ref::<String>().cloned().or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "unknown panic".into())

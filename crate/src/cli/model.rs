@@ -3,6 +3,7 @@
 use burn::tensor::{Device, FloatDType};
 use clap::ValueEnum;
 
+use super::gpu::Fault;
 use super::progress::ProgressLine;
 use crate::quant::{Preset, Recipe};
 use crate::{Engine, EngineOptions, LoadOptions};
@@ -97,11 +98,14 @@ impl ModelArgs {
         };
         let gpu = !matches!(self.device, DeviceArg::Cpu);
         let options = LoadOptions { device, dtype, engine, on_download: Some(&mut on_download), on_load: Some(&on_load) };
-        let engine = pollster::block_on(Engine::load(&self.model, options)).map_err(|e| e.to_string())?;
+        let engine = pollster::block_on(Engine::load(&self.model, options)).map_err(|e| Fault::describe(&e, &format!("loading {}", self.model)))?;
         if gpu {
             // wgpu compiles each kernel on first use: now, not during the first page.
             let started = std::time::Instant::now();
-            pollster::block_on(engine.warm_up()).map_err(|e| format!("warming up the GPU: {e}"))?;
+            pollster::block_on(engine.warm_up()).map_err(|e| match e {
+                crate::Error::Gpu { .. } => Fault::describe(&e, "warming up the GPU"),
+                other => format!("warming up the GPU: {other}"),
+            })?;
             eprintln!("dsocr: compiled the GPU kernels in {:.1} s", started.elapsed().as_secs_f64());
         }
         Ok(engine)
