@@ -33,6 +33,8 @@ function ensureQ8() {
   if (!fs.existsSync(path.join(q8, 'tokenizer.json'))) fs.copyFileSync(path.join(fixtures, 'tiny-a', 'tokenizer.json'), path.join(q8, 'tokenizer.json'));
 }
 
+/** Bytes of a shard fetched first (`www/src/cache/pipeline.ts`). */
+const HEAD = 256 << 10;
 const shards = () => JSON.parse(fs.readFileSync(path.join(q8, 'model.safetensors.index.json'))).metadata.shards;
 const sha256 = (file) => createHash('sha256').update(fs.readFileSync(file)).digest('hex');
 
@@ -270,21 +272,34 @@ test('without OPFS the cache is Cache Storage: a dropped connection resumes afte
 test('sharded: a corrupted byte refetches that shard alone; a shard corrupt twice fails naming it; 403 fails at once', { timeout: 10 * 60_000 }, async () => {
   ensureQ8();
   const names = Object.keys(shards()).sort();
-  const [victim, hopeless] = [names[1], names[2]];
-  let corrupted = false;
+  // `victim` arrives with a tensor byte flipped; `header` with a byte of its header flipped (the
+  // engine has opened that header from the head before the shard was verified).
+  const [victim, hopeless, header] = [names[1], names[2], names[3]];
+  let [corrupted, corruptedHeader] = [false, false];
   const weights = await weightsServer((p) => {
     if (p === `/q8/${victim}` && !corrupted) return (corrupted = true), { corruptAt: 1000 };
+    if (p === `/q8/${header}` && !corruptedHeader) return (corruptedHeader = true), { corruptAt: 20 };
     if (p.startsWith('/forbidden/')) return { status: 403 };
     return null;
   });
   const context = await browser.newContext();
   try {
     const page = await open(context, `${files.base}/`);
-    const out = await load(page, `${weights.base}/q8`);
+    const out = await load(page, `${weights.base}/q8`, { tokens: 2 });
     assert.equal(out.error, undefined, JSON.stringify(out.error));
-    for (const name of names) assert.equal(requestsFor(weights.log, name).length, name === victim ? 2 : 1, name);
+    // Each shard's head (its header, which the engine opens while the shard downloads), then the
+    // rest; the two corrupted ones once more, whole — and the engine, which had read the corrupt
+    // header, loaded again from the verified cache.
+    for (const name of names) {
+      const requests = requestsFor(weights.log, name);
+      const parts = shards()[name].size > HEAD ? 2 : 1;
+      assert.equal(requests.length, name === victim || name === header ? parts + 1 : parts, name);
+      assert.equal(requests[0].range, `bytes=0-${HEAD - 1}`, name);
+    }
     const digests = await cachedDigests(page);
     for (const [name, meta] of Object.entries(shards())) assert.equal(digests[name], meta.sha256, name);
+    const warm = await load(page, `${weights.base}/q8`, { tokens: 2 });
+    assert.deepEqual(out.ids, warm.ids, 'the reloaded engine gives what the verified cache gives');
     // The same files under another path, one of them always corrupt.
     fs.symlinkSync(q8, path.join(tmp, 'bad'));
     const bad = await serve({ '/bad/': path.join(tmp, 'bad') }, [], (p) => (p === `/bad/${hopeless}` ? { corruptAt: 10 } : null));
@@ -296,6 +311,34 @@ test('sharded: a corrupted byte refetches that shard alone; a shard corrupt twic
     assert.equal(forbidden.error?.code, 'NETWORK');
     assert.match(forbidden.error.message, /forbidden\/model.safetensors.index.json: HTTP 403/);
     assert.equal(weights.log.filter((r) => r.path.startsWith('/forbidden/')).length, 1, 'a 403 is not retried');
+  } finally {
+    await context.close();
+    await weights.server.stop();
+  }
+});
+
+test('sharded, cold: each shard goes to the GPU once verified, while later ones download; the tokens of a warm load', { timeout: 10 * 60_000 }, async () => {
+  ensureQ8();
+  const names = Object.keys(shards()).sort();
+  // The last shard the engine reads (the lm_head's last rows) that is larger than a head.
+  const late = names.filter((name) => shards()[name].size > HEAD).at(-1);
+  // The last shard's bytes after its head come 4 s late.
+  const weights = await weightsServer((p, req) => (p === `/q8/${late}` && req.headers.range !== `bytes=0-${HEAD - 1}` ? { delayMs: 4000 } : null));
+  const context = await browser.newContext();
+  try {
+    const page = await open(context, `${files.base}/`);
+    const cold = await load(page, `${weights.base}/q8`, { tokens: 2 });
+    assert.equal(cold.error, undefined, JSON.stringify(cold.error));
+    checkProgress(cold.progress);
+    const lateDone = cold.progress.filter((p) => p.phase === 'download' && p.file === late).at(-1);
+    assert.equal(lateDone.loaded, shards()[late].size);
+    const firstUpload = cold.progress.find((p) => p.phase === 'upload' && p.loaded > 0);
+    assert.ok(firstUpload.elapsedMs < lateDone.elapsedMs, `uploading began at ${firstUpload.elapsedMs.toFixed(0)} ms, the last shard arrived at ${lateDone.elapsedMs.toFixed(0)} ms`);
+    const uploaded = cold.progress.filter((p) => p.phase === 'upload' && p.elapsedMs < lateDone.elapsedMs).at(-1);
+    console.log(`# sharded q8 cold: ${uploaded.modelLoaded} of ${uploaded.modelTotal} bytes on the GPU before the last shard arrived (${lateDone.elapsedMs.toFixed(0)} ms); load ${cold.loadMs.toFixed(0)} ms`);
+    const warm = await load(page, `${weights.base}/q8`, { tokens: 2 });
+    assert.equal(warm.error, undefined, JSON.stringify(warm.error));
+    assert.deepEqual(cold.ids, warm.ids);
   } finally {
     await context.close();
     await weights.server.stop();
@@ -316,7 +359,9 @@ test('a cached shard truncated or corrupted on disk is detected at load and refe
     const again = await load(page, `${weights.base}/q8`);
     assert.equal(again.error, undefined, JSON.stringify(again.error));
     assert.ok(again.progress.some((p) => p.phase === 'verify'));
-    assert.deepEqual(weights.log.map((r) => r.path.split('/').pop()).sort(), [names[0], names[3]].sort(), 'only the damaged shards were fetched');
+    // Only the damaged shards were fetched: each one's head, then (beyond it) the rest.
+    const expected = [names[0], names[3]].flatMap((name) => (shards()[name].size > HEAD ? [name, name] : [name]));
+    assert.deepEqual(weights.log.map((r) => r.path.split('/').pop()).sort(), expected.sort(), 'only the damaged shards were fetched');
     const digests = await cachedDigests(page);
     for (const [name, meta] of Object.entries(shards())) assert.equal(digests[name], meta.sha256, name);
   } finally {

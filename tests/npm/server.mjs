@@ -13,7 +13,7 @@ const types = {
  * `routes`: URL prefix → folder (the longest prefix wins); `/` → `index.html`. Logs every request in
  * `log`. `fault(path, request)` may return one fault for a response: `{ status }`, `{ dropAfter: n }`
  * (the connection is cut after n body bytes), `{ stallAfter: n }` (n bytes, then silence), or
- * `{ corruptAt: i }` (the body's i-th byte flipped).
+ * `{ corruptAt: i }` (the body's i-th byte flipped), `{ delayMs: n }` (the body after n ms).
  */
 export async function serve(routes, log = [], fault = () => null) {
   const prefixes = Object.keys(routes).sort((a, b) => b.length - a.length);
@@ -49,6 +49,7 @@ export async function serve(routes, log = [], fault = () => null) {
       }
       if (f?.dropAfter !== undefined) return res.write(bytes.subarray(0, f.dropAfter), () => setTimeout(() => res.destroy(), 50));
       if (f?.stallAfter !== undefined) return res.write(bytes.subarray(0, f.stallAfter)); // and nothing more
+      if (f?.delayMs !== undefined) return setTimeout(() => res.end(bytes), f.delayMs);
       res.end(bytes);
     };
     const range = /^bytes=(\d+)-(\d*)$/.exec(req.headers.range ?? '');

@@ -89,14 +89,18 @@ async function load() {
     await state.engine?.dispose();
     state.engine = null;
     state.phases = [];
+    let downloading = false;
     state.engine = await Dsocr.load({
       weightsUrl: model.url,
       quantize: model.quantize,
       // Shaders compile during the load, so the first Run is as fast as the next.
       warmup: true,
       onProgress: (p) => {
-        if (state.phases.at(-1) !== p.phase) state.phases.push(p.phase);
+        if (!state.phases.includes(p.phase)) state.phases.push(p.phase);
         if (p.warning) status(p.warning);
+        // A cold load uploads shards while later ones download: the bar follows the download until it ends.
+        if (p.phase === 'download') downloading = p.modelTotal === null || p.modelLoaded < p.modelTotal;
+        if (p.phase === 'upload' && downloading) return;
         if (p.phase === 'compile') {
           $('load-label').textContent = 'Compiling the GPU shaders (once per load)…';
           return;

@@ -6,7 +6,7 @@
 import init, { Dsocr as WasmEngine, Sha256 } from './wasm/dsocr.js';
 import { CacheWriteError, Fatal } from './cache/download.js';
 import { checkSupport } from './support.js';
-import { prepare, storeAvailable } from './cache/index.js';
+import { dropCache, prepare, storeAvailable, type Prepared } from './cache/index.js';
 import { prepareQuantized } from './cache/quantized.js';
 import { toWire, type WireError } from './errors.js';
 import type { Endpoint, RawProgress, Reply, Request, WireInput, WireLoadOptions, WireRecognizeOptions } from './protocol.js';
@@ -105,17 +105,17 @@ export function serve(endpoint: Endpoint): void {
       // An adapter the model cannot run on fails here, before any download.
       const support = await checkSupport();
       if (!support.ok) throw { code: support.code, message: support.reason };
-      let cached: typeof fetch | null = null;
+      let cached: Prepared | null = null;
       let url = options.weightsUrl;
       let quantize = options.quantize;
+      const cacheOptions = { signal, stallMs: options.stallTimeoutMs ?? 30_000, hasher: () => new Sha256(), onEvent: progress };
       if ((options.cache ?? 'opfs') === 'opfs') {
         if (storeAvailable()) {
-          const cacheOptions = { signal, stallMs: options.stallTimeoutMs ?? 30_000, hasher: () => new Sha256(), onEvent: progress };
           try {
             // A float checkpoint quantized at load time: the cache keeps the quantized copy.
             if (quantize && quantize !== 'none') {
               const made = await prepareQuantized(url, quantize, (base, o) => WasmEngine.quantizeCheckpoint(base, o), cacheOptions);
-              if (made) [cached, url, quantize] = [made.fetch, made.url, undefined];
+              if (made) [cached, url, quantize] = [{ fetch: made.fetch, done: Promise.resolve(), stale: () => false }, made.url, undefined];
             }
             if (!cached) cached = await prepare(url, cacheOptions);
           } catch (e) {
@@ -128,17 +128,37 @@ export function serve(endpoint: Endpoint): void {
           progress({ phase: 'download', file: '', loaded: 0, total: null, fromCache: false, warning: 'no Origin Private File System or Cache Storage here: loading without the cache' });
         }
       }
-      return WasmEngine.load(url, {
-        dtype: options.dtype,
-        quantize,
-        maxBindingBytes: options.maxBindingBytes,
-        signal,
-        fetch: cached ?? undefined,
-        onProgress: (event: { file: string; loaded: number; total: number | null }) => {
-          doing = `while loading ${event.file}${event.total ? ` (${Math.floor((100 * event.loaded) / event.total)}% read)` : ''}`;
-          progress({ phase: cached ? 'upload' : 'download', file: event.file, loaded: event.loaded, total: event.total, fromCache: cached !== null });
-        },
-      });
+      const open = (from: Prepared | null) =>
+        WasmEngine.load(url, {
+          dtype: options.dtype,
+          quantize,
+          maxBindingBytes: options.maxBindingBytes,
+          signal,
+          fetch: from?.fetch ?? undefined,
+          // The engine reads each file as the cache completes it, while the others download; once
+          // all are verified, a shard header it read that differed makes it load again.
+          settled: from?.done.then(() => {}, () => {}),
+          stale: from?.stale,
+          onProgress: (event: { file: string; loaded: number; total: number | null }) => {
+            doing = `while loading ${event.file}${event.total ? ` (${Math.floor((100 * event.loaded) / event.total)}% read)` : ''}`;
+            progress({ phase: from ? 'upload' : 'download', file: event.file, loaded: event.loaded, total: event.total, fromCache: from !== null });
+          },
+        });
+      if (!cached) return open(null);
+      const [loaded, downloaded] = await Promise.allSettled([open(cached), cached.done]);
+      if (downloaded.status === 'rejected') {
+        const e = downloaded.reason;
+        if (e instanceof CacheWriteError) {
+          // What was not in the cache came from the network; the partial cache goes.
+          await dropCache(url, e, cacheOptions);
+        } else {
+          if (loaded.status === 'fulfilled') loaded.value.free();
+          if (e instanceof Fatal) throw { code: e.code, message: e.message };
+          throw e;
+        }
+      }
+      if (loaded.status === 'rejected') throw loaded.reason;
+      return loaded.value;
     })();
     try {
       engine = (await loading) as WasmEngine;

@@ -7,10 +7,17 @@ import type { LoadProgress } from './types.js';
 /** Seconds of history the rate is measured over. */
 const WINDOW_MS = 3000;
 
+/** One phase's files and rate samples. */
+interface PhaseState {
+  files: Map<string, { loaded: number; total: number | null }>;
+  samples: { t: number; bytes: number }[];
+}
+
 export class ProgressTracker {
+  /** Per phase: a cold load downloads and uploads at the same time, so their events interleave. */
+  private phases = new Map<RawProgress['phase'], PhaseState>();
   private files = new Map<string, { loaded: number; total: number | null }>();
   private samples: { t: number; bytes: number }[] = [];
-  private phase: RawProgress['phase'] | null = null;
   /** Whether any byte came from the network (then `ready` is not `fromCache`). */
   private fetched = false;
   /** The model's bytes as the last download or upload event counted them (what `ready` reports). */
@@ -19,11 +26,12 @@ export class ProgressTracker {
 
   /** The event for one raw report. Totals and the rate are per phase (download, verify, upload). */
   update(raw: RawProgress): LoadProgress {
-    if (raw.phase !== this.phase) {
-      this.phase = raw.phase;
-      this.files = new Map();
-      this.samples = [];
+    let state = this.phases.get(raw.phase);
+    if (!state) {
+      state = { files: new Map(), samples: [] };
+      this.phases.set(raw.phase, state);
     }
+    ({ files: this.files, samples: this.samples } = state);
     if (raw.phase === 'download' && !raw.fromCache && raw.loaded > 0) this.fetched = true;
     if (raw.file === '') return { ...this.ready(), phase: raw.phase, warning: raw.warning };
     const previous = this.files.get(raw.file);

@@ -134,7 +134,9 @@ impl Dsocr {
     /// `maxStorageBufferBindingSize` for one weight (vocabulary matrices are split in row shards);
     /// `signal`: an `AbortSignal` that stops the downloads (rejects with code `ABORTED`);
     /// `fetch`: the function to request files with, `fetch`'s signature (default: the global
-    /// `fetch`; the npm package passes its cache's).
+    /// `fetch`; the npm package passes its cache's); with it, `settled` (a promise that settles once
+    /// every file the fetch serves is verified) and `stale()` (whether a byte served before that
+    /// differed): the engine then loads once more.
     pub async fn load(base_url: String, options: JsValue) -> Result<Dsocr, JsValue> {
         if !has_webgpu() {
             return Err(js_error("NO_WEBGPU", "WebGPU is not available in this browser (navigator.gpu is missing)"));
@@ -181,13 +183,26 @@ impl Dsocr {
             let report = &report;
             async move { fetch::download(&url, &signal, &|loaded, total| report(name, loaded, total)).await }
         };
-        let config = String::from_utf8(small("config.json").await?).map_err(|e| js_error("BAD_CHECKPOINT", format!("config.json: {e}")))?;
-        let tokenizer = small("tokenizer.json").await?;
-        let (name, checkpoint) = fetch::open_checkpoint(base, &signal).await?;
-        let progress = |loaded: u64, total: u64| report(&name, loaded as f64, Some(total as f64));
-        let mut options = EngineOptions::gpu(max_tensor_bytes);
-        options.quantize = quantize;
-        let engine = Engine::from_checkpoint(&config, &checkpoint, &tokenizer, &device, options, Some(&progress)).await.map_err(from_error)?;
+        let load_once = || async {
+            let config = String::from_utf8(small("config.json").await?).map_err(|e| js_error("BAD_CHECKPOINT", format!("config.json: {e}")))?;
+            let tokenizer = small("tokenizer.json").await?;
+            let (name, checkpoint) = fetch::open_checkpoint(base, &signal).await?;
+            let progress = |loaded: u64, total: u64| report(&name, loaded as f64, Some(total as f64));
+            let options = EngineOptions { quantize: quantize.clone(), ..EngineOptions::gpu(max_tensor_bytes) };
+            Engine::from_checkpoint(&config, &checkpoint, &tokenizer, &device, options, Some(&progress)).await.map_err(from_error)
+        };
+        let mut engine = load_once().await;
+        // Files served while they download (the package's cache): once every one is verified, a
+        // header read before its shard was (`stale`) means the engine loads again, on this device.
+        if let Some(settled) = get(&options, "settled").and_then(|p| p.dyn_into::<js_sys::Promise>().ok()) {
+            let _ = wasm_bindgen_futures::JsFuture::from(settled).await;
+            let stale = get(&options, "stale").and_then(|f| f.dyn_into::<Function>().ok()).and_then(|f| f.call0(&JsValue::NULL).ok());
+            if stale.and_then(|v| v.as_bool()) == Some(true) {
+                drop(engine);
+                engine = load_once().await;
+            }
+        }
+        let engine = engine?;
         if signal.aborted() {
             return Err(js_error("ABORTED", "aborted"));
         }

@@ -39,13 +39,14 @@ export function sleep(ms: number, signal: AbortSignal): Promise<void> {
   });
 }
 
-/** Downloads `url` into `name` of `store`, resuming; resolves to the file's size. */
-export async function downloadInto(store: Store, name: string, url: string, expected: FileEntry, options: DownloadOptions): Promise<number> {
+/** Downloads `url` into `name` of `store`, resuming; resolves to the bytes stored. With `end`, only
+ * the file's bytes before it (its head). */
+export async function downloadInto(store: Store, name: string, url: string, expected: FileEntry, options: DownloadOptions, end: number | null = null): Promise<number> {
   for (let attempt = 1; ; attempt++) {
     let stored = (await store.file(name))?.size ?? 0;
     if (expected.size !== null && stored > expected.size) stored = 0;
     try {
-      return await attemptOnce(store, name, url, expected, stored, options);
+      return await attemptOnce(store, name, url, expected, stored, options, end);
     } catch (e) {
       if (options.signal.aborted) throw options.signal.reason;
       if (e instanceof Fatal || e instanceof CacheWriteError) throw e;
@@ -55,8 +56,9 @@ export async function downloadInto(store: Store, name: string, url: string, expe
   }
 }
 
-async function attemptOnce(store: Store, name: string, url: string, expected: FileEntry, offset: number, options: DownloadOptions): Promise<number> {
+async function attemptOnce(store: Store, name: string, url: string, expected: FileEntry, offset: number, options: DownloadOptions, end: number | null): Promise<number> {
   if (expected.size !== null && offset === expected.size) return offset;
+  if (end !== null && offset >= end) return offset;
   const controller = new AbortController();
   const onAbort = () => controller.abort(options.signal.reason);
   options.signal.addEventListener('abort', onAbort, { once: true });
@@ -67,7 +69,7 @@ async function attemptOnce(store: Store, name: string, url: string, expected: Fi
   };
   try {
     arm();
-    const headers: HeadersInit = offset > 0 ? { Range: `bytes=${offset}-` } : {};
+    const headers: HeadersInit = end !== null ? { Range: `bytes=${offset}-${end - 1}` } : offset > 0 ? { Range: `bytes=${offset}-` } : {};
     const response = await fetch(url, { headers, signal: controller.signal, cache: 'no-store' });
     if (response.status >= 400 && response.status < 500 && response.status !== 408 && response.status !== 429) {
       throw new Fatal('NETWORK', `${url}: HTTP ${response.status}`);
@@ -79,6 +81,8 @@ async function attemptOnce(store: Store, name: string, url: string, expected: Fi
     if (response.status === 206 && (!range || Number(range[1]) !== offset)) throw new Error(`${url}: the server answered another range (${response.headers.get('content-range')})`);
     const length = Number(response.headers.get('content-length') ?? NaN);
     const total = expected.size ?? (range ? Number(range[2]) : Number.isFinite(length) ? start + length : null);
+    // Where this response ends: the head asked for, or the file's end.
+    const until = response.status === 206 && end !== null ? Math.min(end, total ?? end) : total;
     let writer;
     try {
       writer = await store.writer(name, start);
@@ -106,7 +110,7 @@ async function attemptOnce(store: Store, name: string, url: string, expected: Fi
       reader.cancel().catch(() => {});
       await writer.close().catch(() => {});
     }
-    if (total !== null && loaded !== total) throw new Error(`${url}: the connection ended at byte ${loaded} of ${total}`);
+    if (until !== null && loaded !== until) throw new Error(`${url}: the connection ended at byte ${loaded} of ${until}`);
     return loaded;
   } finally {
     clearTimeout(timer);

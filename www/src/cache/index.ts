@@ -1,15 +1,14 @@
 // Loading through the persistent cache: plan the model's files (from the shard index, or the single
 // file's size), check the quota, download what is missing (a few files at a time, each resumable and
-// verified), then hand the engine a `fetch` that serves every byte range from storage. A model
-// already complete in the cache loads with no request at all.
+// verified; `pipeline.ts`) while the engine reads each file from storage as soon as it is complete.
+// A model already complete in the cache loads with no request at all.
 
-import { CacheWriteError, Fatal, downloadInto, request, verify, type Hasher } from './download.js';
+import { CacheWriteError, Fatal, request, verify, type Hasher } from './download.js';
+import { Pipeline } from './pipeline.js';
 import { deleteCached, openStore, storeAvailable, type FileEntry, type Manifest, type Store } from './store.js';
 
 export const INDEX = 'model.safetensors.index.json';
 const SINGLE = ['model-00001-of-000001.safetensors', 'model.safetensors'];
-/** Files downloaded at once. */
-const STREAMS = 3;
 
 export interface CacheEvent {
   phase: 'download' | 'verify' | 'quantize';
@@ -29,12 +28,24 @@ export interface PrepareOptions {
 
 export { storeAvailable };
 
+/** A model being made ready in the cache (see {@link prepare}). */
+export interface Prepared {
+  /** Serves the model's files from the cache, each once it is complete and verified. */
+  fetch: typeof fetch;
+  /** Settles when every file is downloaded and verified (rejects with what stopped it). */
+  done: Promise<void>;
+  /** Whether the engine read a shard's header that differed from the verified shard (it must load again). */
+  stale(): boolean;
+}
+
 /**
- * Makes sure every file of the model at `base` is in the cache and intact; resolves to the fetch
- * that reads them from there, or null when the cache cannot be written (the caller loads from the
- * network; a warning event says why).
+ * Plans the model's files at `base`, checks the quota and starts downloading what is missing;
+ * resolves to the fetch that reads them from the cache as each one completes (the engine loads
+ * while the rest download; see `pipeline.ts`), or to null when the cache cannot be written (the
+ * caller loads from the network; a warning event says why). A model already complete in the cache
+ * is verified and served with no request at all.
  */
-export async function prepare(base: string, options: PrepareOptions): Promise<typeof fetch | null> {
+export async function prepare(base: string, options: PrepareOptions): Promise<Prepared | null> {
   const store = await openStore(base);
   try {
     let manifest: Manifest;
@@ -42,7 +53,7 @@ export async function prepare(base: string, options: PrepareOptions): Promise<ty
       const bad = await verifyAll(store, store.manifest, options);
       if (bad.length === 0) {
         await store.saveManifest({ ...store.manifest, usedAt: Date.now() }).catch(() => {});
-        return cachedFetch(store, base);
+        return { fetch: cachedFetch(store, base), done: Promise.resolve(), stale: () => false };
       }
       // Truncated or corrupt in storage: those files alone are fetched again, by the stored plan.
       manifest = { ...store.manifest, complete: false };
@@ -54,16 +65,22 @@ export async function prepare(base: string, options: PrepareOptions): Promise<ty
       manifest = await plan(store, base, options);
     }
     await checkQuota(store, manifest);
-    await downloadAll(store, base, manifest, options);
-    await store.saveManifest({ ...manifest, complete: true, usedAt: Date.now() });
-    return cachedFetch(store, base);
+    const pipeline = new Pipeline(store, base, manifest, options);
+    await pipeline.start();
+    const done = pipeline.run().then(() => store.saveManifest({ ...manifest, complete: true, usedAt: Date.now() }));
+    done.catch(() => {});
+    return { fetch: pipeline.fetch(), done, stale: () => pipeline.stale };
   } catch (e) {
     if (!(e instanceof CacheWriteError)) throw e;
-    options.onEvent({ phase: 'download', file: '', loaded: 0, total: null, fromCache: false, warning: `${e.message}; loading without the cache` });
-    // What was stored is dropped, to give the space back.
-    await deleteCached(base);
+    await dropCache(base, e, options);
     return null;
   }
+}
+
+/** After a failed cache write: a warning, and what was stored is dropped to give the space back. */
+export async function dropCache(base: string, e: CacheWriteError, options: Pick<PrepareOptions, 'onEvent'>): Promise<void> {
+  options.onEvent({ phase: 'download', file: '', loaded: 0, total: null, fromCache: false, warning: `${e.message}; loading without the cache` });
+  await deleteCached(base);
 }
 
 /** The files of the model and what they should be; a different version than the stored one is wiped. */
@@ -157,54 +174,6 @@ async function checkQuota(store: Store, manifest: Manifest): Promise<void> {
   }
   // Ask that the browser keep it under storage pressure; a refusal is not an error.
   await navigator.storage.persist?.().catch(() => false);
-}
-
-async function downloadAll(store: Store, base: string, manifest: Manifest, options: PrepareOptions): Promise<void> {
-  const queue = Object.keys(manifest.files).filter((name) => !manifest.files[name].complete);
-  // Every file's size up front, so the whole model's total is known from the first event.
-  for (const [name, entry] of Object.entries(manifest.files)) {
-    const stored = (await store.file(name))?.size ?? 0;
-    const loaded = entry.complete ? entry.size ?? stored : stored;
-    options.onEvent({ phase: 'download', file: name, loaded, total: entry.complete ? loaded : entry.size, fromCache: loaded > 0 });
-  }
-  const worker = async () => {
-    for (let name = queue.shift(); name !== undefined; name = queue.shift()) {
-      const entry = manifest.files[name];
-      for (let attempt = 1; ; attempt++) {
-        if (controller.signal.aborted) return;
-        await downloadInto(store, name, `${base}/${name}`, entry, {
-          signal: controller.signal,
-          stallMs: options.stallMs,
-          attempts: 5,
-          onBytes: (loaded, total) => options.onEvent({ phase: 'download', file: name, loaded, total, fromCache: false }),
-        });
-        const problem = await verify(store, name, entry, options.hasher, controller.signal, () => {});
-        if (!problem) break;
-        await store.remove(name);
-        // A corrupt file is fetched once more; twice corrupt is the server's file.
-        if (attempt >= 2) throw new Fatal('BAD_CHECKPOINT', `${base}/${name}: ${problem} (downloaded twice)`);
-      }
-      entry.complete = true;
-      await store.saveManifest(manifest).catch(() => {});
-    }
-  };
-  // The first failure stops the other streams, and nothing is written after this returns.
-  let failure: unknown = null;
-  const controller = new AbortController();
-  const forward = () => controller.abort(options.signal.reason);
-  options.signal.addEventListener('abort', forward, { once: true });
-  const streams = Array.from({ length: Math.min(STREAMS, queue.length) }, () =>
-    worker().catch((e) => {
-      if (failure === null) {
-        failure = e;
-        controller.abort(e);
-      }
-    }),
-  );
-  await Promise.all(streams);
-  options.signal.removeEventListener('abort', forward);
-  if (failure === null && controller.signal.aborted) failure = controller.signal.reason;
-  if (failure !== null) throw failure;
 }
 
 /** Checks every cached file (size, and sha256 where known); resolves to the bad ones. */
