@@ -78,8 +78,11 @@ impl Decoder {
             let (q_out, kv_out) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
             let projection = |name: &str| format!("{p}.self_attn.{name}");
             let (mut q_proj, mut k_proj, mut v_proj, mut qkv_proj) = (None, None, None, None);
-            if l.device_kernels() {
-                let names = [projection("q_proj"), projection("k_proj"), projection("v_proj")];
+            let names = [projection("q_proj"), projection("k_proj"), projection("v_proj")];
+            // Packed on the host, the three are one product too: one pass over threads, one
+            // quantization of the input (the same numbers: every output row is its own dot product).
+            let host_packed = l.host_kernels() && names.iter().all(|n| l.is_quantized(&format!("{n}.weight")));
+            if l.device_kernels() || host_packed {
                 qkv_proj = Some(l.qlinear_concat(&names, h, &[q_out, kv_out, kv_out]).await?);
             } else {
                 q_proj = Some(l.qlinear(&projection("q_proj"), h, q_out, false).await?);
@@ -358,6 +361,13 @@ impl SelfAttention {
 
     /// The separate projections of `x` (queries, keys, values).
     fn separate(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<3>, Tensor<3>) {
+        if let Some(qkv) = &self.qkv_proj {
+            let y = qkv.forward(x);
+            let [b, s, _] = y.dims();
+            let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+            let part = |cols: std::ops::Range<usize>| y.clone().slice([0..b, 0..s, cols]);
+            return (part(0..q), part(q..q + kv), part(q + kv..q + 2 * kv));
+        }
         match (&self.q_proj, &self.k_proj, &self.v_proj) {
             (Some(q), Some(k), Some(v)) => (q.forward(x.clone()), k.forward(x.clone()), v.forward(x)),
             _ => unreachable!("separate projections unless the fused path was loaded"),

@@ -334,10 +334,19 @@ impl<'c, 'b> Loader<'c, 'b> {
     }
 
     /// Bias-free linear layers `prefixes` of one input as one layer, their outputs side by side in
-    /// that order (`d_outs` each): the weights stacked by output rows — packed on the GPU where this
-    /// loader keeps them there, else in float.
+    /// that order (`d_outs` each): the weights stacked by output rows — packed on the GPU or the
+    /// host where this loader keeps them there, else in float.
     pub async fn qlinear_concat(&self, prefixes: &[String], d_in: usize, d_outs: &[usize]) -> Result<QLinear> {
         let names: Vec<String> = prefixes.iter().map(|p| format!("{p}.weight")).collect();
+        if self.host_kernels && names.iter().all(|n| self.is_quantized(n)) {
+            let mut parts = Vec::with_capacity(names.len());
+            for (name, &d_out) in names.iter().zip(d_outs) {
+                parts.push(self.matrix(name, [d_out, d_in]).await?);
+            }
+            if let Matrix::Packed(packed) = Matrix::concat_rows(parts, d_in) {
+                return Ok(QLinear::packed(packed, None, self.threads));
+            }
+        }
         if self.device_kernels() && names.iter().all(|n| self.is_quantized(n) || Self::language_model(n)) {
             let mut parts = Vec::with_capacity(names.len());
             for (name, &d_out) in names.iter().zip(d_outs) {
