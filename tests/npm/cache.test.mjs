@@ -339,6 +339,7 @@ test('sharded, cold: each shard goes to the GPU once verified, while later ones 
     const warm = await load(page, `${weights.base}/q8`, { tokens: 2 });
     assert.equal(warm.error, undefined, JSON.stringify(warm.error));
     assert.deepEqual(cold.ids, warm.ids);
+    console.log(`# sharded q8 (${names.length} shards): warm from the cache ${warm.loadMs.toFixed(0)} ms`);
   } finally {
     await context.close();
     await weights.server.stop();
