@@ -9,6 +9,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::grid_cache::GridCache;
+use super::{ops, vmath};
 use super::profile::span;
 use crate::config::ClipConfig;
 use crate::error::Result;
@@ -43,6 +44,10 @@ struct ClipLayer {
     fc1: QLinear,
     fc2: QLinear,
     heads: usize,
+    /// On the CPU backend the MLP runs on blocks of rows side by side, with the host's quick GELU
+    /// (burn's is three single-threaded passes over the 4×-wide hidden activations).
+    host: bool,
+    threads: usize,
 }
 
 impl Clip {
@@ -61,6 +66,8 @@ impl Clip {
                 fc1: l.qlinear(&format!("{q}.mlp.fc1"), w, c.ffn_hidden_size, true).await?,
                 fc2: l.qlinear(&format!("{q}.mlp.fc2"), c.ffn_hidden_size, w, true).await?,
                 heads: c.heads,
+                host: l.host_kernels(),
+                threads: l.threads(),
             });
         }
         // `embeddings.patch_embedding.weight` exists in the checkpoint but is unused: SAM supplies patches.
@@ -111,7 +118,17 @@ impl ClipLayer {
         let u = span("CLIP layer norm", || self.layer_norm1.forward(x.clone()));
         let h = x + self.attention(u);
         let u = span("CLIP layer norm", || self.layer_norm2.forward(h.clone()));
-        h + span("CLIP MLP + GELU", || self.fc2.forward(quick_gelu(self.fc1.forward(u))))
+        if !self.host {
+            return h + span("CLIP MLP + GELU", || self.fc2.forward(quick_gelu(self.fc1.forward(u))));
+        }
+        let mlp = |x: Tensor<2>| {
+            let hidden = self.fc1.forward_threads(x, 1);
+            let (shape, device) = (hidden.dims(), hidden.device());
+            let mut values = ops::host_values(hidden);
+            vmath::quick_gelu_in_place(&mut values);
+            self.fc2.forward_threads(Tensor::from_data(TensorData::new(values, shape), &device), 1)
+        };
+        h + span("CLIP MLP + GELU", || ops::rows_par(u, self.threads, |x| ops::in_row_blocks(x, super::sam::MLP_BLOCK_ROWS, mlp)))
     }
 
     /// Full bidirectional attention; `qkv_proj` output is `[q | k | v]`, each head-major.
