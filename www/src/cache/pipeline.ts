@@ -39,6 +39,7 @@ export class Pipeline {
   private network = false;
   /** A head the engine read differed from the verified file. */
   stale = false;
+  private readonly forward = () => this.controller.abort(this.options.signal.reason);
 
   constructor(
     private readonly store: Store,
@@ -47,9 +48,8 @@ export class Pipeline {
     private readonly options: PrepareOptions,
   ) {
     this.queue = Object.keys(manifest.files).filter((name) => !manifest.files[name].complete);
-    const forward = () => this.controller.abort(options.signal.reason);
-    if (options.signal.aborted) forward();
-    else options.signal.addEventListener('abort', forward, { once: true });
+    if (options.signal.aborted) this.forward();
+    else options.signal.addEventListener('abort', this.forward, { once: true });
   }
 
   /** Every file's size so far (the whole model's total is known from the first event), then the
@@ -75,6 +75,14 @@ export class Pipeline {
 
   /** Downloads what is missing; settles when every file is complete (or with the first failure). */
   async run(): Promise<void> {
+    try {
+      await this.runStreams();
+    } finally {
+      this.options.signal.removeEventListener('abort', this.forward);
+    }
+  }
+
+  private async runStreams(): Promise<void> {
     const worker = async () => {
       for (let name = this.queue.shift(); name !== undefined; name = this.queue.shift()) {
         await this.download(name);
