@@ -31,37 +31,37 @@ fn erf(x: f32) -> f32 {
     if x < 0.0 { -y } else { y }
 }
 
-/// GELU (`x · ½(1 + erf(x/√2))`, burn's and PyTorch's exact form) in place.
-pub(super) fn gelu_in_place(values: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F (checked above).
-        return unsafe { gelu_avx512(values) };
-    }
-    gelu_values(values)
+/// `$name(values)` in place: `$plain` over the slice, also built for AVX-512 (`$fast`) and chosen
+/// at run time.
+macro_rules! in_place {
+    ($(#[$doc:meta])* $name:ident, $fast:ident, $plain:ident) => {
+        $(#[$doc])*
+        pub(super) fn $name(values: &mut [f32]) {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F (checked above).
+                return unsafe { $fast(values) };
+            }
+            $plain(values)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn $fast(values: &mut [f32]) {
+            $plain(values)
+        }
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn gelu_avx512(values: &mut [f32]) {
-    gelu_values(values)
-}
+in_place!(
+    /// GELU (`x · ½(1 + erf(x/√2))`, burn's and PyTorch's exact form) in place.
+    gelu_in_place, gelu_avx512, gelu_values
+);
 
-/// CLIP's quick GELU (`x · σ(1.702 x)`) in place.
-pub(super) fn quick_gelu_in_place(values: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F (checked above).
-        return unsafe { quick_gelu_avx512(values) };
-    }
-    quick_gelu_values(values)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn quick_gelu_avx512(values: &mut [f32]) {
-    quick_gelu_values(values)
-}
+in_place!(
+    /// CLIP's quick GELU (`x · σ(1.702 x)`) in place.
+    quick_gelu_in_place, quick_gelu_avx512, quick_gelu_values
+);
 
 #[inline(always)]
 fn quick_gelu_values(values: &mut [f32]) {
