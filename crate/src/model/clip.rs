@@ -121,13 +121,7 @@ impl ClipLayer {
         if !self.host {
             return h + span("CLIP MLP + GELU", || self.fc2.forward(quick_gelu(self.fc1.forward(u))));
         }
-        let mlp = |x: Tensor<2>| {
-            let hidden = self.fc1.forward_threads(x, 1);
-            let (shape, device) = (hidden.dims(), hidden.device());
-            let mut values = ops::host_values(hidden);
-            vmath::quick_gelu_in_place(&mut values);
-            self.fc2.forward_threads(Tensor::from_data(TensorData::new(values, shape), &device), 1)
-        };
+        let mlp = |x: Tensor<2>| self.fc2.forward_threads(ops::on_host_values(self.fc1.forward_threads(x, 1), vmath::quick_gelu_in_place), 1);
         h + span("CLIP MLP + GELU", || ops::rows_par(u, self.threads, |x| ops::in_row_blocks(x, super::sam::MLP_BLOCK_ROWS, mlp)))
     }
 

@@ -79,10 +79,10 @@ impl Decoder {
             let projection = |name: &str| format!("{p}.self_attn.{name}");
             let (mut q_proj, mut k_proj, mut v_proj, mut qkv_proj) = (None, None, None, None);
             let names = [projection("q_proj"), projection("k_proj"), projection("v_proj")];
-            // Packed on the host, the three are one product too: one pass over threads, one
-            // quantization of the input (the same numbers: every output row is its own dot product).
-            let host_packed = l.host_kernels() && names.iter().all(|n| l.is_quantized(&format!("{n}.weight")));
-            if l.device_kernels() || host_packed {
+            // For the crate's kernels (GPU, or packed on the host) the three are one product: one
+            // pass over the weights' launches or threads, one quantization of the input (the same
+            // numbers: every output row is its own dot product).
+            if l.stacks_for_kernels(&names) {
                 qkv_proj = Some(l.qlinear_concat(&names, h, &[q_out, kv_out, kv_out]).await?);
             } else {
                 q_proj = Some(l.qlinear(&projection("q_proj"), h, q_out, false).await?);

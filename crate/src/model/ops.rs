@@ -2,7 +2,7 @@
 
 use burn::module::Module;
 use burn::nn::{Linear, RmsNorm};
-use burn::tensor::Tensor;
+use burn::tensor::{Tensor, TensorData};
 
 /// RMSNorm over the last axis: burn's, or the GPU's one-dispatch kernel ([`crate::gpu::rms_norm`])
 /// where the loader found the crate's kernels (`fused`).
@@ -95,6 +95,15 @@ pub fn as_rows<const D: usize>(x: Tensor<D>, f: impl FnOnce(Tensor<2>) -> Tensor
     let mut out = dims;
     out[D - 1] = y.dims()[1];
     y.reshape(out)
+}
+
+/// `x` with `f` applied to its values on the host, in place (the CPU backend's host kernels:
+/// vectorised elementwise work where burn's runs on one thread).
+pub fn on_host_values(x: Tensor<2>, f: impl FnOnce(&mut [f32])) -> Tensor<2> {
+    let (shape, device) = (x.dims(), x.device());
+    let mut values = host_values(x);
+    f(&mut values);
+    Tensor::from_data(TensorData::new(values, shape), &device)
 }
 
 /// A tensor's values as f32, in row-major order, on the host (synchronous: for the CPU backend's

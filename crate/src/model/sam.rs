@@ -219,10 +219,7 @@ impl SamBlock {
         if !self.attn.host {
             return gelu(x);
         }
-        let (shape, device) = (x.dims(), x.device());
-        let mut values = ops::host_values(x);
-        vmath::gelu_in_place(&mut values);
-        Tensor::from_data(TensorData::new(values, shape), &device)
+        ops::on_host_values(x, vmath::gelu_in_place)
     }
 }
 

@@ -97,36 +97,33 @@ mod tests {
         assert_eq!(exp(-1000.0), exp(-87.0));
     }
 
+    /// `ours` against `burn`'s op on `count` values from `from` in steps of 0.001: within
+    /// `tolerance · max(|x|, 1)` everywhere.
+    #[cfg(feature = "flex")]
+    fn close_to_burns(name: &str, from: f32, count: usize, tolerance: f32, burn: impl Fn(burn::tensor::Tensor<1>) -> burn::tensor::Tensor<1>, ours: fn(&mut [f32])) {
+        use burn::tensor::{Device, Tensor, TensorData};
+        let values: Vec<f32> = (0..count).map(|i| from + i as f32 * 0.001).collect();
+        let x = Tensor::<1>::from_data(TensorData::new(values.clone(), [count]), &Device::flex());
+        let theirs = burn(x).into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+        let mut mine = values.clone();
+        ours(&mut mine);
+        for ((x, a), b) in values.iter().zip(&mine).zip(&theirs) {
+            assert!((a - b).abs() <= tolerance * x.abs().max(1.0), "{name}({x}) = {a}, burn {b}");
+        }
+    }
+
     /// Against burn's `x · sigmoid(1.702 x)`, which this one replaces on the CPU.
     #[cfg(feature = "flex")]
     #[test]
     fn quick_gelu_is_close_to_burns() {
-        use burn::tensor::{Device, Tensor, TensorData};
-        let values: Vec<f32> = (0..40_000).map(|i| -20.0 + i as f32 * 0.001).collect();
-        let device = Device::flex();
-        let x = Tensor::<1>::from_data(TensorData::new(values.clone(), [values.len()]), &device);
-        let burn = (x.clone() * burn::tensor::activation::sigmoid(x * 1.702)).into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
-        let mut ours = values.clone();
-        super::quick_gelu_in_place(&mut ours);
-        for ((x, a), b) in values.iter().zip(&ours).zip(&burn) {
-            assert!((a - b).abs() <= 4e-7 * x.abs().max(1.0), "quick_gelu({x}) = {a}, burn {b}");
-        }
+        close_to_burns("quick_gelu", -20.0, 40_000, 4e-7, |x| x.clone() * burn::tensor::activation::sigmoid(x * 1.702), super::quick_gelu_in_place);
     }
 
     /// Against burn's GELU (libm's `erff`, about 1 ulp), which this one replaces on the CPU.
     #[cfg(feature = "flex")]
     #[test]
     fn gelu_is_close_to_burns() {
-        use burn::tensor::{Device, Tensor, TensorData};
-        let values: Vec<f32> = (0..24_000).map(|i| -12.0 + i as f32 * 0.001).collect();
-        let device = Device::flex();
-        let tensor = Tensor::<1>::from_data(TensorData::new(values.clone(), [values.len()]), &device);
-        let burn = burn::tensor::activation::gelu(tensor).into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
-        let mut ours = values.clone();
-        gelu_in_place(&mut ours);
-        for ((x, a), b) in values.iter().zip(&ours).zip(&burn) {
-            assert!((a - b).abs() <= 3e-7 * x.abs().max(1.0), "gelu({x}) = {a}, burn {b}");
-        }
+        close_to_burns("gelu", -12.0, 24_000, 3e-7, burn::tensor::activation::gelu, gelu_in_place);
         assert!(erf(0.0).abs() <= 2e-7);
         assert!((erf(3.0) - 0.999_977_9).abs() < 1e-7 && (erf(-0.5) + 0.520_499_9).abs() < 2e-7);
     }

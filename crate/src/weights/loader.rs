@@ -299,11 +299,7 @@ impl<'c, 'b> Loader<'c, 'b> {
     /// Matrices read by `names` (each `(rows, cols)`) stacked by rows and uploaded as rows of words
     /// in shards of whole matrices within the binding limit: an expert stack.
     pub async fn device_stack(&self, names: &[String], [rows, cols]: [usize; 2]) -> Result<DevicePacked> {
-        let mut parts = Vec::with_capacity(names.len());
-        for name in names {
-            parts.push(self.matrix(name, [rows, cols]).await?);
-        }
-        let stacked = Matrix::concat_rows(parts, cols);
+        let stacked = self.stacked(names, &vec![rows; names.len()], cols).await?;
         let half = matches!(self.half, Some(Half::F16));
         let per_shard = (self.max_tensor_bytes / (stacked.device_row_bytes(cols, half) * rows).max(1)).clamp(1, names.len());
         Ok(self.device_matrix(stacked, [names.len() * rows, cols], Some(per_shard * rows)))
@@ -333,27 +329,41 @@ impl<'c, 'b> Loader<'c, 'b> {
         Ok(QLinear::dense(self.linear(prefix, d_in, d_out, bias).await?, self.threads))
     }
 
+    /// The matrices `names` (`rows[i]` × `cols` each) read and stacked by rows.
+    async fn stacked(&self, names: &[String], rows: &[usize], cols: usize) -> Result<Matrix> {
+        let mut parts = Vec::with_capacity(names.len());
+        for (name, &r) in names.iter().zip(rows) {
+            parts.push(self.matrix(name, [r, cols]).await?);
+        }
+        Ok(Matrix::concat_rows(parts, cols))
+    }
+
+    /// Whether [`Loader::qlinear_concat`] makes the layers `prefixes` one matrix for the crate's
+    /// kernels: on the GPU (quantized or the language model's), or packed on the host (all
+    /// quantized); else they stay separate float layers, as the checkpoint has them.
+    pub fn stacks_for_kernels(&self, prefixes: &[String]) -> bool {
+        let weight = |p: &String| format!("{p}.weight");
+        if self.device_kernels() {
+            prefixes.iter().all(|p| self.is_quantized(&weight(p)) || Self::language_model(&weight(p)))
+        } else {
+            self.host_kernels && prefixes.iter().all(|p| self.is_quantized(&weight(p)))
+        }
+    }
+
     /// Bias-free linear layers `prefixes` of one input as one layer, their outputs side by side in
-    /// that order (`d_outs` each): the weights stacked by output rows — packed on the GPU or the
-    /// host where this loader keeps them there, else in float.
+    /// that order (`d_outs` each): the weights stacked by output rows — on the GPU or packed on the
+    /// host where [`Loader::stacks_for_kernels`] says so, else in float.
     pub async fn qlinear_concat(&self, prefixes: &[String], d_in: usize, d_outs: &[usize]) -> Result<QLinear> {
         let names: Vec<String> = prefixes.iter().map(|p| format!("{p}.weight")).collect();
-        if self.host_kernels && names.iter().all(|n| self.is_quantized(n)) {
-            let mut parts = Vec::with_capacity(names.len());
-            for (name, &d_out) in names.iter().zip(d_outs) {
-                parts.push(self.matrix(name, [d_out, d_in]).await?);
+        if self.stacks_for_kernels(prefixes) {
+            let stacked = self.stacked(&names, d_outs, d_in).await?;
+            if self.device_kernels() {
+                let total = d_outs.iter().sum();
+                return Ok(QLinear::on_device(self.device_matrix(stacked, [total, d_in], None), None));
             }
-            if let Matrix::Packed(packed) = Matrix::concat_rows(parts, d_in) {
+            if let Matrix::Packed(packed) = stacked {
                 return Ok(QLinear::packed(packed, None, self.threads));
             }
-        }
-        if self.device_kernels() && names.iter().all(|n| self.is_quantized(n) || Self::language_model(n)) {
-            let mut parts = Vec::with_capacity(names.len());
-            for (name, &d_out) in names.iter().zip(d_outs) {
-                parts.push(self.matrix(name, [d_out, d_in]).await?);
-            }
-            let total = d_outs.iter().sum();
-            return Ok(QLinear::on_device(self.device_matrix(Matrix::concat_rows(parts, d_in), [total, d_in], None), None));
         }
         let total = d_outs.iter().sum();
         let mut weights = Vec::with_capacity(names.len());
