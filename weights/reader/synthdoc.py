@@ -140,6 +140,14 @@ def easy_line(rng: random.Random) -> str:
 def page(seed: int, easy: bool = False) -> tuple[Image.Image, str]:
     """One synthetic page (RGB) and its `Free OCR.` ground truth. `easy`: the warm-up curriculum's
     pages (one or two short lines in a large font); evaluation pages are never easy."""
+    img, text, _ = page_with_layout(seed, easy)
+    return img, text
+
+
+def page_with_layout(seed: int, easy: bool = False) -> tuple[Image.Image, str, list[tuple[int, float, float]]]:
+    """`page` and where each visible character of the ground truth lies: (index in the text, x, y)
+    of its centre as fractions of the page's width and height, after the rotation (what the
+    training's alignment targets are made of; spaces and newlines have none)."""
     rng = random.Random(seed)
     nprng = np.random.default_rng(seed)
     width, height = rng.randint(448, 640), rng.randint(384, 600)
@@ -154,7 +162,8 @@ def page(seed: int, easy: bool = False) -> tuple[Image.Image, str]:
     margin = rng.randint(8, 40)
     spacing = rng.uniform(1.25, 1.7) * size
     y = rng.randint(8, 40)
-    lines = []
+    lines: list[str] = []
+    centres: list[tuple[int, float, float]] = []
     for _ in range(rng.randint(1, 2) if easy else rng.randint(1, 4)):
         if y + size > height - 8:
             break
@@ -167,10 +176,21 @@ def page(seed: int, easy: bool = False) -> tuple[Image.Image, str]:
             continue
         x = margin + rng.randint(0, max(0, int(room - length) // 3))
         draw.text((x, y), text, font=font, fill=fg)
+        top, bottom = draw.textbbox((x, y), text, font=font)[1::2]
+        start = sum(len(t) + 1 for t in lines)
+        for i, ch in enumerate(text):
+            if not ch.isspace():
+                mid = x + (draw.textlength(text[:i], font=font) + draw.textlength(text[: i + 1], font=font)) / 2
+                centres.append((start + i, mid, (top + bottom) / 2))
         lines.append(text)
         y += spacing
     if rng.random() < 0.5:
-        img = img.rotate(rng.uniform(-1.5, 1.5), resample=Image.BICUBIC, fillcolor=bg)
+        angle = rng.uniform(-1.5, 1.5)
+        img = img.rotate(angle, resample=Image.BICUBIC, fillcolor=bg)
+        # PIL turns the picture counter-clockwise about its centre.
+        t, cx, cy = np.radians(angle), width / 2, height / 2
+        centres = [(i, cx + (px - cx) * np.cos(t) + (py - cy) * np.sin(t),
+                    cy - (px - cx) * np.sin(t) + (py - cy) * np.cos(t)) for i, px, py in centres]
     if rng.random() < 0.25:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.9)))
     if rng.random() < 0.5:
@@ -181,7 +201,7 @@ def page(seed: int, easy: bool = False) -> tuple[Image.Image, str]:
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=rng.randint(35, 90))
         img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-    return img, "\n".join(lines)
+    return img, "\n".join(lines), [(i, float(px) / width, float(py) / height) for i, px, py in centres]
 
 
 if __name__ == "__main__":

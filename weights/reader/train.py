@@ -47,10 +47,21 @@ import synthdoc  # noqa: E402
 
 PROMPT = "<image>\nFree OCR."
 EOS = 1
+GRID = 8  # Tiny mode: 512 px / 16 (SAM patches) / 4 (compressor) cells a side
+# The image embeddings are GRID rows of GRID cells and a newline, then the view separator.
+CELL_POSITIONS = [r * (GRID + 1) + c for r in range(GRID) for c in range(GRID)]
+CHAR_CLASSES = [""] + [chr(c) for c in range(33, 127)]  # class 0: no character in that slot
+SLOTS = 6  # characters read per cell, in reading order (a cell can hold parts of two lines)
+PATCHES = 32  # SAM's grid in Tiny mode: 512 px / 16
+HALF = 16  # net_2's grid
+HALF_SLOTS = 3
 SPEC = dict(
-    sam=dict(width=64, layers=3, heads=2, global_attn_indexes=[2], downsample_channels=[96, 160]),
-    clip=dict(width=160, layers=2, heads=4),
-    overrides=dict(sam_out_chans=48, sam_mlp_ratio=2.0, clip_ffn_hidden_size=320),
+    # The neck, the compressor and CLIP wider than the rest: the two strided convolutions are linear
+    # (as in the original), so the neck's features must keep each patch's character apart when they
+    # are summed, and a cell's vector must have room for the characters of its 16 patches.
+    sam=dict(width=64, layers=3, heads=2, global_attn_indexes=[2], downsample_channels=[192, 256]),
+    clip=dict(width=256, layers=3, heads=4),
+    overrides=dict(sam_out_chans=128, sam_mlp_ratio=2.0, clip_ffn_hidden_size=512),
     decoder=dict(
         hidden_size=160,
         num_hidden_layers=4,
@@ -95,10 +106,45 @@ def used_vocab(tokenizer, prompt_ids: list[int], samples: int) -> list[int]:
     return sorted(ids)
 
 
-class Reader:
-    """The training forward around the official modules."""
+class Normalised(torch.nn.Module):
+    """Zero mean, unit variance over the features of each position (dim 1 of a map, -1 of vectors):
+    the heads read features whose scale the model is free to choose (the image embeddings' norm grows
+    to hundreds while the tokens' stays near 1)."""
 
-    def __init__(self, model, used: list[int], prompt_ids: list[int]):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x):
+        return F.layer_norm(x.movedim(self.dim, -1), (x.shape[self.dim],)).movedim(-1, self.dim)
+
+
+def mlp_head(cin: int, hidden: int, cout: int, conv: bool) -> torch.nn.Sequential:
+    """normalise → cin → hidden → GELU → cout, per position (1×1 convolutions) or per vector."""
+    layer = (lambda a, b: torch.nn.Conv2d(a, b, 1)) if conv else torch.nn.Linear
+    head = torch.nn.Sequential(Normalised(1 if conv else -1), layer(cin, hidden), torch.nn.GELU(), layer(hidden, cout))
+    # Explicitly: modules built after the official classes' loading are not initialised.
+    with torch.no_grad():
+        for lin, fan_in in ((head[1], cin), (head[3], hidden)):
+            lin.weight.normal_(0.0, fan_in ** -0.5)
+            lin.bias.zero_()
+    return head
+
+
+class Reader:
+    """The training forward around the official modules.
+
+    The vocabulary rows the synthetic text uses are trained as two compact tables (`embed`, `head`) and
+    written back into `embed_tokens`/`lm_head` before saving: the same function as training the full
+    matrices whose other rows are zero, without the optimiser touching 41 M parameters that stay zero.
+
+    Training-only signals make the encoder and the decoder's attention useful before the decoder can
+    learn the text's statistics alone (runs 1–4 collapsed the other way round): `glyphs`, `halves` and
+    `chars` read the page's characters from the encoder at three depths (SAM's neck, net_2, the image
+    embeddings; heads dropped when saving); `guide` asks chosen decoder heads to attend, when predicting
+    a token, to the cells where that token's characters are drawn."""
+
+    def __init__(self, model, used: list[int], prompt_ids: list[int], guided_heads=()):
         self.model = model
         self.m = model.model
         self.used = torch.tensor(used)
@@ -108,6 +154,27 @@ class Reader:
         self.image_mask = self.prompt == ref.IMAGE_TOKEN_ID
         self.unused_logit = math.log(ref.VOCAB - len(used))
         self.decoder_forward = type(self.m).__mro__[1].forward  # DeepseekV2Model.forward
+        self.embed = torch.nn.Parameter(self.m.embed_tokens.weight.detach()[self.used].clone())
+        self.head = torch.nn.Parameter(model.lm_head.weight.detach()[self.used].clone())
+        self.m.embed_tokens.weight.requires_grad_(False)
+        model.lm_head.weight.requires_grad_(False)
+        n = self.embed.shape[1]
+        self.guided_heads = list(guided_heads)
+        # Training-only heads (small MLPs: the features need not be linearly readable, only readable by
+        # what follows): a cell's characters from its image embedding; per SAM patch (16 px) the
+        # character centred in it, from the neck's output; per net_2 position (32 px) its characters.
+        classes = len(CHAR_CLASSES)
+        self.chars = mlp_head(n, 512, SLOTS * classes, conv=False)
+        self.glyphs = mlp_head(self.m.sam_model.neck[0].out_channels, 256, classes, conv=True)
+        self.halves = mlp_head(self.m.sam_model.net_2.out_channels, 256, HALF_SLOTS * classes, conv=True)
+        self.neck_out = self.net2_out = None
+        self.m.sam_model.neck.register_forward_hook(lambda _m, _i, out: setattr(self, "neck_out", out))
+        self.m.sam_model.net_2.register_forward_hook(lambda _m, _i, out: setattr(self, "net2_out", out))
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        self.m.embed_tokens.weight[self.used] = self.embed
+        self.model.lm_head.weight[self.used] = self.head
 
     bf16 = False
 
@@ -128,33 +195,69 @@ class Reader:
         feats = feats.reshape(b, h * (h + 1), n)
         return torch.cat([feats, m.view_seperator[None, None, :].expand(b, 1, n)], dim=1)
 
-    def logits(self, px: torch.Tensor, targets: torch.Tensor, img: torch.Tensor | None = None) -> torch.Tensor:
-        """Restricted logits (B, T, used + 1) for every position after the prompt; `targets` (B, T)
-        are the already generated ids (teacher forcing), right-padded with EOS."""
+    def forward(self, px: torch.Tensor, targets: torch.Tensor, img: torch.Tensor | None = None,
+                attentions: bool = False):
+        """Restricted logits (B, T, used + 1) for every position after the prompt, the image embeddings
+        and (`attentions`) the guided heads' attention rows over the image positions (B, heads, T, 73);
+        `targets` (B, T) are the already generated ids (teacher forcing), right-padded with EOS."""
         b = px.shape[0]
         ids = torch.cat([self.prompt[None].expand(b, -1), targets], dim=1)
-        emb = self.m.embed_tokens(ids)
-        img = (self.image_embeds(px) if img is None else img).to(emb.dtype)
+        emb = F.embedding(self.remap[ids], self.embed)
+        img = self.image_embeds(px) if img is None else img
         p = self.prompt.shape[0]
-        emb = torch.cat([emb[:, :1], img, emb[:, 1 + img.shape[1]:]], dim=1)
-        assert self.image_mask[1 : 1 + img.shape[1]].all() and self.image_mask.sum() == img.shape[1]
-        out = self.decoder_forward(self.m, input_ids=None, inputs_embeds=emb, use_cache=False, return_dict=True)
+        n_img = img.shape[1]
+        emb = torch.cat([emb[:, :1], img.to(emb.dtype), emb[:, 1 + n_img:]], dim=1)
+        assert self.image_mask[1 : 1 + n_img].all() and self.image_mask.sum() == n_img
+        out = self.decoder_forward(self.m, input_ids=None, inputs_embeds=emb, use_cache=False,
+                                   output_attentions=attentions and bool(self.guided_heads), return_dict=True)
         hidden = out.last_hidden_state[:, p - 1 :]
-        w = self.model.lm_head.weight[self.used]
-        logits = hidden @ w.T
+        logits = hidden @ self.head.T
         extra = torch.full(logits.shape[:-1] + (1,), self.unused_logit, dtype=logits.dtype)
-        return torch.cat([logits, extra], dim=-1)
+        logits = torch.cat([logits, extra], dim=-1)
+        rows = None
+        if attentions and self.guided_heads:
+            rows = torch.stack([out.attentions[layer][:, head, p - 1 :, 1 : 1 + n_img]
+                                for layer, head in self.guided_heads], dim=1)
+        return logits, img, rows
 
-    def loss(self, px, targets, lengths):
+    def logits(self, px, targets, img=None):
+        return self.forward(px, targets, img)[0]
+
+    def loss(self, px, targets, lengths, layout=None):
+        """Cross-entropy and token accuracy; with `layout` (character slots (B, 64, SLOTS), guidance
+        masks (B, T, 73)) also the two training-only losses and their accuracies."""
         # Inputs are the targets shifted right; the last input is never needed.
-        logits = self.logits(px, targets[:, :-1]).float()
+        logits, img, rows = self.forward(px, targets[:, :-1], attentions=layout is not None)
+        logits = logits.float()
         labels = self.remap[targets]
         t = targets.shape[1]
         mask = torch.arange(t)[None] < lengths[:, None]
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
         ce = ce.view(targets.shape)
         acc = ((logits.argmax(-1) == labels) & mask).sum() / mask.sum()
-        return (ce * mask).sum() / mask.sum(), acc
+        out = dict(loss=(ce * mask).sum() / mask.sum(), acc=acc)
+        if layout is None:
+            return out
+        slots, guide, patches, halves = layout
+        half = self.halves(self.net2_out.float())  # (B, HALF_SLOTS * classes, 16, 16)
+        half = half.view(half.shape[0], HALF_SLOTS, len(CHAR_CLASSES), HALF * HALF).permute(0, 3, 1, 2)
+        out["halves"], out["halves_acc"] = slot_loss(half, halves)
+        # Patches: the mean over patches with a character plus the mean over empty ones.
+        glyph = self.glyphs(self.neck_out.float())  # (B, classes, 32, 32)
+        ce = F.cross_entropy(glyph, patches, reduction="none")
+        has = patches > 0
+        out["glyphs"] = ce[has].mean() + ce[~has].mean()
+        out["glyphs_acc"] = (glyph.argmax(1) == patches)[has].float().mean()
+        cells = img[:, CELL_POSITIONS].float()  # (B, 64, n)
+        pred = self.chars(cells).view(cells.shape[0], 64, SLOTS, len(CHAR_CLASSES))
+        out["chars"], out["chars_acc"] = slot_loss(pred, slots)
+        if rows is not None:
+            g = guide[:, None].float()  # (B, 1, T, 73)
+            mass = (rows.float() * g).sum(-1)  # (B, heads, T)
+            has = guide.any(-1)[:, None].expand_as(mass)
+            out["guide"] = -(mass[has] + 1e-6).log().mean()
+            out["guide_mass"] = mass[has].mean()
+        return out
 
     @torch.no_grad()
     def greedy(self, px: torch.Tensor, max_new: int) -> list[list[int]]:
@@ -174,6 +277,17 @@ class Reader:
         return [row[: row.index(EOS)] if EOS in row else row for row in rows]
 
 
+def slot_loss(pred: torch.Tensor, slots: torch.Tensor):
+    """Cross-entropy of slot predictions (B, cells, slots, classes) over each cell's drawn slots and
+    the one after them (its end: the empty slots would otherwise outweigh the characters tenfold),
+    and the accuracy on drawn slots."""
+    drawn = slots > 0
+    counted = torch.arange(slots.shape[-1])[None, None] <= drawn.sum(-1, keepdim=True)
+    ce = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), slots.reshape(-1), reduction="none")
+    loss = (ce * counted.reshape(-1)).sum() / counted.sum()
+    return loss, ((pred.argmax(-1) == slots) & drawn).sum() / drawn.sum().clamp(min=1)
+
+
 def cer(pred: str, truth: str) -> float:
     """Levenshtein distance / len(truth)."""
     prev = list(range(len(truth) + 1))
@@ -185,22 +299,75 @@ def cer(pred: str, truth: str) -> float:
     return prev[-1] / max(1, len(truth))
 
 
-def batch(seeds, tokenizer, vocab_ok, easy=()):
+def grid_slots(text: str, centres, grid: int, slots: int) -> torch.Tensor:
+    """(grid², slots): the characters whose centres lie in each cell of a grid over the page, in
+    reading order (class 0 where none)."""
+    per_cell: dict[int, list[int]] = {}
+    for i, x, y in centres:
+        cell = min(grid - 1, max(0, int(y * grid))) * grid + min(grid - 1, max(0, int(x * grid)))
+        per_cell.setdefault(cell, []).append(i)
+    out = torch.zeros(grid * grid, slots, dtype=torch.long)
+    for cell, idx in per_cell.items():
+        for k, i in enumerate(sorted(idx)[:slots]):
+            out[cell, k] = CHAR_CLASSES.index(text[i])
+    return out
+
+
+def layout_targets(text: str, centres, offsets, length: int) -> tuple[torch.Tensor, ...]:
+    """The character slots (64, SLOTS) of a page: each cell's characters in reading order (class 0
+    where none); the guidance mask (length, 73): for each target token, the image positions of the
+    cells its characters' centres fall in (none for spaces, newlines and the EOS); and the patches
+    (32, 32): the character centred in each of SAM's 16-px patches (class 0 where none); and the
+    slots of net_2's 16 × 16 grid (256, HALF_SLOTS)."""
+    cell_of = {i: min(GRID - 1, max(0, int(y * GRID))) * GRID + min(GRID - 1, max(0, int(x * GRID)))
+               for i, x, y in centres}
+    slots = grid_slots(text, centres, GRID, SLOTS)
+    guide = torch.zeros(length, GRID * (GRID + 1) + 1, dtype=torch.bool)
+    for t, (start, end) in enumerate(offsets):
+        for i in range(start, end):
+            if i in cell_of:
+                guide[t, CELL_POSITIONS[cell_of[i]]] = True
+    patches = torch.zeros(PATCHES, PATCHES, dtype=torch.long)
+    for i, x, y in centres:
+        patches[min(PATCHES - 1, max(0, int(y * PATCHES))), min(PATCHES - 1, max(0, int(x * PATCHES)))] = CHAR_CLASSES.index(text[i])
+    return slots, guide, patches, grid_slots(text, centres, HALF, HALF_SLOTS)
+
+
+def batch(seeds, tokenizer, vocab_ok, easy=(), layout=False):
     """Pixels (B, 3, 512, 512), targets right-padded with EOS, their lengths and the ground truths of
     the pages rendered from `seeds` (`easy`: indices drawn from the warm-up curriculum); a page whose
-    text has an id outside the vocabulary is left out."""
-    pxs, toks, texts = [], [], []
+    text has an id outside the vocabulary is left out. `layout`: also the pages' `layout_targets`."""
+    pxs, toks, texts, lays = [], [], [], []
     for k, s in enumerate(seeds):
-        img, text = synthdoc.page(s, easy=k in easy)
-        ids = tokenizer.encode(text, add_special_tokens=False) + [EOS]
+        img, text, centres = synthdoc.page_with_layout(s, easy=k in easy)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"] + [EOS]
         if not all(vocab_ok[i] for i in ids):
             continue
         pxs.append(pixels(img))
         toks.append(ids)
         texts.append(text)
+        if layout:
+            lays.append((centres, enc["offset_mapping"]))
     t = max(len(x) for x in toks)
     targets = torch.tensor([x + [EOS] * (t - len(x)) for x in toks])
-    return torch.stack(pxs), targets, torch.tensor([len(x) for x in toks]), texts
+    out = (torch.stack(pxs), targets, torch.tensor([len(x) for x in toks]), texts)
+    if not layout:
+        return out
+    parts = [layout_targets(text, c, o, t) for text, (c, o) in zip(texts, lays)]
+    return out + (tuple(torch.stack(column) for column in zip(*parts)),)
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(tokenizer, vocab_ok) -> None:
+    torch.set_num_threads(1)
+    _WORKER.update(tokenizer=tokenizer, vocab_ok=vocab_ok)
+
+
+def _worker_batch(seeds, easy):
+    return batch(seeds, _WORKER["tokenizer"], _WORKER["vocab_ok"], easy, layout=True)
 
 
 def init_weights(model, used: list[int], seed: int) -> None:
@@ -217,13 +384,21 @@ def init_weights(model, used: list[int], seed: int) -> None:
         model.lm_head.weight[~keep] = 0.0
 
 
-def load_weights(model, ckpt: pathlib.Path) -> None:
-    """Fills `model` with a checkpoint's `model.safetensors` (every tensor, by original name), in float32."""
+def load_weights(model, ckpt: pathlib.Path, partial: bool = False) -> list[str]:
+    """Fills `model` with a checkpoint's `model.safetensors` (every tensor, by original name), in float32.
+    `partial`: only the tensors whose name and shape match (a warm start across sizes); returns the
+    names of the parameters left as they were."""
     params = dict(model.named_parameters())
+    kept = []
     with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f, torch.no_grad():
-        assert set(f.keys()) == set(params), set(f.keys()) ^ set(params)
-        for name in f.keys():
-            params[name].copy_(f.get_tensor(name).float())
+        if not partial:
+            assert set(f.keys()) == set(params), set(f.keys()) ^ set(params)
+        for name, param in params.items():
+            if name in f.keys() and tuple(f.get_slice(name).get_shape()) == tuple(param.shape):
+                param.copy_(f.get_tensor(name).float())
+            else:
+                kept.append(name)
+    return kept
 
 
 def save_weights(model, out: pathlib.Path) -> None:
@@ -245,6 +420,11 @@ def main() -> int:
     ap.add_argument("--pos-lr-scale", type=float, default=1.0, help="learning-rate scale of the position tables")
     ap.add_argument("--init", type=pathlib.Path, help="start from this checkpoint's weights")
     ap.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: by time)")
+    ap.add_argument("--warmup", type=int, default=100, help="learning-rate warm-up steps")
+    ap.add_argument("--chars-weight", type=float, default=1.0, help="weight of the cells' character loss")
+    ap.add_argument("--guide-weight", type=float, default=1.0, help="weight of the attention guidance")
+    ap.add_argument("--glyphs-weight", type=float, default=1.0, help="weight of SAM's per-patch character loss")
+    ap.add_argument("--guide-heads", default="2:0,3:0", help="guided decoder heads, layer:head,…")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     modeling, deepencoder = ref.load_reference(args.ref_code)
@@ -259,32 +439,62 @@ def main() -> int:
     vocab_ok[used] = True
     init_weights(model, used, args.seed)
     if args.init:
-        load_weights(model, args.init)
-        print(f"weights from {args.init}", flush=True)
+        fresh = load_weights(model, args.init, partial=True)
+        print(f"weights from {args.init}; {len(fresh)} tensors of other shapes left as initialised: {fresh}", flush=True)
     params = sum(p.numel() for p in model.parameters())
     print(f"params {params:,}; used vocab {len(used)}; prompt {len(prompt_ids)} ids", flush=True)
-    reader = Reader(model, used, prompt_ids)
+    heads = [tuple(int(v) for v in h.split(":")) for h in args.guide_heads.split(",") if h]
+    reader = Reader(model, used, prompt_ids, heads)
     reader.bf16 = args.bf16
     model.train()
     # Position tables (SAM's absolute and relative ones start at zero; CLIP's) on their own learning rate
     # scale: Adam moves them at the full rate whatever the page, which can drown the page's content.
     is_pos = lambda n: "pos_embed" in n or "rel_pos" in n or "position_embedding" in n
-    named = [(n, p) for n, p in model.named_parameters() if not is_pos(n)]
-    decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
-    other = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
-    pos = [p for n, p in model.named_parameters() if is_pos(n)]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named += [("reader.embed", reader.embed), ("reader.head", reader.head)]
+    for head in ("chars", "glyphs", "halves"):
+        named += [(f"reader.{head}.{n}", p) for n, p in getattr(reader, head).named_parameters()]
+    decay = [p for n, p in named if not is_pos(n) and p.ndim >= 2 and "embed" not in n]
+    other = [p for n, p in named if not is_pos(n) and not (p.ndim >= 2 and "embed" not in n)]
+    pos = [p for n, p in named if is_pos(n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05, "scale": 1.0},
                              {"params": other, "weight_decay": 0.0, "scale": 1.0},
                              {"params": pos, "weight_decay": 0.0, "scale": args.pos_lr_scale}],
                             lr=args.lr, betas=(0.9, 0.98))
+    trained = [p for g in opt.param_groups for p in g["params"]]
     held = [synthdoc.HELDOUT_BASE + i for i in range(16)]
-    held_px, held_t, held_len, held_text = batch(held, tokenizer, vocab_ok)
+    held_px, held_t, held_len, held_text, held_lay = batch(held, tokenizer, vocab_ok, layout=True)
     budget = args.minutes * 60
     start = time.time()
-    warmup = 300 if not args.init else 30
+    warmup = args.warmup
     step = 0
     curve = []
     rng = random.Random(args.seed)
+    times = [0.0] * 4
+    # Pages are rendered in a second process, one batch ahead (a third of a step's time otherwise).
+    import multiprocessing
+
+    pool = multiprocessing.get_context("fork").Pool(1, _worker_init, (tokenizer, vocab_ok))
+
+    def plan(frac: float):
+        seeds = [rng.randrange(synthdoc.HELDOUT_BASE) for _ in range(args.batch)]
+        # Curriculum: warm-up pages (short random words and numbers in a large font, which only the
+        # image can tell) from all of the batch down to a tenth over the first 40 % of the budget.
+        easy_share = max(0.1, 1.0 - frac / 0.4)
+        easy = {k for k in range(args.batch) if rng.random() < easy_share}
+        return pool.apply_async(_worker_batch, (seeds, easy))
+
+    pending = plan(0.0)
+
+    def weighted(parts):
+        return (parts["loss"] + args.chars_weight * parts["chars"] + args.guide_weight * parts.get("guide", 0.0)
+                + args.glyphs_weight * (parts["glyphs"] + parts["halves"]))
+
+    def save():
+        reader.write_back()
+        save_weights(model, args.out)
+        (args.out / "training_curve.json").write_text(json.dumps(curve, indent=1) + "\n")
+
     while True:
         elapsed = time.time() - start
         if (args.steps and step >= args.steps) or (not args.steps and elapsed > budget):
@@ -293,39 +503,46 @@ def main() -> int:
         lr = args.lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr * g["scale"]
-        seeds = [rng.randrange(synthdoc.HELDOUT_BASE) for _ in range(args.batch)]
-        # Curriculum: warm-up pages (short random words and numbers in a large font, which only the
-        # image can tell) from all of the batch down to a tenth over the first 40 % of the budget.
-        easy_share = max(0.1, 1.0 - frac / 0.4)
-        easy = {k for k in range(args.batch) if rng.random() < easy_share}
-        px, targets, lengths, _ = batch(seeds, tokenizer, vocab_ok, easy)
-        loss, acc = reader.loss(px, targets, lengths)
+        t0 = time.time()
+        px, targets, lengths, _, lay = pending.get()
+        pending = plan(frac)
+        t1 = time.time()
+        parts = reader.loss(px, targets, lengths, lay)
+        t2 = time.time()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        weighted(parts).backward()
+        t3 = time.time()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
-        # Unused vocabulary rows stay exactly zero (AdamW's decay keeps zeros zero; gradients there are 0).
+        times = [a + b for a, b in zip(times, (t1 - t0, t2 - t1, t3 - t2, time.time() - t3))]
         step += 1
         if step % 20 == 0 or step <= 3:
-            print(f"step {step} {elapsed/60:.1f} min lr {lr:.2e} loss {loss.item():.3f} acc {acc.item():.3f}", flush=True)
+            shown = " ".join(f"{k} {v.item():.3f}" for k, v in parts.items())
+            print(f"step {step} {elapsed/60:.1f} min lr {lr:.2e} {shown}", flush=True)
+            print("  seconds per step: data {:.2f} forward {:.2f} backward {:.2f} update {:.2f}".format(
+                *(v / 20 for v in times)), flush=True)
+            times = [0.0] * 4
         if step % args.eval_every == 0:
             model.eval()
             with torch.no_grad():
-                hl, ha = reader.loss(held_px, held_t, held_len)
+                hp = reader.loss(held_px, held_t, held_len, held_lay)
                 preds = reader.greedy(held_px[:8], 96)
                 img = reader.image_embeds(held_px[:8])
             c = sum(cer(tokenizer.decode(p), t) for p, t in zip(preds, held_text[:8])) / 8
             # How much of the image embeddings depends on the page (0.22 two steps after initialisation).
             page_share = (img.std(0).mean() / img.std()).item()
             model.train()
-            curve.append(dict(step=step, minutes=round(elapsed / 60, 1), train_loss=round(loss.item(), 4),
-                              heldout_loss=round(hl.item(), 4), heldout_token_acc=round(ha.item(), 4),
+            curve.append(dict(step=step, minutes=round(elapsed / 60, 1), train_loss=round(parts["loss"].item(), 4),
+                              heldout_loss=round(hp["loss"].item(), 4), heldout_token_acc=round(hp["acc"].item(), 4),
+                              heldout_chars_acc=round(hp["chars_acc"].item(), 4),
+                              heldout_glyphs_acc=round(hp["glyphs_acc"].item(), 4),
+                              heldout_halves_acc=round(hp["halves_acc"].item(), 4),
+                              heldout_guide_mass=round(hp.get("guide_mass", torch.tensor(0.0)).item(), 4),
                               heldout_cer=round(c, 4), image_page_share=round(page_share, 4)))
             print("EVAL", json.dumps(curve[-1]), repr(tokenizer.decode(preds[0])), flush=True)
-            save_weights(model, args.out)
-            (args.out / "training_curve.json").write_text(json.dumps(curve, indent=1) + "\n")
-    save_weights(model, args.out)
-    (args.out / "training_curve.json").write_text(json.dumps(curve, indent=1) + "\n")
+            save()
+    save()
+    pool.terminate()
     print(f"done: {step} steps in {(time.time() - start) / 60:.1f} min", flush=True)
     return 0
 
