@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import pathlib
 import random
 import sys
@@ -224,8 +225,8 @@ class Reader:
         return self.forward(px, targets, img)[0]
 
     def loss(self, px, targets, lengths, layout=None):
-        """Cross-entropy and token accuracy; with `layout` (character slots (B, 64, SLOTS), guidance
-        masks (B, T, 73)) also the two training-only losses and their accuracies."""
+        """Cross-entropy and token accuracy; with `layout` (the batch's `layout_targets`) also the
+        training-only losses (`halves`, `glyphs`, `chars`, `guide`) and their accuracies."""
         # Inputs are the targets shifted right; the last input is never needed.
         logits, img, rows = self.forward(px, targets[:, :-1], attentions=layout is not None)
         logits = logits.float()
@@ -299,17 +300,22 @@ def cer(pred: str, truth: str) -> float:
     return prev[-1] / max(1, len(truth))
 
 
+def cell(x: float, y: float, grid: int) -> int:
+    """Row-major index of the cell of a grid × grid partition of the page that holds the point (x, y)
+    (fractions of the page's width and height)."""
+    return min(grid - 1, max(0, int(y * grid))) * grid + min(grid - 1, max(0, int(x * grid)))
+
+
 def grid_slots(text: str, centres, grid: int, slots: int) -> torch.Tensor:
     """(grid², slots): the characters whose centres lie in each cell of a grid over the page, in
     reading order (class 0 where none)."""
     per_cell: dict[int, list[int]] = {}
     for i, x, y in centres:
-        cell = min(grid - 1, max(0, int(y * grid))) * grid + min(grid - 1, max(0, int(x * grid)))
-        per_cell.setdefault(cell, []).append(i)
+        per_cell.setdefault(cell(x, y, grid), []).append(i)
     out = torch.zeros(grid * grid, slots, dtype=torch.long)
-    for cell, idx in per_cell.items():
-        for k, i in enumerate(sorted(idx)[:slots]):
-            out[cell, k] = CHAR_CLASSES.index(text[i])
+    for index, chars in per_cell.items():
+        for k, i in enumerate(sorted(chars)[:slots]):
+            out[index, k] = CHAR_CLASSES.index(text[i])
     return out
 
 
@@ -319,18 +325,17 @@ def layout_targets(text: str, centres, offsets, length: int) -> tuple[torch.Tens
     cells its characters' centres fall in (none for spaces, newlines and the EOS); and the patches
     (32, 32): the character centred in each of SAM's 16-px patches (class 0 where none); and the
     slots of net_2's 16 × 16 grid (256, HALF_SLOTS)."""
-    cell_of = {i: min(GRID - 1, max(0, int(y * GRID))) * GRID + min(GRID - 1, max(0, int(x * GRID)))
-               for i, x, y in centres}
+    cell_of = {i: cell(x, y, GRID) for i, x, y in centres}
     slots = grid_slots(text, centres, GRID, SLOTS)
     guide = torch.zeros(length, GRID * (GRID + 1) + 1, dtype=torch.bool)
     for t, (start, end) in enumerate(offsets):
         for i in range(start, end):
             if i in cell_of:
                 guide[t, CELL_POSITIONS[cell_of[i]]] = True
-    patches = torch.zeros(PATCHES, PATCHES, dtype=torch.long)
+    patches = torch.zeros(PATCHES * PATCHES, dtype=torch.long)
     for i, x, y in centres:
-        patches[min(PATCHES - 1, max(0, int(y * PATCHES))), min(PATCHES - 1, max(0, int(x * PATCHES)))] = CHAR_CLASSES.index(text[i])
-    return slots, guide, patches, grid_slots(text, centres, HALF, HALF_SLOTS)
+        patches[cell(x, y, PATCHES)] = CHAR_CLASSES.index(text[i])
+    return slots, guide, patches.view(PATCHES, PATCHES), grid_slots(text, centres, HALF, HALF_SLOTS)
 
 
 def batch(seeds, tokenizer, vocab_ok, easy=(), layout=False):
@@ -423,7 +428,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=100, help="learning-rate warm-up steps")
     ap.add_argument("--chars-weight", type=float, default=1.0, help="weight of the cells' character loss")
     ap.add_argument("--guide-weight", type=float, default=1.0, help="weight of the attention guidance")
-    ap.add_argument("--glyphs-weight", type=float, default=1.0, help="weight of SAM's per-patch character loss")
+    ap.add_argument("--glyphs-weight", type=float, default=1.0, help="weight of the characters read from SAM's neck and from net_2")
     ap.add_argument("--guide-heads", default="2:0,3:0", help="guided decoder heads, layer:head,…")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -472,8 +477,6 @@ def main() -> int:
     rng = random.Random(args.seed)
     times = [0.0] * 4
     # Pages are rendered in a second process, one batch ahead (a third of a step's time otherwise).
-    import multiprocessing
-
     pool = multiprocessing.get_context("fork").Pool(1, _worker_init, (tokenizer, vocab_ok))
 
     def plan(frac: float):
