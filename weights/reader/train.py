@@ -338,10 +338,10 @@ def layout_targets(text: str, centres, offsets, length: int) -> tuple[torch.Tens
     return slots, guide, patches.view(PATCHES, PATCHES), grid_slots(text, centres, HALF, HALF_SLOTS)
 
 
-def batch(seeds, tokenizer, vocab_ok, easy=(), layout=False):
+def batch(seeds, tokenizer, vocab_ok, easy=()):
     """Pixels (B, 3, 512, 512), targets right-padded with EOS, their lengths and the ground truths of
     the pages rendered from `seeds` (`easy`: indices drawn from the warm-up curriculum); a page whose
-    text has an id outside the vocabulary is left out. `layout`: also the pages' `layout_targets`."""
+    text has an id outside the vocabulary is left out; and the pages' `layout_targets`, stacked."""
     pxs, toks, texts, lays = [], [], [], []
     for k, s in enumerate(seeds):
         img, text, centres = synthdoc.page_with_layout(s, easy=k in easy)
@@ -352,13 +352,10 @@ def batch(seeds, tokenizer, vocab_ok, easy=(), layout=False):
         pxs.append(pixels(img))
         toks.append(ids)
         texts.append(text)
-        if layout:
-            lays.append((centres, enc["offset_mapping"]))
+        lays.append((centres, enc["offset_mapping"]))
     t = max(len(x) for x in toks)
     targets = torch.tensor([x + [EOS] * (t - len(x)) for x in toks])
     out = (torch.stack(pxs), targets, torch.tensor([len(x) for x in toks]), texts)
-    if not layout:
-        return out
     parts = [layout_targets(text, c, o, t) for text, (c, o) in zip(texts, lays)]
     return out + (tuple(torch.stack(column) for column in zip(*parts)),)
 
@@ -372,7 +369,7 @@ def _worker_init(tokenizer, vocab_ok) -> None:
 
 
 def _worker_batch(seeds, easy):
-    return batch(seeds, _WORKER["tokenizer"], _WORKER["vocab_ok"], easy, layout=True)
+    return batch(seeds, _WORKER["tokenizer"], _WORKER["vocab_ok"], easy)
 
 
 def init_weights(model, used: list[int], seed: int) -> None:
@@ -468,7 +465,7 @@ def main() -> int:
                             lr=args.lr, betas=(0.9, 0.98))
     trained = [p for g in opt.param_groups for p in g["params"]]
     held = [synthdoc.HELDOUT_BASE + i for i in range(16)]
-    held_px, held_t, held_len, held_text, held_lay = batch(held, tokenizer, vocab_ok, layout=True)
+    held_px, held_t, held_len, held_text, held_lay = batch(held, tokenizer, vocab_ok)
     budget = args.minutes * 60
     start = time.time()
     warmup = args.warmup
