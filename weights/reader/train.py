@@ -426,7 +426,10 @@ def main() -> int:
     ap.add_argument("--chars-weight", type=float, default=1.0, help="weight of the cells' character loss")
     ap.add_argument("--guide-weight", type=float, default=1.0, help="weight of the attention guidance")
     ap.add_argument("--glyphs-weight", type=float, default=1.0, help="weight of the characters read from SAM's neck and from net_2")
-    ap.add_argument("--guide-heads", default="2:0,3:0", help="guided decoder heads, layer:head,…")
+    ap.add_argument("--easy-until", type=float, default=0.4,
+                    help="fraction of the budget over which the warm-up pages fall from all of a batch to a tenth")
+    ap.add_argument("--guide-heads", default="2:0,2:1,3:0,3:1",
+                    help="guided decoder heads, layer:head,… (runs 5–12: 2:0,3:0)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     modeling, deepencoder = ref.load_reference(args.ref_code)
@@ -479,8 +482,9 @@ def main() -> int:
     def plan(frac: float):
         seeds = [rng.randrange(synthdoc.HELDOUT_BASE) for _ in range(args.batch)]
         # Curriculum: warm-up pages (short random words and numbers in a large font, which only the
-        # image can tell) from all of the batch down to a tenth over the first 40 % of the budget.
-        easy_share = max(0.1, 1.0 - frac / 0.4)
+        # image can tell) from all of the batch down to a tenth over the first 40 % of the budget
+        # (--easy-until; 0 for a warm start: a tenth throughout).
+        easy_share = max(0.1, 1.0 - frac / args.easy_until) if args.easy_until > 0 else 0.1
         easy = {k for k in range(args.batch) if rng.random() < easy_share}
         return pool.apply_async(_worker_batch, (seeds, easy))
 
