@@ -732,9 +732,9 @@ def write_extra_preprocess(modeling, model, tokenizer, out: pathlib.Path) -> Non
     write_json(cases, out / "preprocess" / "extra.json")
 
 
-def write_manifest(out: pathlib.Path, skip=("hub/", "hub-ocr2/", "ocr2/")) -> None:
+def write_manifest(out: pathlib.Path, skip=("hub/", "hub-ocr2/", "ocr2/", "reader/")) -> None:
     """sha256 of every generated file under `out` but those under `skip` (copied hub files; OCR-2's
-    fixtures, which have their own manifest)."""
+    fixtures, which have their own manifest; the small reader's, written by weights/reader/evaluate.py)."""
     lines = []
     for path in sorted(p for p in out.rglob("*") if p.is_file() and p.name != "MANIFEST.sha256"):
         rel = path.relative_to(out).as_posix()
